@@ -1,0 +1,114 @@
+"""The torch.compile backend: rewrite the Dynamo graph with the pattern catalogue, then hand it to the
+inner compiler (Inductor by default)."""
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.kvpass.* before any graph names them)
+from ._logging import configure_from_env, explained_nodes, logger
+from .config import Config
+from .runtime import Runtime
+
+_INNER = ("inductor", "eager", "aot_eager")
+
+
+class KvpassMatchError(RuntimeError):
+    """Raised with strict=True when a requested rewrite did not cover every site."""
+
+
+def _module_being_compiled() -> torch.nn.Module | None:
+    """The nn.Module whose forward Dynamo is tracing (best effort: private API, None if unavailable)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:  # noqa: BLE001 - no translator (called outside Dynamo) or the API moved
+        return None
+    for value in getattr(tx, "f_locals", {}).values():
+        if isinstance(value, torch.nn.Module):
+            return value
+    return None
+
+
+class Backend:
+    """Callable for `torch.compile(..., backend=...)`. Holds the runtime of the one model it compiles."""
+
+    def __init__(self, config: Config, *, inner: str = "inductor", strict: bool = False):
+        if not isinstance(config, Config):
+            raise ValueError(f"config={config!r} is not a kvpass.Config")
+        if inner not in _INNER:
+            raise ValueError(f"inner={inner!r} is not a supported inner compiler; use one of {list(_INNER)}")
+        if not isinstance(strict, bool):
+            raise ValueError(f"strict={strict!r} must be True or False")
+        self.config, self.inner, self.strict = config, inner, strict
+        self.runtime = Runtime(config)
+        self.records = []
+        self._model = None
+
+    # -- binding to a model --------------------------------------------------------------------------
+    def bind(self, model: torch.nn.Module) -> None:
+        bound = self.model
+        if bound is not None and bound is not model:
+            raise ValueError(f"this kvpass backend already serves a {type(bound).__name__}; create one backend per "
+                             f"model (kvpass.backend(config) or kvpass.compile(model, config))")
+        self._model = weakref.ref(model)
+
+    def unbind(self) -> None:
+        self._model = None
+
+    @property
+    def model(self):
+        return None if self._model is None else self._model()
+
+    # -- the compile entry point ---------------------------------------------------------------------
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        from kvpass.patterns import rewrite
+
+        from .attach import attach, backend_of
+
+        configure_from_env()
+        root = _module_being_compiled()
+        if root is not None and self.model is None and backend_of(root) is None:
+            attach(root, self)  # model.compile(backend=...) used directly: bind now so report(model) works
+        record, misses = rewrite(gm, self.runtime.id, rewrite_ffn_sites=self.config.ffn is not None,
+                                 root=root, explain=explained_nodes())
+        self.records.append(record)
+        logger.info("compile %d (%d nodes):\n%s", len(self.records), record.nodes, record.table())
+        self._check(record, misses)
+        return self._inner(gm, example_inputs)
+
+    def _check(self, record, misses) -> None:
+        problems = []
+        if record.attention_sites == 0:
+            first = misses[0].describe() if misses else "no SDPA call or matmul-softmax-matmul in the graph"
+            problems.append(f"no attention site was rewritten in this graph ({record.nodes} nodes; first unmatched: "
+                            f"{first}); it runs unrewritten")
+        elif record.unmatched_attention:
+            problems.append("attention sites that did not match: " + "; ".join(record.unmatched_attention))
+        if self.config.ffn is not None and (record.unmatched_ffn or record.ffn_sites < record.layers):
+            first = record.unmatched_ffn[0] if record.unmatched_ffn else "none"
+            problems.append(f"FFN method {self.config.ffn.method!r} rewrote {record.ffn_sites} FFN sites for "
+                            f"{record.layers} layers (first unmatched: {first})")
+        if not problems:
+            return
+        message = "kvpass: " + " | ".join(problems) + " (KVPASS_LOGS=debug or KVPASS_EXPLAIN=<node> explains)"
+        if self.strict:
+            raise KvpassMatchError(message)
+        warnings.warn(message, stacklevel=2)
+
+    def _inner(self, gm, example_inputs):
+        if self.inner == "eager":
+            return gm.forward
+        if self.inner == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+        return torch._dynamo.lookup_backend(self.inner)(gm, example_inputs)
+
+
+def backend(config: Config, *, inner: str = "inductor", strict: bool = False) -> Backend:
+    """The kvpass compile backend for one model: `model.compile(backend=kvpass.backend(config))`."""
+    return Backend(config, inner=inner, strict=strict)

@@ -1,0 +1,87 @@
+"""The interface between the attention op and a KV-cache method.
+
+A `LayerStore` holds one layer's cache for one batch of sequences in the method's own representation
+(dense tensors, quantized codes, a clustered index, ...). The attention op calls, per step:
+
+    store.append(k, v)                 # the new tokens' keys/values, (B, Hkv, L, D) / (B, Hkv, L, Dv)
+    out = store.attend(q, mask, ...)   # queries of those new tokens over everything stored
+
+so the compiled graph only ever carries the new tokens, and the past stays in the store. `materialize`
+gives the reference view (dense K/V of everything stored) used when a graph could not be fused.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..config import AttentionMethod
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Per-site constants recovered from the graph (all plain Python values).
+
+    scale: softmax scale; softcap: tanh soft-capping of the logits (0 = off); window: sliding window in
+    tokens (0 = full attention; only used when no mask is given, HF masks already carry it).
+    """
+
+    scale: float
+    softcap: float = 0.0
+    window: int = 0
+
+
+class LayerStore:
+    """One layer's KV cache in a method's representation. Subclasses implement the four methods."""
+
+    def __init__(self, method: AttentionMethod, layer: int):
+        self.method = method
+        self.layer = layer
+
+    @property
+    def length(self) -> int:
+        """Slots used (the same for every row of the batch; padding is marked by the caller's masks)."""
+        raise NotImplementedError
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, spec: AttentionSpec) -> torch.Tensor:
+        """q: (B, Hq, Lq, D) for the last Lq stored slots. mask: None or bool (Bm, Hm, Lq, length), True = attend.
+
+        Without a mask, query i sees every past slot and the new slots up to itself when `is_causal`
+        (bottom-right aligned), restricted to the last `spec.window` slots when a window is set.
+        Returns (B, Hq, Lq, Dv) in q's dtype; a row that sees nothing is 0.
+        """
+        raise NotImplementedError
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense (B, Hkv, length, D) keys and values as the method represents them (the reference view)."""
+        raise NotImplementedError
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held, by component (e.g. {"keys": ..., "values": ...})."""
+        raise NotImplementedError
+
+
+class OneShot:
+    """Runs a method statelessly over the k/v of one call: a fresh store, filled, attended, dropped.
+
+    Used by graphs that carry their own past (HF DynamicCache) or none at all (a forward with no cache):
+    the method's representation is still applied inside attention, as perplexity protocols require.
+    """
+
+    def __init__(self, method: AttentionMethod):
+        self.method = method
+
+    def attend(self, q, k, v, mask, is_causal, spec: AttentionSpec, layer: int) -> torch.Tensor:
+        store = make_store(self.method, layer)
+        store.append(k, v)
+        return store.attend(q, mask, is_causal, spec)
+
+
+def make_store(method: AttentionMethod, layer: int) -> LayerStore:
+    from .dense import DenseStore
+
+    stores = {"dense": DenseStore}
+    return stores[method.method](method, layer)

@@ -1,0 +1,44 @@
+"""`kvpass.report(model)`: what the last compile of a model rewrote, and what its cache holds."""
+from __future__ import annotations
+
+from .attach import backend_of
+from .runtime import MODES
+
+
+def report(model) -> dict:
+    """A plain dict: sites found and rewritten by the last compiled graph, unmatched sites with reasons,
+    graphs compiled, attention calls by mode, and the bytes the KV cache holds now."""
+    backend = backend_of(model)
+    base = {"compiled": False, "attention_sites": 0, "ffn_sites": 0, "rewritten": {}, "unmatched": [], "layers": 0,
+            "graphs": 0}
+    if backend is None or not backend.records:
+        how = ("it has a kvpass runtime (kvpass.attach) but was never compiled" if backend is not None else
+               "it has no kvpass backend")
+        base["note"] = (f"this model was never run through a kvpass backend: {how}. Note that torch.compile(model) "
+                        f"returns a wrapper whose .generate runs the uncompiled model; use kvpass.compile(model, "
+                        f"config) or model.compile(backend=kvpass.backend(config)) to compile in place")
+        if backend is not None:
+            base.update(_runtime_part(backend.runtime))
+        return base
+    last = next((r for r in reversed(backend.records) if r.attention_sites), backend.records[-1])
+    base.update({
+        "compiled": True,
+        "config": backend.config.to_dict(),
+        "attention_sites": last.attention_sites,
+        "ffn_sites": last.ffn_sites,
+        "rewritten": dict(last.rewritten),
+        "found": dict(last.found),
+        "unmatched": list(last.unmatched),
+        "layers": last.layers,
+        "graphs": len(backend.records),
+        "attention_modes": {MODES[m]: n for m, n in last.modes.items()},
+    })
+    base.update(_runtime_part(backend.runtime))
+    return base
+
+
+def _runtime_part(runtime) -> dict:
+    held = runtime.nbytes()
+    return {"kv_bytes": sum(held.values()), "kv_bytes_by_part": held, "tokens_held": runtime.tokens_held(),
+            "sequences": runtime.sequences_started,
+            "attention_calls": {f"{mode}/{phase}": n for (mode, phase), n in sorted(runtime.calls.items())}}

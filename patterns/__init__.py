@@ -1,0 +1,117 @@
+"""Graph rewrites: find attention and FFN sites in a Dynamo FX graph and replace them with kvpass ops.
+
+`rewrite(gm, ...)` runs every matcher, rewrites what the config asks for, and returns a `Record`
+(the match table, what was rewritten, what did not match and why). Rewriting happens on the Dynamo
+graph, before AOTAutograd: after it SDPA becomes a device- and dtype-specific aten op, and matching
+those silently dropped masks on CPU and matched nothing on CUDA (DESIGN.md).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+from torch import fx
+
+from kvpass.runtime import MODES
+
+from .attention import AttentionSite, Mismatch, find_attention, rewrite_attention
+from .catalogue import CATALOGUE, Entry
+from .ffn import FFNSite, find_ffn, rewrite_ffn
+from .graph import module_path
+
+__all__ = ["CATALOGUE", "Entry", "Record", "rewrite", "find_attention", "find_ffn", "AttentionSite", "FFNSite",
+           "Mismatch"]
+
+
+@dataclasses.dataclass
+class Record:
+    """What one compiled graph contained and what kvpass did to it."""
+
+    attention_sites: int = 0
+    ffn_sites: int = 0
+    layers: int = 0
+    rewritten: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    found: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    modes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    unmatched_attention: list[str] = dataclasses.field(default_factory=list)
+    unmatched_ffn: list[str] = dataclasses.field(default_factory=list)
+    nodes: int = 0
+
+    @property
+    def unmatched(self) -> list[str]:
+        return self.unmatched_attention + self.unmatched_ffn
+
+    def table(self) -> str:
+        rows = [f"{'pattern':28s} {'found':>5s} {'rewritten':>9s}"]
+        for name in sorted(self.found):
+            rows.append(f"{name:28s} {self.found[name]:5d} {self.rewritten.get(name, 0):9d}")
+        modes = ", ".join(f"{MODES[m]}: {n}" for m, n in sorted(self.modes.items())) or "-"
+        rows.append(f"attention sites {self.attention_sites}, FFN sites {self.ffn_sites}, layers {self.layers}, "
+                    f"attention modes {{{modes}}}, unmatched {len(self.unmatched)}")
+        rows += [f"  unmatched: {u}" for u in self.unmatched]
+        return "\n".join(rows)
+
+
+def _window_of(root: torch.nn.Module | None, node: fx.Node) -> int:
+    """Sliding window of the attention module a site was traced in (0 if none or unknown). HF masks
+    already apply it; the op needs it for callers that pass no mask."""
+    if root is None:
+        return 0
+    try:
+        module = root.get_submodule(module_path(node))
+    except AttributeError:
+        return 0
+    window = getattr(module, "sliding_window", None)
+    return int(window) if isinstance(window, int) and window > 0 else 0
+
+
+def rewrite(gm: fx.GraphModule, runtime_id: int, rewrite_ffn_sites: bool,
+            root: torch.nn.Module | None = None, explain: set[str] = frozenset()) -> tuple[Record, list[Mismatch]]:
+    """Rewrite `gm` in place. Returns the record and the mismatches (for warnings and explanations)."""
+    graph = gm.graph
+    record = Record(nodes=len(graph.nodes))
+    attention, attention_misses = find_attention(graph)
+    ffns, ffn_misses = find_ffn(graph)
+    record.attention_sites, record.ffn_sites = len(attention), len(ffns)
+    record.layers = len({site.layer for site in attention})
+
+    for site in attention:
+        record.found[site.variant] += 1
+        record.modes[site.mode] += 1
+        rewrite_attention(graph, site, runtime_id, _window_of(root, site.output))
+        record.rewritten[site.variant] += 1
+    for site in ffns:
+        record.found[site.variant] += 1
+        if rewrite_ffn_sites:
+            rewrite_ffn(graph, site, runtime_id)
+            record.rewritten[site.variant] += 1
+
+    graph.eliminate_dead_code()  # drops replaced sites and the cache updates fused into kvpass::attention
+    for node in graph.nodes:  # cache updates no attention site consumed: correct, but the past is copied
+        if node.op == "call_function" and node.target in (torch.ops.kvpass.cache_update, torch.ops.kvpass.cache_update.default):
+            attention_misses.append(Mismatch(node, "kvpass cache update not fused into an attention op (the attention that "
+                                         "reads it did not match): every step materializes the whole past"))
+    record.unmatched_attention = [m.describe() for m in attention_misses]
+    record.unmatched_ffn = [m.describe() for m in ffn_misses]
+    misses = attention_misses + ffn_misses
+    graph.lint()
+    gm.recompile()
+    for name in explain:
+        record_explanation(name, attention, ffns, misses)
+    return record, misses
+
+
+def record_explanation(name, attention, ffns, misses) -> None:
+    from kvpass._logging import logger
+
+    for site in attention + ffns:
+        if site.output.name == name:
+            logger.warning("KVPASS_EXPLAIN %s: matched %s (layer %s)", name, site.variant, site.layer)
+            return
+    for miss in misses:
+        if miss.node.name == name:
+            logger.warning("KVPASS_EXPLAIN %s: not matched: %s", name, miss.reason)
+            return
+    logger.warning("KVPASS_EXPLAIN %s: not a candidate (not an SDPA call, attention matmul, or projection fed by "
+                   "an activation), or not in this graph", name)

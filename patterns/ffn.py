@@ -1,0 +1,218 @@
+"""FFN site matcher: a down projection fed by an elementwise activation of one or two up projections.
+
+Shapes found in HF models (the catalogue lists which family each came from):
+  gated:  down(act(gate(x)) * up(x))                 Llama/Mistral/Qwen (SiLU), Gemma (tanh-GELU)
+  fused:  down(up * act(gate)), gate, up = chunk(gate_up(x), 2)   Phi-3
+  plain:  down(act(up(x)))                            GPT-NeoX (GELU), OPT (ReLU), GPT-2 (Conv1D addmm, NewGELU
+                                                      decomposed into tanh arithmetic)
+Projections are `F.linear` or `torch.addmm` (Conv1D, weight stored transposed). The activation is not
+matched op by op: the elementwise region between projection and product is cut out of the graph and
+evaluated on a probe, then named by comparison with the known activations. That recognises a
+decomposed GELU as readily as `F.gelu`, and refuses anything that is not one of them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from kvpass.methods.ffn import ACTIVATIONS
+
+from .attention import Mismatch
+from .graph import is_call, is_method, layer_of, shape_of, through_views
+
+_ELEMENTWISE_FUNCTIONS = {
+    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow,
+    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.pow, torch.tanh, torch.sigmoid, torch.erf,
+    torch.relu, F.silu, F.gelu, F.relu, F.sigmoid, torch.nn.functional.gelu,
+}
+_ELEMENTWISE_METHODS = {"mul", "add", "sub", "div", "neg", "pow", "tanh", "sigmoid", "relu", "to", "float", "type"}
+
+
+@dataclasses.dataclass
+class Projection:
+    node: fx.Node            # the linear/addmm call
+    x: fx.Node               # its input
+    weight: fx.Node          # as stored (linear: (out, in); addmm: (in, out))
+    bias: fx.Node | None
+    transposed: bool         # True for Conv1D/addmm
+
+
+@dataclasses.dataclass
+class FFNSite:
+    variant: str
+    output: fx.Node          # the down projection, replaced by the op
+    x: fx.Node
+    up: Projection
+    down: Projection
+    gate: Projection | None
+    chunked: bool            # gate/up are the two halves of one fused projection (`up`)
+    activation: str
+    layer: int
+
+
+def _projection(node) -> Projection | None:
+    if is_call(node, F.linear, torch._C._nn.linear):
+        bias = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
+        return Projection(node, node.args[0], node.args[1], bias, transposed=False)
+    if is_call(node, torch.addmm) and not node.kwargs:
+        return Projection(node, node.args[1], node.args[2], node.args[0], transposed=True)
+    return None
+
+
+def _is_elementwise(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ELEMENTWISE_FUNCTIONS
+    return node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
+
+
+def _activation_region(top: fx.Node):
+    """Nodes from `top` upward while elementwise; -> (source node, region nodes in graph order) or None.
+    The region must depend on exactly one non-elementwise source (a projection or chunk half)."""
+    region, sources, todo = set(), set(), [top]
+    while todo:
+        node = todo.pop()
+        if node in region:
+            continue
+        if not _is_elementwise(node):
+            sources.add(node)
+            continue
+        region.add(node)
+        todo.extend(arg for arg in node.all_input_nodes)
+    if len(sources) != 1 or len(region) > 32:
+        return None
+    ordered = [n for n in top.graph.nodes if n in region]
+    return next(iter(sources)), ordered
+
+
+def _classify(source: fx.Node, region: list[fx.Node]) -> str | None:
+    """Evaluate the region on a probe and name the activation it computes (None if unknown)."""
+    if not region:
+        return "identity"
+    graph = fx.Graph()
+    env = {source: graph.placeholder("x")}
+    for node in region:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[region[-1]])
+    probe = torch.linspace(-8, 8, 2001, dtype=torch.float64)
+    try:
+        value = fx.GraphModule(torch.nn.Module(), graph)(probe).double()
+    except Exception:  # noqa: BLE001 - a region we cannot evaluate is simply not an activation we know
+        return None
+    if torch.allclose(value, probe, atol=1e-6, rtol=0):
+        return "identity"  # dtype casts only
+    for name, fn in ACTIVATIONS.items():
+        if torch.allclose(value, fn(probe), atol=2e-5, rtol=0):  # gelu vs gelu_tanh differ by up to 5e-4
+            return name
+    return None
+
+
+def _branch(node):
+    """-> (activation name, projection or chunk half, ...) for one operand of the gating product."""
+    node = through_views(node)
+    found = _activation_region(node) if _is_elementwise(node) else (node, [])
+    if found is None:
+        return None
+    source, region = found
+    return _classify(source, region), through_views(source)
+
+
+def _chunk_half(node):
+    """getitem(chunk(P, 2, dim=-1), i) -> (P's projection, i)."""
+    if is_call(node, operator.getitem) and is_method(node.args[0], "chunk"):
+        chunk = node.args[0]
+        parts = chunk.args[1] if len(chunk.args) > 1 else chunk.kwargs.get("chunks")
+        dim = chunk.kwargs.get("dim", chunk.args[2] if len(chunk.args) > 2 else 0)
+        projection = _projection(through_views(chunk.args[0]))
+        if parts == 2 and dim in (-1, 2) and projection is not None:
+            return projection, node.args[1]
+    return None
+
+
+def match_ffn(node: fx.Node) -> FFNSite | Mismatch | None:
+    down = _projection(node)
+    if down is None:
+        return None
+    top = through_views(down.x)
+    layer = layer_of(node)
+    if not isinstance(top, fx.Node) or not _is_elementwise(top):
+        return None  # fed by attention, a norm, an embedding...: not an FFN down projection
+    found = _activation_region(top)
+    if found is not None:  # one source: a plain MLP (a decomposed GELU is a product, but of one source)
+        up = _projection(through_views(found[0]))
+        if up is None:
+            return None  # e.g. a projection of a norm or of a residual sum: not an FFN
+        act = _classify(*found)
+        if act == "identity":
+            return None  # two projections in a row (a low-rank factorisation), not an FFN
+        if act is None:
+            return Mismatch(node, "the activation between the projections is none of " + ", ".join(ACTIVATIONS))
+        variant = ("conv1d-mlp-" if down.transposed else "mlp-") + act
+        return FFNSite(variant, node, up.x, up, down, None, False, act, layer)
+    if not (is_call(top, operator.mul, torch.mul) and all(isinstance(a, fx.Node) for a in top.args[:2])):
+        return None
+    branches = [_branch(a) for a in top.args[:2]]
+    if None in branches:
+        return None
+    (act_a, src_a), (act_b, src_b) = branches
+    if act_a == "identity":
+        (act_a, src_a), (act_b, src_b) = (act_b, src_b), (act_a, src_a)
+    gate_half, up_half = _chunk_half(src_a), _chunk_half(src_b)
+    gate, up = _projection(src_a), _projection(src_b)
+    if gate_half and up_half and gate_half[0].node is up_half[0].node and (gate_half[1], up_half[1]) == (0, 1):
+        variant, fused = "fused-glu-", gate_half[0]
+    elif gate is not None and up is not None and through_views(gate.x) is through_views(up.x):
+        variant, fused = "glu-", None
+    else:
+        return None  # a product of other things (e.g. a norm's weight times its input)
+    if act_b != "identity" or act_a in (None, "identity"):
+        return Mismatch(node, f"gated FFN whose branches compute {act_a!r} and {act_b!r}; expected one of "
+                              f"{', '.join(ACTIVATIONS)} on the gate and a plain up projection")
+    if fused is not None:
+        return FFNSite(variant + act_a, node, fused.x, fused, down, None, True, act_a, layer)
+    return FFNSite(variant + act_a, node, up.x, up, down, gate, False, act_a, layer)
+
+
+def find_ffn(graph: fx.Graph) -> tuple[list[FFNSite], list[Mismatch]]:
+    sites, misses = [], []
+    for node in graph.nodes:
+        found = match_ffn(node) if node.op == "call_function" else None
+        if isinstance(found, FFNSite):
+            sites.append(found)
+        elif isinstance(found, Mismatch):
+            misses.append(found)
+    return sites, misses
+
+
+def _weight_args(graph: fx.Graph, p: Projection, half: int | None):
+    """(weight in (out, in) layout, bias) nodes for the op, slicing one half of a fused projection."""
+    weight, bias = p.weight, p.bias
+    if p.transposed:
+        weight = graph.call_method("t", (weight,))
+    if half is not None:
+        rows = shape_of(p.node)[-1] // 2
+        index = slice(0, rows) if half == 0 else slice(rows, 2 * rows)
+        weight = graph.call_function(operator.getitem, (weight, index))
+        if bias is not None:
+            bias = graph.call_function(operator.getitem, (bias, index))
+    return weight, bias
+
+
+def rewrite_ffn(graph: fx.Graph, site: FFNSite, runtime_id: int) -> fx.Node:
+    with graph.inserting_before(site.output):
+        if site.chunked:
+            w_gate, b_gate = _weight_args(graph, site.up, 0)
+            w_up, b_up = _weight_args(graph, site.up, 1)
+        else:
+            w_up, b_up = _weight_args(graph, site.up, None)
+            w_gate, b_gate = _weight_args(graph, site.gate, None) if site.gate else (None, None)
+        w_down, b_down = _weight_args(graph, site.down, None)
+        new = graph.call_function(torch.ops.kvpass.ffn.default, args=(
+            site.x, w_up, b_up, w_down, b_down, w_gate, b_gate, site.activation, runtime_id,
+            -1 if site.layer is None else site.layer))
+    new.meta.update({k: site.output.meta[k] for k in ("nn_module_stack", "stack_trace") if k in site.output.meta})
+    site.output.replace_all_uses_with(new)
+    return new

@@ -1,0 +1,81 @@
+"""FX helpers shared by the patterns: module paths, layer ids, and seeing through views and repeat_kv."""
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+from torch import fx
+
+_VIEW_METHODS = {"view", "reshape", "contiguous"}
+_VIEW_FUNCTIONS = {torch.reshape, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.contiguous}
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module the node was traced in, e.g. "model.layers.3.self_attn" ("" if unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # Dynamo writes L['self'].model.layers.3 (older torch: L__self___model_layers_3); keep the dotted form.
+    return re.sub(r"^L\['self'\]\.?", "", path)
+
+
+def layer_of(node: fx.Node) -> int | None:
+    """Layer index from the module path: the last integer component (layers.3, h.3, blocks.3, ...)."""
+    numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", module_path(node))
+    return int(numbers[-1]) if numbers else None
+
+
+def shape_of(node) -> tuple | None:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def is_call(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def is_method(node, *names) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def through_views(node):
+    """Walk up view/reshape/contiguous nodes (and p=0 dropouts) to the node that produced the data."""
+    while isinstance(node, fx.Node):
+        if is_method(node, *_VIEW_METHODS) or is_call(node, *_VIEW_FUNCTIONS):
+            node = node.args[0]
+        elif is_call(node, torch.nn.functional.dropout) and _dropout_is_identity(node):
+            node = node.args[0]
+        else:
+            break
+    return node
+
+
+def _dropout_is_identity(node) -> bool:
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return p == 0.0 or training is False
+
+
+def strip_repeat_kv(node):
+    """If `node` is HF's repeat_kv (x[:, :, None].expand(B, H, n, L, D).reshape(B, H*n, L, D)) or
+    x.repeat_interleave(n, dim=1), return x (the KV heads); otherwise return node unchanged."""
+    if is_method(node, "reshape", "view") or is_call(node, torch.reshape):
+        expanded = node.args[0]
+        if is_method(expanded, "expand") and isinstance(expanded.args[0], fx.Node):
+            unsqueezed = expanded.args[0]
+            if is_call(unsqueezed, operator.getitem) and _is_none_at_dim2(unsqueezed.args[1]):
+                return unsqueezed.args[0]
+            if is_method(unsqueezed, "unsqueeze") and unsqueezed.args[1:] == (2,):
+                return unsqueezed.args[0]
+    if (is_call(node, torch.repeat_interleave) or is_method(node, "repeat_interleave")) and \
+            node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None) == 1:
+        return node.args[0]
+    return node
+
+
+def _is_none_at_dim2(index) -> bool:
+    return isinstance(index, tuple) and len(index) >= 3 and index[2] is None and all(
+        isinstance(i, slice) and i == slice(None) for i in index[:2])
+

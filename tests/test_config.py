@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+import kvpass
+
+
+def test_defaults_and_round_trip():
+    cfg = kvpass.Config(attention=kvpass.Dense(dtype=torch.float16), ffn=kvpass.DenseFFN())
+    assert cfg.attention.dtype == "float16" and cfg.attention.torch_dtype is torch.float16
+    assert kvpass.Config.from_dict(cfg.to_dict()) == cfg
+    assert kvpass.Config().attention == kvpass.Dense()
+
+
+@pytest.mark.parametrize("build, words", [
+    (lambda: kvpass.Dense(dtype="int8"), ["int8", "float16"]),
+    (lambda: kvpass.Dense(dtype=torch.int32), ["int32", "bfloat16"]),
+    (lambda: kvpass.Config(attention="dense"), ["'dense'", "Dense()"]),
+    (lambda: kvpass.Config(ffn=kvpass.Dense()), ["ffn=", "DenseFFN()"]),
+    (lambda: kvpass.Config(calibration=3), ["calibration=3"]),
+    (lambda: kvpass.backend(kvpass.Config(), inner="tvm"), ["'tvm'", "inductor"]),
+    (lambda: kvpass.backend(kvpass.Config(), strict="yes"), ["strict='yes'"]),
+    (lambda: kvpass.backend({"attention": "dense"}), ["kvpass.Config"]),
+    (lambda: kvpass.Config.from_dict({"version": 99}), ["version=99"]),
+    (lambda: kvpass.Config.from_dict({"version": 1, "attention": {"method": "magic"}}), ["'magic'", "dense"]),
+])
+def test_bad_values_raise_value_error_naming_them(build, words):
+    with pytest.raises(ValueError) as info:
+        build()
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_configs_are_frozen():
+    with pytest.raises(AttributeError):
+        kvpass.Dense().dtype = "float16"

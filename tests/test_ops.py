@@ -1,0 +1,100 @@
+"""The kvpass ops: schemas and fake implementations (opcheck), and their run-time semantics."""
+import pytest
+import torch
+
+import kvpass
+from kvpass import runtime as rt
+from kvpass.kernels.attention import attention_over_store_reference
+
+
+@pytest.fixture
+def backend():
+    return kvpass.backend(kvpass.Config())
+
+
+def _qkv(B=2, Hq=4, Hkv=2, L=5, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Hq, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g),
+            torch.randn(B, Hkv, L, D, generator=g))
+
+
+def test_attention_opcheck_one_shot(backend):
+    q, k, v = _qkv()
+    args = (q, k, v, None, True, 0.25, 0.0, 0, rt.MODE_ONESHOT, backend.runtime.id, 0, 0)
+    torch.library.opcheck(torch.ops.kvpass.attention.default, args)
+
+
+def test_cache_update_schema_and_fake(backend):
+    """cache_update is stateful (each call appends), so opcheck's repeated calls only check its schema;
+    its fake implementation is compared with one real call."""
+    backend.runtime.begin_sequence(kind="cache")
+    _, k, v = _qkv()
+    torch.library.opcheck(torch.ops.kvpass.cache_update.default, (k, v, backend.runtime.id, 0, 0),
+                          test_utils=("test_schema",))
+    backend.runtime.begin_sequence(kind="cache")
+    real = torch.ops.kvpass.cache_update(k, v, backend.runtime.id, 0, 0)
+    real = torch.ops.kvpass.cache_update(k, v, backend.runtime.id, 0, 5)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = torch.ops.kvpass.cache_update(mode.from_tensor(k), mode.from_tensor(v), backend.runtime.id, 0, 5)
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape == (2, 2, 10, 16) and r.stride() == f.stride() and r.dtype == f.dtype
+
+
+def test_ffn_opcheck():
+    x, w_up, w_gate, w_down = torch.randn(3, 7, 16), torch.randn(24, 16), torch.randn(24, 16), torch.randn(16, 24)
+    torch.library.opcheck(torch.ops.kvpass.ffn.default, (x, w_up, None, w_down, None, w_gate, None, "silu", 0, 0))
+
+
+def test_attention_op_is_cudagraph_unsafe():
+    if hasattr(torch.Tag, "cudagraph_unsafe"):
+        assert torch.Tag.cudagraph_unsafe in torch.ops.kvpass.attention.default.tags
+
+
+def test_cached_mode_equals_attention_over_everything(backend):
+    """Prefill 5 tokens then decode 1: the op over the store = reference attention over all 6 keys."""
+    runtime = backend.runtime
+    runtime.begin_sequence(kind="cache")
+    q, k, v = _qkv(L=6, seed=1)
+    common = dict(is_causal=True, scale=0.25, softcap=0.0, window=0, mode=rt.MODE_CACHED, runtime=runtime.id, layer=3)
+    first = torch.ops.kvpass.attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], None, past=0, **common)
+    last = torch.ops.kvpass.attention(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], None, past=5, **common)
+    expected = attention_over_store_reference(q, k, v, scale=0.25, causal=True)
+    torch.testing.assert_close(torch.cat([first, last], dim=2), expected)
+    assert runtime.tokens_held() == 6
+
+
+def test_out_of_sync_cache_is_an_error_not_wrong_numbers(backend):
+    runtime = backend.runtime
+    runtime.begin_sequence(kind="cache")
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="out of sync"):
+        torch.ops.kvpass.attention(q, k, v, None, True, 0.25, 0.0, 0, rt.MODE_CACHED, runtime.id, 0, 7)
+
+
+def test_new_sequence_drops_all_state(backend):
+    runtime = backend.runtime
+    runtime.begin_sequence(kind="cache")
+    q, k, v = _qkv()
+    torch.ops.kvpass.attention(q, k, v, None, True, 0.25, 0.0, 0, rt.MODE_CACHED, runtime.id, 0, 0)
+    runtime.begin_sequence(kind="cache")
+    assert runtime.tokens_held() == 0 and runtime.nbytes() == {}
+
+
+def test_float_mask_with_biases_is_refused(backend):
+    q, k, v = _qkv()
+    bias = torch.full((1, 1, 5, 5), -1.0)
+    with pytest.raises(NotImplementedError, match="biases"):
+        torch.ops.kvpass.attention(q, k, v, bias, False, 0.25, 0.0, 0, rt.MODE_ONESHOT, backend.runtime.id, 0, 0)
+
+
+def test_storage_dtype_is_honoured():
+    backend = kvpass.backend(kvpass.Config(attention=kvpass.Dense(dtype="bfloat16")))
+    backend.runtime.begin_sequence(kind="cache")
+    q, k, v = _qkv()
+    out = torch.ops.kvpass.attention(q, k, v, None, True, 0.25, 0.0, 0, rt.MODE_CACHED, backend.runtime.id, 0, 0)
+    assert out.dtype == torch.float32
+    assert backend.runtime.nbytes()["keys"] == 2 * 2 * 256 * 16 * 2  # bf16 slots, capacity 256
+    expected = attention_over_store_reference(q, k.bfloat16(), v.bfloat16(), scale=0.25, causal=True)
+    torch.testing.assert_close(out, expected)
