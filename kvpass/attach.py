@@ -62,9 +62,10 @@ def detach(model: torch.nn.Module) -> None:
 
 
 def compile(model: torch.nn.Module, config: Config, *, inner: str = "inductor", strict: bool = False,
-            **compile_kwargs) -> torch.nn.Module:
-    """Compile `model` in place with kvpass (so `model.generate` runs compiled through the kvpass cache)."""
-    backend = attach(model, Backend(config, inner=inner, strict=strict))
+            cudagraphs: bool = False, **compile_kwargs) -> torch.nn.Module:
+    """Compile `model` in place with kvpass (so `model.generate` runs compiled through the kvpass cache).
+    Arguments as for `kvpass.backend`; the rest go to `model.compile`."""
+    backend = attach(model, Backend(config, inner=inner, strict=strict, cudagraphs=cudagraphs))
     model = _unwrap(model)
     model.compile(backend=backend, **compile_kwargs)
     model._compiled_call_impl._kvpass_backend = backend  # lets detach() undo exactly this compile

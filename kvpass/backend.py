@@ -6,6 +6,7 @@ import warnings
 import weakref
 
 import torch
+import torch._inductor.config
 
 from . import ops  # noqa: F401  (registers torch.ops.kvpass.* before any graph names them)
 from ._logging import configure_from_env, explained_nodes, logger
@@ -36,14 +37,18 @@ def _module_being_compiled() -> torch.nn.Module | None:
 class Backend:
     """Callable for `torch.compile(..., backend=...)`. Holds the runtime of the one model it compiles."""
 
-    def __init__(self, config: Config, *, inner: str = "inductor", strict: bool = False):
+    def __init__(self, config: Config, *, inner: str = "inductor", strict: bool = False, cudagraphs: bool = False):
         if not isinstance(config, Config):
             raise ValueError(f"config={config!r} is not a kvpass.Config")
         if inner not in _INNER:
             raise ValueError(f"inner={inner!r} is not a supported inner compiler; use one of {list(_INNER)}")
         if not isinstance(strict, bool):
             raise ValueError(f"strict={strict!r} must be True or False")
-        self.config, self.inner, self.strict = config, inner, strict
+        if cudagraphs and inner != "inductor":
+            raise ValueError(f"cudagraphs=True needs inner='inductor', not {inner!r}")
+        if cudagraphs and not hasattr(torch._inductor.config, "graph_partition"):
+            raise ValueError("cudagraphs=True needs Inductor graph partitioning (torch >= 2.9)")
+        self.config, self.inner, self.strict, self.cudagraphs = config, inner, strict, cudagraphs
         self.runtime = Runtime(config)
         self.records = []
         self._model = None
@@ -105,10 +110,16 @@ class Backend:
         if self.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(gm, example_inputs)
+            # The stateful kvpass ops are tagged cudagraph_unsafe: with partitioning Inductor captures the
+            # pieces between them as CUDA graphs (piecewise, like vLLM) instead of giving up on the graph.
+            patches = {"triton.cudagraphs": True, "graph_partition": True} if self.cudagraphs else {}
+            return compile_fx(gm, example_inputs, config_patches=patches)
         return torch._dynamo.lookup_backend(self.inner)(gm, example_inputs)
 
 
-def backend(config: Config, *, inner: str = "inductor", strict: bool = False) -> Backend:
-    """The kvpass compile backend for one model: `model.compile(backend=kvpass.backend(config))`."""
-    return Backend(config, inner=inner, strict=strict)
+def backend(config: Config, *, inner: str = "inductor", strict: bool = False, cudagraphs: bool = False) -> Backend:
+    """The kvpass compile backend for one model: `model.compile(backend=kvpass.backend(config))`.
+
+    inner: the compiler of the rewritten graph ("inductor", "aot_eager", "eager"); strict: raise instead of
+    warning when a site does not match; cudagraphs: capture the pieces between kvpass ops as CUDA graphs."""
+    return Backend(config, inner=inner, strict=strict, cudagraphs=cudagraphs)

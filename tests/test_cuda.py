@@ -1,0 +1,68 @@
+"""On a CUDA device (run through the device tool; skipped elsewhere): the Triton kernels inside compiled
+models, CUDA-graph partitioning around the stateful op, and a model-dtype (bf16) cache."""
+import pytest
+import torch
+
+import kvpass
+from kvpass.attach import backend_of
+
+from families import FAMILIES
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _prompt(seed, length, batch=1):
+    return torch.randint(3, 120, (batch, length), generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3", "gpt2"])
+def test_compiled_generate_on_cuda_matches_hf(name):
+    reference, model = FAMILIES[name].build().cuda(), FAMILIES[name].build().cuda()
+    ids = _prompt(0, 11, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        expected = reference.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+        kvpass.compile(model, kvpass.Config(ffn=kvpass.DenseFFN()), strict=True)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False), expected)
+    assert kvpass.report(model)["attention_calls"]["kvpass-cache/decode"] == 2 * 23
+
+
+def test_cudagraph_partitions_around_kvpass_ops():
+    from torch._dynamo.utils import counters
+
+    reference, model = FAMILIES["llama"].build().cuda(), FAMILIES["llama"].build().cuda()
+    ids = _prompt(1, 9)
+    counters.clear()
+    with torch.no_grad():
+        expected = reference.generate(ids, max_new_tokens=24, do_sample=False)
+        kvpass.compile(model, kvpass.Config(), cudagraphs=True, strict=True)
+        for _ in range(2):  # the second generation replays the captured graphs
+            assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False), expected)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert len(backend_of(model).records) <= 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_prefill_close_to_hf(dtype):
+    reference, model = (FAMILIES["qwen2"].build(dtype=dtype).cuda() for _ in range(2))
+    ids = _prompt(2, 200)
+    with torch.no_grad():
+        expected = reference(ids).logits.float()
+        kvpass.compile(model, kvpass.Config(), strict=True)
+        got = model(ids).logits.float()
+    assert (got - expected).norm() / expected.norm() < 2e-2
+
+
+def test_fp16_store_under_fp32_model():
+    """Dense(dtype=float16) under an fp32 model: keys/values are rounded to fp16 (a small, nonzero change)."""
+    reference, model = FAMILIES["mistral"].build().cuda(), FAMILIES["mistral"].build().cuda()
+    ids = _prompt(3, 40)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        kvpass.compile(model, kvpass.Config(attention=kvpass.Dense(dtype="float16")), strict=True)
+        got = model(ids).logits
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert 0 < error < 1e-2
+    assert kvpass.report(model)["kv_bytes_by_part"]["keys"] == 2 * 1 * 256 * 16 * 2  # layers, kv heads, slots, dim, fp16
