@@ -2,11 +2,11 @@
 inner compiler (Inductor by default)."""
 from __future__ import annotations
 
+import importlib
 import warnings
 import weakref
 
 import torch
-import torch._inductor.config
 
 from . import ops  # noqa: F401  (registers torch.ops.kvpass.* before any graph names them)
 from ._logging import configure_from_env, explained_nodes, logger
@@ -46,7 +46,7 @@ class Backend:
             raise ValueError(f"strict={strict!r} must be True or False")
         if cudagraphs and inner != "inductor":
             raise ValueError(f"cudagraphs=True needs inner='inductor', not {inner!r}")
-        if cudagraphs and not hasattr(torch._inductor.config, "graph_partition"):
+        if cudagraphs and not hasattr(importlib.import_module("torch._inductor.config"), "graph_partition"):
             raise ValueError("cudagraphs=True needs Inductor graph partitioning (torch >= 2.9)")
         self.config, self.inner, self.strict, self.cudagraphs = config, inner, strict, cudagraphs
         self.runtime = Runtime(config)

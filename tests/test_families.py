@@ -112,6 +112,9 @@ def test_sampling_matches_hf_sampling():
     assert torch.equal(tokens, expected)
 
 
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 12),
+                    reason="Inductor's CPU C++ codegen in torch 2.11 fails on plain HF models too (CppCompileError "
+                           "'tmp2 was not declared', seen on the GPU image); Inductor on CUDA: test_cuda.py")
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
 def test_inductor_matches_hf(name):
     family = FAMILIES[name]
