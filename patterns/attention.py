@@ -44,6 +44,7 @@ class AttentionSite:
     mode: int
     past: object             # int or SymInt node (the cache's length before this call)
     layer: int
+    scale_divides: bool = False  # the graph divides by `scale` (a symbolic divisor): the op gets 1 / scale
 
 
 def _cache_source(k: fx.Node, v: fx.Node):
@@ -99,13 +100,21 @@ def match_sdpa(node: fx.Node, layer: int) -> AttentionSite | Mismatch | None:
                          layer=layer)
 
 
+def _is_scalar(value) -> bool:
+    """A Python number, or a graph node holding one (with dynamic=True module floats arrive as SymFloat)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    return isinstance(value, fx.Node) and isinstance(value.meta.get("example_value"), (int, float, torch.SymInt,
+                                                                                        torch.SymFloat))
+
+
 def _scalar_arg(node: fx.Node):
-    """For mul(x, c) / truediv(x, c) with a constant c: (x, c); else (None, None)."""
+    """For mul(x, c) / truediv(x, c) with a scalar c: (x, c); else (None, None)."""
     a, b = node.args[:2]
-    if isinstance(b, (int, float)) and isinstance(a, fx.Node):
-        return a, float(b)
-    if isinstance(a, (int, float)) and isinstance(b, fx.Node) and node.target in (operator.mul, torch.mul):
-        return b, float(a)
+    if _is_scalar(b) and not _is_scalar(a):
+        return a, b
+    if _is_scalar(a) and not _is_scalar(b) and node.target in (operator.mul, torch.mul):
+        return b, a
     return None, None
 
 
@@ -131,15 +140,16 @@ def match_eager(node: fx.Node, layer: int) -> AttentionSite | Mismatch | None:
         tanh_node, cap = _scalar_arg(logits)
         if is_call(tanh_node, torch.tanh) or is_method(tanh_node, "tanh"):
             inner, cap_div = _scalar_arg(tanh_node.args[0])
-            if cap_div is None or cap_div != cap or tanh_node.args[0].target not in (operator.truediv, torch.div):
+            same_cap = cap_div is cap or (not isinstance(cap, fx.Node) and cap_div == cap) or \
+                (isinstance(cap, fx.Node) and isinstance(cap_div, fx.Node))  # symbolic: both read the same attribute
+            if cap_div is None or not same_cap or tanh_node.args[0].target not in (operator.truediv, torch.div):
                 return Mismatch(node, "tanh soft-capping of an unexpected form")
             logits, softcap = inner, cap
-    scaled, scale = logits, None
+    scaled, scale, scale_divides = logits, None, False
     if is_call(scaled, operator.mul, torch.mul, operator.truediv, torch.div):
         base, c = _scalar_arg(scaled)
         if c is not None:
-            scale = c if scaled.target in (operator.mul, torch.mul) else 1.0 / c
-            scaled = base
+            scale, scale_divides, scaled = c, scaled.target in (operator.truediv, torch.div), base
     if not is_call(scaled, torch.matmul, operator.matmul):
         return Mismatch(node, f"softmax input is {scaled.target if isinstance(scaled, fx.Node) else scaled!r}, "
                               f"not a scaled q @ k^T")
@@ -148,11 +158,13 @@ def match_eager(node: fx.Node, layer: int) -> AttentionSite | Mismatch | None:
         return Mismatch(node, "keys are not transposed with transpose(2, 3)")
     if scale is None:
         scale = 1.0  # q was scaled before the matmul (or the model uses no scale)
+    elif scale_divides and not isinstance(scale, fx.Node):
+        scale, scale_divides = 1.0 / scale, False
     k_heads, v_heads = strip_repeat_kv(k_t.args[0]), strip_repeat_kv(v_rep)
     mode, k, v, past = _cache_source(k_heads, v_heads)
     variant = "eager" + ("-softcap" if softcap else "") + ("-mask" if mask is not None else "")
     return AttentionSite(variant=variant, output=node, q=q, k=k, v=v, mask=mask, is_causal=False, scale=scale,
-                         softcap=softcap, mode=mode, past=past, layer=layer)
+                         softcap=softcap, mode=mode, past=past, layer=layer, scale_divides=scale_divides)
 
 
 MATCHERS = (match_sdpa, match_eager)
@@ -179,8 +191,9 @@ def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[Mismatch]
 def rewrite_attention(graph: fx.Graph, site: AttentionSite, runtime_id: int, window: int) -> fx.Node:
     """Replace the site's output with one kvpass::attention call; returns the new node."""
     with graph.inserting_before(site.output):
+        scale = graph.call_function(operator.truediv, (1.0, site.scale)) if site.scale_divides else site.scale
         new = graph.call_function(torch.ops.kvpass.attention.default, args=(
-            site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.softcap, window, site.mode,
+            site.q, site.k, site.v, site.mask, site.is_causal, scale, site.softcap, window, site.mode,
             runtime_id, site.layer, site.past))
     new.meta.update({key: site.output.meta[key] for key in ("nn_module_stack", "stack_trace", "source_fn_stack")
                      if key in site.output.meta})

@@ -155,3 +155,14 @@ def test_torch_compile_wrapper_generate_is_reported_as_not_compiled():
         wrapper.generate(_prompt(8, 6), max_new_tokens=3, do_sample=False)  # runs the uncompiled model
     report = kvpass.report(wrapper)
     assert report["compiled"] is False and "torch.compile(model) returns a wrapper" in report["note"]
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+def test_dynamic_shapes_symbolic_scale_and_softcap(name):
+    """With dynamic=True, module floats (scale, soft-cap) arrive as SymFloat graph nodes."""
+    reference, model = FAMILIES[name].build(), FAMILIES[name].build()
+    prompt = _prompt(9, 10, batch=2)
+    kvpass.compile(model, kvpass.Config(), inner=FAST_INNER, strict=True, dynamic=True)
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False),
+                           reference.generate(prompt, max_new_tokens=12, do_sample=False))
