@@ -86,8 +86,17 @@ def _generate_with_kvpass_cache(model, generate, *args, **kwargs):
         else:
             from .cache import KVCache
 
-            kwargs["past_key_values"] = KVCache(model)
+            kwargs["past_key_values"] = KVCache(model, capacity=_expected_length(config, args, kwargs))
     return generate(model, *args, **kwargs)
+
+
+def _expected_length(config, args, kwargs) -> int | None:
+    """Prompt + new tokens of a generate call, when its arguments say (a hint for allocating the stores)."""
+    ids = args[0] if args else kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        return None
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    return ids.shape[-1] + new if new else kwargs.get("max_length")
 
 
 def reset(model: torch.nn.Module) -> None:

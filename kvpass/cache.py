@@ -59,15 +59,18 @@ class KVCache(Cache):
     """HF cache backed by the kvpass runtime of `model`. Creating one starts a new sequence batch:
     whatever the runtime held before is dropped, so nothing leaks between generations."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, capacity: int | None = None):
+        """capacity: tokens per row the generation will reach (prompt + new tokens), if known: the runtime then
+        allocates each layer's store once instead of growing it."""
         from .attach import backend_of
 
         backend = backend_of(model, required=True)
         self.runtime = backend.runtime
         n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         super().__init__(layers=[_RuntimeLayer(self.runtime.id, i) for i in range(n_layers)])
-        self.runtime.begin_sequence(kind="cache")
+        self.capacity = capacity
+        self.runtime.begin_sequence(kind="cache", capacity=capacity)
 
     def reset(self):
         super().reset()
-        self.runtime.begin_sequence(kind="cache")
+        self.runtime.begin_sequence(kind="cache", capacity=self.capacity)

@@ -1,4 +1,5 @@
-"""The `kvpass` command line: `generate` (the main job) and `inspect` (what matched and why)."""
+"""The `kvpass` command line: `generate` (the main job), `inspect` (what matched and why), `eval ppl`,
+`eval passkey`, `bench decode` and `plot` (every eval/bench command writes a JSON record under --out)."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,14 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def _config(args) -> Config:
-    return Config(attention=Dense(dtype=args.kv_dtype), ffn=DenseFFN() if args.ffn == "dense" else None)
+    """The configuration the method flags describe (later methods add their flags here)."""
+    attention = {"dense": lambda: Dense(dtype=args.kv_dtype)}[getattr(args, "attention", "dense")]()
+    return Config(attention=attention, ffn=DenseFFN() if args.ffn == "dense" else None)
+
+
+def _method_name(config: Config) -> str:
+    name = config.attention.method + ("" if config.ffn is None else f"+ffn-{config.ffn.method}")
+    return name if name != "dense" else "dense"
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +31,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model weights dtype")
     parser.add_argument("--kv-dtype", choices=sorted(_DTYPES), default=None, help="KV cache storage dtype")
     parser.add_argument("--ffn", choices=["none", "dense"], default="none", help="FFN method (none: Inductor keeps it)")
+    parser.add_argument("--attention", choices=["dense"], default="dense", help="KV-cache method")
 
 
 def _load(args):
@@ -107,6 +116,130 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _positive(name: str, values) -> None:
+    for value in values if isinstance(values, (list, tuple)) else [values]:
+        if value < 1:
+            raise SystemExit(f"{name}={value}: must be at least 1")
+
+
+def cmd_eval_ppl(args) -> int:
+    import kvpass
+
+    from .eval.ppl import check_length, perplexity, windows
+    from .eval.records import write_record
+    from .eval.texts import load_text
+
+    _positive("--seqlen", args.seqlen)
+    _positive("--max-windows", args.max_windows)
+    model, tokenizer = _load(args)
+    check_length(model, args.seqlen)
+    text = load_text(args.text)
+    ids = tokenizer(text.text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
+    batches = windows(ids, args.seqlen, args.max_windows)
+    config = _config(args)
+    runs = [("dense", Config())] + ([(_method_name(config), config)] if config != Config() else [])
+    results = []
+    for name, cfg in runs:
+        kvpass.compile(model, cfg, inner=args.inner)
+        row = perplexity(model, batches, decode_tail=args.decode_tail)
+        kvpass.detach(model)
+        torch._dynamo.reset()
+        results.append({"name": name, **row, "windows": batches.shape[0], "seqlen": args.seqlen,
+                        "text": text.name, "text_sha256": text.sha256})
+        print(f"{name:24s} ppl {row['ppl']:9.4f}  ({row['tokens']} tokens, {row['mode']}, {row['seconds']:.1f} s)")
+    for row in results[1:]:
+        row["ratio_to_dense"] = row["ppl"] / results[0]["ppl"]
+        print(f"{row['name']}: {row['ratio_to_dense']:.4f} x dense perplexity")
+    path = write_record(args.out, "eval ppl", results, config=config.to_dict(), model=args.model,
+                        protocol={"tokenization": "whole text, no special tokens", "windows": "non-overlapping",
+                                  "decode_tail": args.decode_tail}, text_source=text.source)
+    print(f"record: {path}")
+    return 0
+
+
+def cmd_eval_passkey(args) -> int:
+    import kvpass
+
+    from .eval.passkey import heatmap, run_passkey
+    from .eval.records import write_record
+    from .eval.texts import load_text
+
+    model, tokenizer = _load(args)
+    haystack = None if args.task == "passkey" else load_text(args.haystack).text
+    config = _config(args)
+    runs = [("dense", Config())] + ([(_method_name(config), config)] if config != Config() else [])
+    results = []
+    for name, cfg in runs:
+        kvpass.compile(model, cfg, inner=args.inner)
+        rows = run_passkey(model, tokenizer, lengths=args.lengths, depths=args.depths, trials=args.trials,
+                           haystack=haystack, seed=args.seed)
+        kvpass.detach(model)
+        torch._dynamo.reset()
+        results += [{"name": name, **row} for row in rows]
+        for row in rows:
+            print(f"{name:16s} length {row['length']:6d} depth {row['depth']:.2f}: success {row['success']:.2f}")
+    path = write_record(args.out, "eval passkey", results, config=config.to_dict(), model=args.model, task=args.task)
+    png = heatmap(results, path.with_suffix(".png"), title=f"{args.model}: {args.task}")
+    print(f"record: {path}\nheat map: {png}")
+    return 0
+
+
+def cmd_bench_decode(args) -> int:
+    from .eval import bench
+    from .eval.ppl import check_length
+    from .eval.records import write_record
+
+    _positive("--batch", args.batch)
+    _positive("--context", args.context)
+    _positive("--steps", args.steps)
+    model, _ = _load(args)
+    check_length(model, max(args.context) + args.steps + 8)
+    device = next(model.parameters()).device
+    bandwidth = bench.measured_bandwidth(device)
+    config = _config(args)
+    kv_dtype = config.attention.torch_dtype or next(model.parameters()).dtype
+    print(f"{args.model} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+          f"device copy {bandwidth / 1e9:.0f} GB/s; kvpass {json.dumps(config.to_dict()['attention'])}")
+    results = []
+    for path in args.paths:
+        undo = bench.prepare(model, path, config, cudagraphs=args.cudagraphs)
+        try:
+            for batch in args.batch:
+                for context in args.context:
+                    try:
+                        row = bench.decode_point(model, path, batch=batch, context=context, steps=args.steps)
+                        if path != "hf-static" and context <= args.prefill_max:
+                            row.update(bench.prefill_point(model, batch=batch, context=context))
+                    except torch.cuda.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        row = {"path": path, "batch": batch, "context": context, "error": "out of memory"}
+                        print(f"{path:14s} B{batch:<3d} ctx {context:>7d}: out of memory")
+                        results.append(row)
+                        continue
+                    bytes_per_step = bench.step_bytes(model, batch, context, kv_dtype)
+                    row.update({"bytes_per_step": bytes_per_step,
+                                "roofline_tokens_per_s": batch * bandwidth / bytes_per_step})
+                    results.append(row)
+                    print(bench.format_row(row, bytes_per_step, bandwidth) + (
+                        f"; prefill {row['prefill_tokens_per_s']:.0f} tok/s" if "prefill_tokens_per_s" in row else ""))
+        finally:
+            undo()
+    path = write_record(args.out, "bench decode", results, config=config.to_dict(), model=args.model,
+                        dtype=args.dtype, bandwidth_bytes_per_s=bandwidth, cudagraphs=args.cudagraphs,
+                        steps=args.steps)
+    print(f"record: {path}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .eval.plot import plot_records
+    from .eval.records import load_records
+
+    for path in plot_records(load_records(args.records), args.out):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvpass", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +255,45 @@ def main(argv: list[str] | None = None) -> int:
     _add_model_args(ins)
     ins.add_argument("--catalogue", action="store_true", help="print the pattern catalogue and exit")
     ins.set_defaults(run=cmd_inspect)
+    ev = sub.add_parser("eval", help="accuracy: perplexity or passkey/needle, method vs dense").add_subparsers(
+        dest="what", required=True)
+    ppl = ev.add_parser("ppl", help="perplexity (GPTQ protocol; --decode-tail for decode mode)")
+    _add_model_args(ppl)
+    ppl.add_argument("--text", default="enwiki", help="registry name or a .txt file")
+    ppl.add_argument("--seqlen", type=int, default=1024)
+    ppl.add_argument("--max-windows", type=int, default=4)
+    ppl.add_argument("--decode-tail", type=int, default=0, help="teacher-force the last N tokens through decode")
+    ppl.add_argument("--inner", choices=["inductor", "aot_eager", "eager"], default="aot_eager")
+    ppl.add_argument("--out", default="runs/eval")
+    ppl.set_defaults(run=cmd_eval_ppl)
+    pk = ev.add_parser("passkey", help="passkey (filler) or needle (essay haystack) retrieval")
+    _add_model_args(pk)
+    pk.add_argument("--task", choices=["passkey", "needle"], default="passkey")
+    pk.add_argument("--haystack", default="pg-essays", help="text for --task needle")
+    pk.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
+    pk.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    pk.add_argument("--trials", type=int, default=2)
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--inner", choices=["inductor", "aot_eager", "eager"], default="aot_eager")
+    pk.add_argument("--out", default="runs/eval")
+    pk.set_defaults(run=cmd_eval_passkey)
+    be = sub.add_parser("bench", help="speed and memory").add_subparsers(dest="what", required=True)
+    dec = be.add_parser("decode", help="decode (and prefill) tokens/s and peak memory vs HF eager and HF static")
+    _add_model_args(dec)
+    dec.set_defaults(model="random:smollm2:135m", run=cmd_bench_decode)
+    dec.add_argument("--batch", type=int, nargs="+", default=[1])
+    dec.add_argument("--context", type=int, nargs="+", default=[256, 1024])
+    dec.add_argument("--steps", type=int, default=10)
+    dec.add_argument("--paths", nargs="+", choices=["kvpass", "hf-eager", "hf-static"],
+                     default=["kvpass", "hf-eager", "hf-static"])
+    dec.add_argument("--cudagraphs", action="store_true", help="CUDA graphs (kvpass: between its ops; HF static: "
+                                                               "reduce-overhead)")
+    dec.add_argument("--prefill-max", type=int, default=8192, help="also time a prefill at contexts up to this")
+    dec.add_argument("--out", default="runs/bench")
+    pl = sub.add_parser("plot", help="PNGs from JSON records")
+    pl.add_argument("records", nargs="+", help="record files or folders")
+    pl.add_argument("--out", default="runs/plots")
+    pl.set_defaults(run=cmd_plot)
     args = parser.parse_args(argv)
     from ._logging import configure_from_env
 

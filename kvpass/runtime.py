@@ -36,19 +36,22 @@ class Runtime:
         _RUNTIMES[self.id] = self
         self._stores: dict[int, LayerStore] = {}
         self.sequence_kind: str | None = None  # None, "cache" (a kvpass HF cache) or "explicit" (kvpass.sequence)
+        self.capacity: int | None = None
         self.sequences_started = 0
         self.calls = collections.Counter()  # (mode name, "prefill"|"decode") -> attention op calls
 
     # -- sequence lifecycle -------------------------------------------------------------------------
-    def begin_sequence(self, kind: str) -> None:
+    def begin_sequence(self, kind: str, capacity: int | None = None) -> None:
         """Drop every layer's state and start a new batch of sequences; nothing carries over.
 
         kind "cache": driven by a kvpass HF cache (graphs carry its cache_update calls);
-        kind "explicit": opened by the user, so graphs without any cache decode incrementally over it."""
+        kind "explicit": opened by the user, so graphs without any cache decode incrementally over it.
+        capacity: tokens per row the sequence is expected to reach, so stores allocate once."""
         if kind not in ("cache", "explicit"):
             raise ValueError(f"sequence kind={kind!r}; use 'cache' or 'explicit'")
         self._stores.clear()
         self.sequence_kind = kind
+        self.capacity = capacity
         self.sequences_started += 1
 
     def end_sequence(self) -> None:
@@ -63,7 +66,7 @@ class Runtime:
                                "`with kvpass.sequence(model):`")
         store = self._stores.get(layer)
         if store is None:
-            store = self._stores[layer] = make_store(self.config.attention, layer)
+            store = self._stores[layer] = make_store(self.config.attention, layer, self.capacity)
         return store
 
     def check_past(self, store: LayerStore, past: int) -> None:

@@ -34,9 +34,10 @@ class AttentionSpec:
 class LayerStore:
     """One layer's KV cache in a method's representation. Subclasses implement the four methods."""
 
-    def __init__(self, method: AttentionMethod, layer: int):
+    def __init__(self, method: AttentionMethod, layer: int, capacity: int | None = None):
         self.method = method
         self.layer = layer
+        self.capacity_hint = capacity  # tokens the sequence is expected to reach (None: unknown)
 
     @property
     def length(self) -> int:
@@ -80,8 +81,8 @@ class OneShot:
         return store.attend(q, mask, is_causal, spec)
 
 
-def make_store(method: AttentionMethod, layer: int) -> LayerStore:
+def make_store(method: AttentionMethod, layer: int, capacity: int | None = None) -> LayerStore:
     from .dense import DenseStore
 
     stores = {"dense": DenseStore}
-    return stores[method.method](method, layer)
+    return stores[method.method](method, layer, capacity)

@@ -14,8 +14,8 @@ _MIN_CAPACITY = 256
 class DenseStore(LayerStore):
     method: Dense
 
-    def __init__(self, method: Dense, layer: int):
-        super().__init__(method, layer)
+    def __init__(self, method: Dense, layer: int, capacity: int | None = None):
+        super().__init__(method, layer, capacity)
         self._k: torch.Tensor | None = None  # (B, Hkv, capacity, D)
         self._v: torch.Tensor | None = None  # (B, Hkv, capacity, Dv)
         self._length = 0
@@ -28,7 +28,10 @@ class DenseStore(LayerStore):
         if self._k is not None and needed <= self._k.shape[2]:
             return
         dtype = self.method.torch_dtype or k.dtype
-        capacity = max(_MIN_CAPACITY, needed, 2 * (0 if self._k is None else self._k.shape[2]))
+        if self._k is None:  # first allocation: the whole expected sequence, so decode never reallocates
+            capacity = max(_MIN_CAPACITY, needed, self.capacity_hint or 0)
+        else:
+            capacity = max(needed, 2 * self._k.shape[2])
         B, H, _, D = k.shape
         new_k = torch.empty(B, H, capacity, D, dtype=dtype, device=k.device)
         new_v = torch.empty(B, H, capacity, v.shape[-1], dtype=dtype, device=v.device)

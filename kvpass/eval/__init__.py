@@ -1,0 +1,1 @@
+"""Evaluation and benchmarks: perplexity, passkey/needle, decode throughput; JSON records and plots."""

@@ -1,0 +1,162 @@
+"""Decode (and prefill) throughput and memory, gpt-fast style, for kvpass and HF's own paths in one process.
+
+Decode is measured at a context of `context` tokens without paying for a prefill that long: each path's
+cache is filled with random K/V of the right shape (decode speed does not depend on the values), then
+`steps` single-token steps are timed with CUDA events (host clock on CPU). Paths:
+  kvpass-<method>: the model compiled with kvpass (optionally CUDA graphs between the kvpass ops)
+  hf-eager:        HF DynamicCache, uncompiled
+  hf-static:       HF StaticCache + torch.compile(mode="reduce-overhead") of the forward
+Beside each: tokens/s, achieved GB/s (bytes one step must read / step time), % of the roofline (the
+same bytes over the measured device-copy bandwidth) and peak memory.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+PATHS = ("kvpass", "hf-eager", "hf-static")
+
+
+def measured_bandwidth(device) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read and written (the HBM ceiling)."""
+    if device.type != "cuda":
+        return float("nan")
+    from triton.testing import do_bench
+
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def step_bytes(model, batch: int, context: int, kv_dtype: torch.dtype) -> int:
+    """Fewest bytes one decode step reads: every weight once (the input embedding only for `batch` rows,
+    unless tied to the LM head) plus every cached key and value."""
+    cfg = model.config.get_text_config(decoder=True)
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not tied:
+        weights -= embedding.numel() * embedding.element_size()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * batch * kv_heads * context * head_dim * torch.finfo(kv_dtype).bits // 8
+    return weights + kv
+
+
+def _random_kv(model, batch: int, context: int, generator: torch.Generator):
+    """Per-layer (k, v) of shape (batch, kv heads, context, head dim) in the model's dtype and device."""
+    cfg = model.config.get_text_config(decoder=True)
+    param = next(model.parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    shape = (batch, kv_heads, context, head_dim)
+    for _ in range(cfg.num_hidden_layers):
+        k = torch.randn(shape, generator=generator, device=param.device, dtype=torch.float32).to(param.dtype)
+        v = torch.randn(shape, generator=generator, device=param.device, dtype=torch.float32).to(param.dtype)
+        yield k, v
+
+
+def _fill_hf_cache(cache, model, batch, context, generator) -> None:
+    positions = torch.arange(context, device=next(model.parameters()).device)
+    for layer, (k, v) in enumerate(_random_kv(model, batch, context, generator)):
+        cache.update(k, v, layer, {"cache_position": positions})
+
+
+def _fill_kvpass_cache(cache, model, batch, context, generator) -> None:
+    """Put random K/V straight into the runtime stores and advance HF's counters to match."""
+    for layer, (k, v) in enumerate(_random_kv(model, batch, context, generator)):
+        cache.runtime.store(layer).append(k, v)
+        cache.layers[layer].seen = context
+
+
+def _synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_point(model, path: str, *, batch: int, context: int, steps: int, warmup: int = 3,
+                 seed: int = 0) -> dict:
+    """Time `steps` decode steps at `context` for one path of an already prepared model (see prepare())."""
+    from transformers import DynamicCache, StaticCache
+
+    from ..cache import KVCache
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    total = context + warmup + steps + 1
+    if path == "kvpass":
+        cache = KVCache(model, capacity=total)
+        _fill_kvpass_cache(cache, model, batch, context, generator)
+    elif path == "hf-eager":
+        cache = DynamicCache(config=model.config)
+        _fill_hf_cache(cache, model, batch, context, generator)
+    else:
+        cache = StaticCache(config=model.config, max_cache_len=total)
+        _fill_hf_cache(cache, model, batch, context, generator)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    token = torch.randint(0, vocab, (batch, 1), device=device, generator=generator)
+
+    def step(position: int):
+        pos = torch.full((batch, 1), position, device=device, dtype=torch.long)
+        return model(input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+    with torch.no_grad():
+        for i in range(warmup):
+            step(context + i)
+        _synchronize(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            step(context + warmup + i)
+        _synchronize(device)
+        seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    del cache
+    return {"path": path, "batch": batch, "context": context, "step_ms": seconds * 1e3,
+            "tokens_per_s": batch / seconds, "peak_gib": None if peak is None else peak / 2**30}
+
+
+def prefill_point(model, *, batch: int, context: int, seed: int = 0) -> dict:
+    """One prefill of `context` tokens through `model` as it is (compiled or not): tokens/s and peak memory."""
+    device = next(model.parameters()).device
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(0, vocab, (batch, context), device=device,
+                        generator=torch.Generator(device=device).manual_seed(seed))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        model(ids[:, :16], use_cache=False)  # warm-up (compiles on the first call)
+        _synchronize(device)
+        start = time.perf_counter()
+        model(ids, use_cache=False, logits_to_keep=1)
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return {"batch": batch, "context": context, "prefill_tokens_per_s": batch * context / seconds,
+            "prefill_peak_gib": None if peak is None else peak / 2**30}
+
+
+def prepare(model, path: str, config, *, cudagraphs: bool):
+    """Compile `model` in place for one path; returns an undo function."""
+    import kvpass
+
+    if path == "kvpass":
+        kvpass.compile(model, config, cudagraphs=cudagraphs)
+        return lambda: (kvpass.detach(model), torch._dynamo.reset())
+    if path == "hf-static":
+        eager_forward = model.forward
+        model.forward = torch.compile(model.forward, mode="reduce-overhead" if cudagraphs else None, fullgraph=True)
+        return lambda: (setattr(model, "forward", eager_forward), torch._dynamo.reset())
+    return lambda: None
+
+
+def format_row(row: dict, bytes_per_step: int, bandwidth: float) -> str:
+    achieved = bytes_per_step / (row["step_ms"] * 1e-3)
+    roofline = "" if bandwidth != bandwidth else f" {100 * achieved / bandwidth:5.1f}% of roofline"
+    peak = "" if row["peak_gib"] is None else f" peak {row['peak_gib']:6.2f} GiB"
+    return (f"{row['path']:14s} B{row['batch']:<3d} ctx {row['context']:>7d}: {row['tokens_per_s']:8.1f} tok/s "
+            f"({row['step_ms']:7.2f} ms/step) {achieved / 1e9:7.1f} GB/s{roofline}{peak}")

@@ -1,0 +1,81 @@
+"""Perplexity, GPTQ/KVQuant protocol, through the compiled model.
+
+The text is tokenized once without special tokens, cut into non-overlapping windows of `seqlen`
+tokens, and the first `max_windows` are scored: each window is one forward pass (no cache), so the
+method's representation is active inside the prefill attention, and the NLL is averaged over every
+predicted token. Decode mode (`decode_tail=N`): each window's first `seqlen - N` tokens are prefilled
+into a kvpass cache and the last N are teacher-forced one at a time through the decode path (what
+retrieval methods, which act only in decode, change); its NLL covers those N tokens only.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def windows(token_ids: torch.Tensor, seqlen: int, max_windows: int) -> torch.Tensor:
+    """token_ids: (T,) -> (K, seqlen), the first K = min(max_windows, T // seqlen) windows."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen={seqlen}: must be at least 2 tokens")
+    if max_windows < 1:
+        raise ValueError(f"max_windows={max_windows}: must be at least 1")
+    count = min(max_windows, token_ids.numel() // seqlen)
+    if count == 0:
+        raise ValueError(f"the text has {token_ids.numel()} tokens, fewer than one window of seqlen={seqlen}; "
+                         f"use a shorter --seqlen or a longer text")
+    return token_ids[: count * seqlen].view(count, seqlen)
+
+
+def check_length(model, seqlen: int) -> None:
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    scaling = getattr(model.config, "rope_scaling", None)
+    if limit is not None and seqlen > limit and not scaling:
+        raise ValueError(f"seqlen={seqlen} is beyond the model's {limit} positions and the model has no RoPE scaling "
+                         f"configured; use --seqlen <= {limit}")
+
+
+def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+
+
+@torch.no_grad()
+def perplexity(model, batches: torch.Tensor, *, decode_tail: int = 0, progress: bool = True) -> dict:
+    """batches: (K, seqlen) token windows. Returns {"ppl", "nll", "tokens", "seconds", "mode"}."""
+    from ..cache import KVCache
+
+    seqlen = batches.shape[1]
+    if decode_tail and not 0 < decode_tail < seqlen:
+        raise ValueError(f"decode_tail={decode_tail}: must be between 1 and seqlen - 1 = {seqlen - 1}")
+    device = next(model.parameters()).device
+    nll, tokens, start = 0.0, 0, time.perf_counter()
+    for window in _progress(batches, progress, "windows"):
+        ids = window[None].to(device)
+        if not decode_tail:
+            logits = model(ids, use_cache=False).logits
+            nll += _nll_sum(logits[:, :-1], ids[:, 1:])
+            tokens += seqlen - 1
+            continue
+        split = seqlen - decode_tail
+        cache = KVCache(model)
+        logits = model(ids[:, :split], past_key_values=cache, use_cache=True).logits[:, -1:]
+        nll += _nll_sum(logits, ids[:, split : split + 1])
+        for t in range(split, seqlen - 1):
+            logits = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+            nll += _nll_sum(logits, ids[:, t + 1 : t + 2])
+        tokens += decode_tail
+    mean = nll / tokens
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": tokens, "seconds": time.perf_counter() - start,
+            "mode": "decode" if decode_tail else "prefill"}
+
+
+def _progress(items, enabled: bool, unit: str):
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, unit=unit, leave=False)
