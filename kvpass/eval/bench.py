@@ -129,7 +129,7 @@ def prefill_point(model, *, batch: int, context: int, seed: int = 0) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        model(ids[:, :16], use_cache=False)  # warm-up (compiles on the first call)
+        model(ids, use_cache=False, logits_to_keep=1)  # warm-up: compiles this shape
         _synchronize(device)
         start = time.perf_counter()
         model(ids, use_cache=False, logits_to_keep=1)
@@ -140,16 +140,17 @@ def prefill_point(model, *, batch: int, context: int, seed: int = 0) -> dict:
             "prefill_peak_gib": None if peak is None else peak / 2**30}
 
 
-def prepare(model, path: str, config, *, cudagraphs: bool):
+def prepare(model, path: str, config, *, cudagraphs: bool, inner: str = "inductor"):
     """Compile `model` in place for one path; returns an undo function."""
     import kvpass
 
     if path == "kvpass":
-        kvpass.compile(model, config, cudagraphs=cudagraphs)
+        kvpass.compile(model, config, cudagraphs=cudagraphs, inner=inner)
         return lambda: (kvpass.detach(model), torch._dynamo.reset())
     if path == "hf-static":
         eager_forward = model.forward
-        model.forward = torch.compile(model.forward, mode="reduce-overhead" if cudagraphs else None, fullgraph=True)
+        options = dict(mode="reduce-overhead") if cudagraphs else {}
+        model.forward = torch.compile(model.forward, backend=inner, fullgraph=True, **options)
         return lambda: (setattr(model, "forward", eager_forward), torch._dynamo.reset())
     return lambda: None
 

@@ -30,9 +30,13 @@ def windows(token_ids: torch.Tensor, seqlen: int, max_windows: int) -> torch.Ten
 
 
 def check_length(model, seqlen: int) -> None:
-    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    scaling = getattr(model.config, "rope_scaling", None)
-    if limit is not None and seqlen > limit and not scaling:
+    """Refuse lengths beyond the model's positions unless it is configured with RoPE scaling."""
+    cfg = model.config.get_text_config(decoder=True)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    # transformers 5 always sets rope_parameters (rope_type "default" when nothing is scaled)
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default"
+    if limit is not None and seqlen > limit and not scaled:
         raise ValueError(f"seqlen={seqlen} is beyond the model's {limit} positions and the model has no RoPE scaling "
                          f"configured; use --seqlen <= {limit}")
 

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The baselines quoted in BENCHMARKS.md. GPU part: run on the lent GPU (torch/triton/transformers from its
+# image); CPU part: accuracy of the real model (runs anywhere, a few minutes on 2 cores).
+#   bash benchmarks/baseline.sh gpu-decode     # Llama-3-8B shape, random bf16 weights
+#   bash benchmarks/baseline.sh cpu-accuracy   # smollm2-135m dense perplexity + passkey
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT_DIR:-benchmarks/results}
+KVPASS=${KVPASS:-kvpass}
+case "${1:?usage: baseline.sh gpu-decode|gpu-static|cpu-accuracy}" in
+  gpu-decode)
+    $KVPASS bench decode --model random:llama:8b --dtype bfloat16 --batch 1 --context 4096 32768 131072 \
+      --steps 20 --paths kvpass hf-eager --prefill-max 4096 --out "$OUT"
+    $KVPASS bench decode --model random:llama:8b --dtype bfloat16 --batch 8 --context 32768 \
+      --steps 20 --paths kvpass hf-eager --prefill-max 0 --out "$OUT"
+    $KVPASS bench decode --model random:llama:8b --dtype bfloat16 --batch 1 --context 4096 32768 131072 \
+      --steps 20 --paths kvpass --cudagraphs --prefill-max 0 --out "$OUT" ;;
+  gpu-static)
+    $KVPASS bench decode --model random:llama:8b --dtype bfloat16 --batch 1 --context 4096 32768 131072 \
+      --steps 20 --paths hf-static --cudagraphs --out "$OUT"
+    $KVPASS bench decode --model random:llama:8b --dtype bfloat16 --batch 8 --context 32768 \
+      --steps 20 --paths hf-static --cudagraphs --out "$OUT" ;;
+  cpu-accuracy)
+    $KVPASS eval ppl --model smollm2-135m --text enwiki --seqlen 1024 --max-windows 8 --out "$OUT"
+    $KVPASS eval ppl --model smollm2-135m --text enwiki --seqlen 1024 --max-windows 2 --decode-tail 128 --out "$OUT"
+    $KVPASS eval passkey --model smollm2-135m --task passkey --lengths 512 1024 2048 --depths 0.1 0.5 0.9 \
+      --trials 3 --out "$OUT"
+    $KVPASS eval passkey --model smollm2-135m --task needle --lengths 1024 2048 --depths 0.1 0.5 0.9 \
+      --trials 3 --out "$OUT" ;;
+  *) echo "unknown part $1" >&2; exit 2 ;;
+esac

@@ -1,0 +1,64 @@
+"""Markdown tables for BENCHMARKS.md from JSON records: python benchmarks/tables.py benchmarks/results"""
+from __future__ import annotations
+
+import sys
+
+from kvpass.eval.records import load_records
+
+
+def _env(record) -> str:
+    env = record["environment"]
+    v = env["versions"]
+    return (f"{env['device']}; torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}; "
+            f"{record['date'][:10]}, commit {env.get('commit')}")
+
+
+def bench_table(records) -> str:
+    lines = ["| path | batch | context | decode tok/s | ms/step | % of roofline | peak GiB | prefill tok/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    envs = set()
+    for record in records:
+        envs.add(_env(record) + (", CUDA graphs" if record.get("cudagraphs") else ""))
+        bandwidth = record.get("bandwidth_bytes_per_s") or float("nan")
+        for row in record["results"]:
+            if "error" in row:
+                lines.append(f"| {row['path']} | {row['batch']} | {row['context']} | {row['error']} | | | | |")
+                continue
+            roof = 100 * row["bytes_per_step"] / (row["step_ms"] * 1e-3) / bandwidth
+            path = row["path"] + (" (CUDA graphs)" if record.get("cudagraphs") else "")
+            prefill = f"{row['prefill_tokens_per_s']:.0f}" if "prefill_tokens_per_s" in row else ""
+            peak = "" if row.get("peak_gib") is None else f"{row['peak_gib']:.1f}"
+            lines.append(f"| {path} | {row['batch']} | {row['context']} | {row['tokens_per_s']:.1f} | "
+                         f"{row['step_ms']:.2f} | {roof:.0f} % | {peak} | {prefill} |")
+    return "\n".join(lines + [""] + [f"- {e}" for e in sorted(envs)])
+
+
+def ppl_table(records) -> str:
+    lines = ["| model | text | mode | seqlen × windows | name | perplexity | ratio to dense | tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+    for record in records:
+        for row in record["results"]:
+            lines.append(f"| {record['model']} | {row['text']} | {row['mode']} | {row['seqlen']} × {row['windows']} | "
+                         f"{row['name']} | {row['ppl']:.3f} | {row.get('ratio_to_dense', 1.0):.4f} | {row['tokens']} |")
+    return "\n".join(lines + [""] + sorted({f"- {_env(r)}" for r in records}))
+
+
+def passkey_table(records) -> str:
+    lines = ["| model | task | name | length | depth | success | trials |", "|---|---|---|---|---|---|---|"]
+    for record in records:
+        for row in record["results"]:
+            lines.append(f"| {record['model']} | {row.get('task', record.get('task'))} | {row['name']} | "
+                         f"{row['length']} | {row['depth']:.2f} | {row['success']:.2f} | {row['trials']} |")
+    return "\n".join(lines + [""] + sorted({f"- {_env(r)}" for r in records}))
+
+
+def main(paths) -> None:
+    records = load_records(paths)
+    for command, render in (("bench decode", bench_table), ("eval ppl", ppl_table), ("eval passkey", passkey_table)):
+        chosen = [r for r in records if r["command"] == command]
+        if chosen:
+            print(f"### {command}\n\n{render(chosen)}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["benchmarks/results"])

@@ -1,0 +1,79 @@
+"""Evaluation harness: perplexity equals a direct HF computation, decode mode, bench record, bad args."""
+import json
+import math
+
+import pytest
+import torch
+
+import kvpass
+from kvpass.cli import main
+from kvpass.eval.ppl import check_length, perplexity, windows
+
+from families import FAMILIES
+
+
+def _tokens(n, seed=0):
+    return torch.randint(3, 120, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_windows_are_non_overlapping_and_bounded():
+    ids = torch.arange(1000)
+    w = windows(ids, 128, 5)
+    assert w.shape == (5, 128) and torch.equal(w.flatten(), ids[:640])
+    assert windows(ids, 300, 99).shape == (3, 300)
+    for bad, match in (((ids, 1, 4), "seqlen=1"), ((ids, 128, 0), "max_windows=0"), ((ids[:10], 128, 4), "fewer")):
+        with pytest.raises(ValueError, match=match):
+            windows(*bad)
+
+
+def test_dense_ppl_equals_direct_hf_computation():
+    reference, model = FAMILIES["llama"].build(), FAMILIES["llama"].build()
+    batches = windows(_tokens(700), 64, 8)
+    with torch.no_grad():
+        direct = math.exp(sum(reference(w[None], labels=w[None]).loss.item() for w in batches) / len(batches))
+    kvpass.compile(model, kvpass.Config(), inner="aot_eager", strict=True)
+    got = perplexity(model, batches, progress=False)
+    assert got["tokens"] == len(batches) * 63 and got["mode"] == "prefill"
+    assert got["ppl"] == pytest.approx(direct, rel=1e-5)
+
+
+def test_decode_mode_scores_the_tail_through_the_cache():
+    reference, model = FAMILIES["mistral"].build(), FAMILIES["mistral"].build()  # sliding window 8 < tail
+    batches = windows(_tokens(200, seed=1), 40, 3)
+    with torch.no_grad():
+        logits = torch.cat([reference(w[None]).logits for w in batches])  # (3, 40, V)
+    tail = 12
+    nll = torch.nn.functional.cross_entropy(logits[:, -tail - 1:-1].reshape(-1, logits.shape[-1]),
+                                            batches[:, -tail:].reshape(-1))
+    kvpass.compile(model, kvpass.Config(), inner="aot_eager", strict=True)
+    got = perplexity(model, batches, decode_tail=tail, progress=False)
+    assert got["mode"] == "decode" and got["tokens"] == 3 * tail
+    assert got["ppl"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
+    assert kvpass.report(model)["attention_calls"]["kvpass-cache/decode"] == 3 * (tail - 1) * 2
+
+
+def test_length_beyond_the_model_limit_is_refused():
+    model = FAMILIES["llama"].build()  # 256 positions
+    with pytest.raises(ValueError, match="seqlen=300.*256 positions"):
+        check_length(model, 300)
+
+
+def test_cli_bad_arguments_are_clear(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--batch=0"):
+        main(["bench", "decode", "--model", "random:smollm2:135m", "--batch", "0", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="not-a-model"):
+        main(["eval", "ppl", "--model", "not-a-model", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_bench_decode_tiny_cpu_point_writes_a_record(tmp_path, capsys):
+    assert main(["bench", "decode", "--model", "random:smollm2:135m", "--context", "32", "--steps", "2",
+                 "--paths", "kvpass", "hf-eager", "--inner", "aot_eager", "--prefill-max", "32",
+                 "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("bench-decode-*.json")).read_text())
+    assert record["command"] == "bench decode" and record["environment"]["versions"]["torch"]
+    rows = {row["path"]: row for row in record["results"]}
+    assert set(rows) == {"kvpass", "hf-eager"}
+    for row in rows.values():
+        assert row["tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["bytes_per_step"] > 0
+    assert "tok/s" in capsys.readouterr().out
