@@ -2,7 +2,8 @@
 
 Decode is measured at a context of `context` tokens without paying for a prefill that long: each path's
 cache is filled with random K/V of the right shape (decode speed does not depend on the values), then
-`steps` single-token steps are timed with CUDA events (host clock on CPU). Paths:
+`steps` single-token steps are timed one by one (host clock after a device synchronize) and the median
+is reported. Paths:
   kvpass-<method>: the model compiled with kvpass (optionally CUDA graphs between the kvpass ops)
   hf-eager:        HF DynamicCache, uncompiled
   hf-static:       HF StaticCache + torch.compile(mode="reduce-overhead") of the forward
@@ -11,6 +12,7 @@ same bytes over the measured device-copy bandwidth) and peak memory.
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -76,7 +78,7 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def decode_point(model, path: str, *, batch: int, context: int, steps: int, warmup: int = 3,
+def decode_point(model, path: str, *, batch: int, context: int, steps: int, warmup: int = 8,
                  seed: int = 0) -> dict:
     """Time `steps` decode steps at `context` for one path of an already prepared model (see prepare())."""
     from transformers import DynamicCache, StaticCache
@@ -106,14 +108,16 @@ def decode_point(model, path: str, *, batch: int, context: int, steps: int, warm
         return model(input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True).logits
 
     with torch.no_grad():
-        for i in range(warmup):
+        for i in range(warmup):  # compiles, and lets Triton specialise on the positions' divisibility
             step(context + i)
         _synchronize(device)
-        start = time.perf_counter()
+        times = []
         for i in range(steps):
+            start = time.perf_counter()
             step(context + warmup + i)
-        _synchronize(device)
-        seconds = (time.perf_counter() - start) / steps
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)  # one late JIT compile must not move the figure
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     del cache
     return {"path": path, "batch": batch, "context": context, "step_ms": seconds * 1e3,
