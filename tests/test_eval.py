@@ -77,3 +77,34 @@ def test_bench_decode_tiny_cpu_point_writes_a_record(tmp_path, capsys):
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["bytes_per_step"] > 0
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_plot_draws_pngs_from_records(tmp_path):
+    from kvpass.eval.plot import plot_records
+    from kvpass.eval.records import load_records, write_record
+
+    bench_rows = [{"path": p, "batch": 1, "context": c, "tokens_per_s": t, "step_ms": 1e3 / t, "peak_gib": 1.0 + c / 1e4}
+                  for p, t0 in (("kvpass", 50.0), ("hf-eager", 15.0)) for c, t in ((4096, t0), (32768, t0 * 0.8))]
+    write_record(tmp_path / "rec", "bench decode", bench_rows, config=None, model="random:llama:8b")
+    write_record(tmp_path / "rec", "eval ppl", [{"name": "dense", "ppl": 21.3, "mode": "prefill", "seqlen": 1024}],
+                 config=None, model="smollm2-135m")
+    write_record(tmp_path / "rec", "eval passkey", [{"name": "dense", "length": 512, "depth": d, "success": 1.0,
+                                                     "trials": 2} for d in (0.1, 0.9)], config=None, model="m")
+    written = plot_records(load_records([tmp_path / "rec"]), tmp_path / "png")
+    assert {p.name for p in written} == {"perplexity.png", "decode-tokens-per-s.png", "decode-memory.png",
+                                         "passkey-0.png"}
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_eval_ppl_cli_on_the_real_model(tmp_path):
+    text = tmp_path / "sample.txt"
+    text.write_text(" ".join(f"Sentence number {i} talks about the weather in town {i % 7}." for i in range(200)))
+    assert main(["eval", "ppl", "--model", "smollm2-135m", "--text", str(text), "--seqlen", "128",
+                 "--max-windows", "2", "--ffn", "dense", "--out", str(tmp_path / "out")]) == 0
+    record = json.loads(next((tmp_path / "out").glob("eval-ppl-*.json")).read_text())
+    dense, method = record["results"]
+    assert dense["name"] == "dense" and method["name"] == "dense+ffn-dense"
+    assert dense["tokens"] == 2 * 127 and dense["text_sha256"] == method["text_sha256"]
+    assert method["ratio_to_dense"] == pytest.approx(1.0, abs=1e-4)  # the dense FFN op computes the same

@@ -156,7 +156,7 @@ def run_passkey(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[fl
     grid. A trial succeeds when the key appears in the decoded new tokens. `chat` picks the formulation
     (see `make_passkey_prompt`); the default, plain text, is the one that works best on
     SmolLM2-135M-Instruct: 4 trials x 5 depths, plain vs chat template, success 1.00 vs 0.95 at 512
-    tokens, 0.90 vs 0.50 at 1024 (2 trials: 0.50 vs 0.10 at 2048).
+    tokens, 0.95 vs 0.50 at 1024 (2 trials: 0.50 vs 0.10 at 2048).
     `outputs`, if a list, receives one {"length", "depth", "trial", "key", "text"} per trial.
 
     Returns one row per cell: {"length", "depth", "success" (fraction), "trials", "task"}, with task
