@@ -11,8 +11,6 @@ import collections
 import itertools
 import weakref
 
-import torch
-
 from .config import Config
 from .methods import LayerStore, OneShot, make_store
 from .methods.base import AttentionSpec

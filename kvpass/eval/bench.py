@@ -119,7 +119,6 @@ def decode_point(model, path: str, *, batch: int, context: int, steps: int, warm
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)  # one late JIT compile must not move the figure
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    del cache
     return {"path": path, "batch": batch, "context": context, "step_ms": seconds * 1e3,
             "tokens_per_s": batch / seconds, "peak_gib": None if peak is None else peak / 2**30}
 
