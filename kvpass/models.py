@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -34,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ._packages import installed_file
 
 __all__ = [
     "ModelSpec",
@@ -473,30 +474,14 @@ def _installed_version(requirement: str) -> str | None:
 
 def _gguf_path(spec: ModelSpec) -> Path:
     """The installed GGUF file of a single-file ``spec``, found without importing its package."""
-    module = importlib.util.find_spec(spec.package)
-    if module is not None:
-        for location in module.submodule_search_locations or []:
-            path = Path(location) / spec.file
-            if path.is_file():
-                return path
+    path = installed_file(spec.package, spec.file)
+    if path is not None:
+        return path
     raise ModelNotInstalledError(
         f"model {spec.name!r} needs the package {spec.package!r} with {spec.file!r} in it, "
         f"which is not installed; install it with: {spec.pip_install}",
         name=spec.package,
     )
-
-
-def _find_file(package: str, file: str) -> Path | None:
-    """``file`` inside the installed top-level ``package``, located without importing it."""
-    try:
-        module = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    for location in (module.submodule_search_locations or []) if module is not None else []:
-        path = Path(location) / file
-        if path.is_file():
-            return path
-    return None
 
 
 def _part_paths(spec: ModelSpec) -> list[Path]:
@@ -513,7 +498,7 @@ def _part_paths(spec: ModelSpec) -> list[Path]:
             missing.append((requirement, version and f"{version} installed"))
     paths = []
     for part in spec.parts:
-        path = _find_file(part.package, part.file)
+        path = installed_file(part.package, part.file)
         version = _installed_version(part.requirement)
         if path is None:
             missing.append((part.requirement, version and f"installed without {part.file}"))

