@@ -44,6 +44,8 @@ class Backend:
             raise ValueError(f"inner={inner!r} is not a supported inner compiler; use one of {list(_INNER)}")
         if not isinstance(strict, bool):
             raise ValueError(f"strict={strict!r} must be True or False")
+        if not isinstance(cudagraphs, bool):
+            raise ValueError(f"cudagraphs={cudagraphs!r} must be True or False")
         if cudagraphs and inner != "inductor":
             raise ValueError(f"cudagraphs=True needs inner='inductor', not {inner!r}")
         if cudagraphs and not hasattr(importlib.import_module("torch._inductor.config"), "graph_partition"):

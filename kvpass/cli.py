@@ -21,8 +21,23 @@ def _config(args) -> Config:
 
 
 def _method_name(config: Config) -> str:
-    name = config.attention.method + ("" if config.ffn is None else f"+ffn-{config.ffn.method}")
-    return name if name != "dense" else "dense"
+    return config.attention.method + ("" if config.ffn is None else f"+ffn-{config.ffn.method}")
+
+
+def _compiled_runs(model, config: Config, inner: str):
+    """Compile `model` with the dense reference, then with `config` if it differs; yield each run's name
+    while the model is compiled for it (accuracy commands always report the dense path beside a method)."""
+    from .attach import compile as compile_model
+    from .attach import detach
+
+    runs = [("dense", Config())] + ([(_method_name(config), config)] if config != Config() else [])
+    for name, cfg in runs:
+        compile_model(model, cfg, inner=inner)
+        try:
+            yield name
+        finally:
+            detach(model)
+            torch._dynamo.reset()
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -126,27 +141,22 @@ def _positive(name: str, values) -> None:
 
 
 def cmd_eval_ppl(args) -> int:
-    import kvpass
-
-    from .eval.ppl import check_length, perplexity, windows
+    from .eval.lengths import check_length
+    from .eval.ppl import perplexity, windows
     from .eval.records import write_record
     from .eval.texts import load_text
 
     _positive("--seqlen", args.seqlen)
     _positive("--max-windows", args.max_windows)
     model, tokenizer = _load(args)
-    check_length(model, args.seqlen)
+    check_length(model, args.seqlen, "--seqlen")
     text = load_text(args.text)
     ids = tokenizer(text.text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     batches = windows(ids, args.seqlen, args.max_windows)
     config = _config(args)
-    runs = [("dense", Config())] + ([(_method_name(config), config)] if config != Config() else [])
     results = []
-    for name, cfg in runs:
-        kvpass.compile(model, cfg, inner=args.inner)
+    for name in _compiled_runs(model, config, args.inner):
         row = perplexity(model, batches, decode_tail=args.decode_tail)
-        kvpass.detach(model)
-        torch._dynamo.reset()
         results.append({"name": name, **row, "windows": batches.shape[0], "seqlen": args.seqlen,
                         "text": text.name, "text_sha256": text.sha256})
         print(f"{name:24s} ppl {row['ppl']:9.4f}  ({row['tokens']} tokens, {row['mode']}, {row['seconds']:.1f} s)")
@@ -161,8 +171,6 @@ def cmd_eval_ppl(args) -> int:
 
 
 def cmd_eval_passkey(args) -> int:
-    import kvpass
-
     from .eval.passkey import heatmap, run_passkey
     from .eval.records import write_record
     from .eval.texts import load_text
@@ -170,14 +178,10 @@ def cmd_eval_passkey(args) -> int:
     model, tokenizer = _load(args)
     haystack = None if args.task == "passkey" else load_text(args.haystack).text
     config = _config(args)
-    runs = [("dense", Config())] + ([(_method_name(config), config)] if config != Config() else [])
     results = []
-    for name, cfg in runs:
-        kvpass.compile(model, cfg, inner=args.inner)
+    for name in _compiled_runs(model, config, args.inner):
         rows = run_passkey(model, tokenizer, lengths=args.lengths, depths=args.depths, trials=args.trials,
                            haystack=haystack, seed=args.seed)
-        kvpass.detach(model)
-        torch._dynamo.reset()
         results += [{"name": name, **row} for row in rows]
         for row in rows:
             print(f"{name:16s} length {row['length']:6d} depth {row['depth']:.2f}: success {row['success']:.2f}")
@@ -189,14 +193,14 @@ def cmd_eval_passkey(args) -> int:
 
 def cmd_bench_decode(args) -> int:
     from .eval import bench
-    from .eval.ppl import check_length
+    from .eval.lengths import check_length
     from .eval.records import write_record
 
     _positive("--batch", args.batch)
     _positive("--context", args.context)
     _positive("--steps", args.steps)
     model, _ = _load(args)
-    check_length(model, max(args.context) + args.steps + 8)
+    check_length(model, max(args.context) + args.steps + 8, "--context + steps")
     device = next(model.parameters()).device
     bandwidth = bench.measured_bandwidth(device)
     config = _config(args)

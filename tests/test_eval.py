@@ -7,7 +7,8 @@ import torch
 
 import kvpass
 from kvpass.cli import main
-from kvpass.eval.ppl import check_length, perplexity, windows
+from kvpass.eval.lengths import check_length
+from kvpass.eval.ppl import perplexity, windows
 
 from families import FAMILIES
 
@@ -55,7 +56,7 @@ def test_decode_mode_scores_the_tail_through_the_cache():
 def test_length_beyond_the_model_limit_is_refused():
     model = FAMILIES["llama"].build()  # 256 positions
     with pytest.raises(ValueError, match="seqlen=300.*256 positions"):
-        check_length(model, 300)
+        check_length(model, 300, "seqlen")
 
 
 def test_cli_bad_arguments_are_clear(tmp_path, capsys):

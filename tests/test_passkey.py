@@ -9,7 +9,8 @@ import torch
 
 import kvpass
 from kvpass.eval.passkey import (FILLER, INSTRUCTION, QUESTION, ANSWER_PREFIX, _frame, heatmap, make_key,
-                                 make_passkey_prompt, max_positions, needle_sentence, run_passkey)
+                                 make_passkey_prompt, needle_sentence, run_passkey)
+from kvpass.eval.lengths import max_positions
 
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
           "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")

@@ -32,29 +32,33 @@ def measured_bandwidth(device) -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
+def _kv_geometry(model) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of the model's KV cache."""
+    cfg = model.config.get_text_config(decoder=True)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
 def step_bytes(model, batch: int, context: int, kv_dtype: torch.dtype) -> int:
     """Fewest bytes one decode step reads: every weight once (the input embedding only for `batch` rows,
     unless tied to the LM head) plus every cached key and value."""
-    cfg = model.config.get_text_config(decoder=True)
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if not tied:
         weights -= embedding.numel() * embedding.element_size()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * batch * kv_heads * context * head_dim * torch.finfo(kv_dtype).bits // 8
+    layers, kv_heads, head_dim = _kv_geometry(model)
+    kv = 2 * layers * batch * kv_heads * context * head_dim * torch.finfo(kv_dtype).bits // 8
     return weights + kv
 
 
 def _random_kv(model, batch: int, context: int, generator: torch.Generator):
     """Per-layer (k, v) of shape (batch, kv heads, context, head dim) in the model's dtype and device."""
-    cfg = model.config.get_text_config(decoder=True)
     param = next(model.parameters())
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    layers, kv_heads, head_dim = _kv_geometry(model)
     shape = (batch, kv_heads, context, head_dim)
-    for _ in range(cfg.num_hidden_layers):
+    for _ in range(layers):
         k = torch.randn(shape, generator=generator, device=param.device, dtype=torch.float32).to(param.dtype)
         v = torch.randn(shape, generator=generator, device=param.device, dtype=torch.float32).to(param.dtype)
         yield k, v

@@ -18,8 +18,10 @@ from collections.abc import Sequence
 
 import torch
 
+from .lengths import check_length
+
 __all__ = ["FILLER", "INSTRUCTION", "QUESTION", "ANSWER_PREFIX", "needle_sentence", "make_key",
-           "make_passkey_prompt", "run_passkey", "heatmap", "max_positions"]
+           "make_passkey_prompt", "run_passkey", "heatmap"]
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -129,23 +131,6 @@ def make_passkey_prompt(tokenizer, length: int, depth: float, key: str, *, hayst
     return torch.tensor([ids], dtype=torch.long), key
 
 
-def max_positions(config) -> int | None:
-    """The model's trained context (max_position_embeddings, n_positions, ...); None when RoPE scaling
-    (a rope type other than "default") lets it run longer, or when the config names no limit."""
-    for attr in ("rope_parameters", "rope_scaling"):
-        rope = getattr(config, attr, None)
-        if isinstance(rope, dict):
-            # per layer type (Gemma-3: {"full_attention": {...}, "sliding_attention": {...}}) or one dict
-            scopes = [v for v in rope.values() if isinstance(v, dict)] or [rope]
-            if any((s.get("rope_type") or s.get("type") or "default") != "default" for s in scopes):
-                return None
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def run_passkey(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[float], trials: int,
                 haystack: str | None, seed: int, max_new_tokens: int = 8, progress: bool = True,
                 chat: bool = False, outputs: list | None = None) -> list[dict]:
@@ -175,13 +160,10 @@ def run_passkey(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[fl
     for depth in depths:
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth={depth}: must be in [0, 1] (0 = start of the haystack, 1 = its end)")
-    limit = max_positions(model.config)
     for length in lengths:
         if length < 1:
             raise ValueError(f"length={length}: must be positive")
-        if limit is not None and length > limit:
-            raise ValueError(f"length={length} exceeds the model's {limit} positions (max_position_embeddings, "
-                             f"no RoPE scaling configured); use lengths <= {limit}")
+        check_length(model, length, "length")
     task = "passkey" if haystack is None else "needle"
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

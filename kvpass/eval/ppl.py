@@ -29,18 +29,6 @@ def windows(token_ids: torch.Tensor, seqlen: int, max_windows: int) -> torch.Ten
     return token_ids[: count * seqlen].view(count, seqlen)
 
 
-def check_length(model, seqlen: int) -> None:
-    """Refuse lengths beyond the model's positions unless it is configured with RoPE scaling."""
-    cfg = model.config.get_text_config(decoder=True)
-    limit = getattr(cfg, "max_position_embeddings", None)
-    # transformers 5 always sets rope_parameters (rope_type "default" when nothing is scaled)
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default"
-    if limit is not None and seqlen > limit and not scaled:
-        raise ValueError(f"seqlen={seqlen} is beyond the model's {limit} positions and the model has no RoPE scaling "
-                         f"configured; use --seqlen <= {limit}")
-
-
 def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
 
