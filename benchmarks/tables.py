@@ -52,9 +52,19 @@ def passkey_table(records) -> str:
     return "\n".join(lines + [""] + sorted({f"- {_env(r)}" for r in records}))
 
 
+def kernel_table(records) -> str:
+    lines = ["| context | path | ms (median) | MB held | MB/ms |", "|---|---|---|---|---|"]
+    for record in records:
+        for row in record["results"]:
+            lines.append(f"| {row['context']} | {row['path']} | {row['ms']:.3f} | {row['bytes_held'] / 1e6:.1f} | "
+                         f"{row['gb_per_s']:.0f} |")
+    return "\n".join(lines + [""] + sorted({f"- {_env(r)}; {r.get('shape')}" for r in records}))
+
+
 def main(paths) -> None:
     records = load_records(paths)
-    for command, render in (("bench decode", bench_table), ("eval ppl", ppl_table), ("eval passkey", passkey_table)):
+    for command, render in (("bench decode", bench_table), ("eval ppl", ppl_table), ("eval passkey", passkey_table),
+                            ("bench antkv-kernels", kernel_table)):
         chosen = [r for r in records if r["command"] == command]
         if chosen:
             print(f"### {command}\n\n{render(chosen)}\n")

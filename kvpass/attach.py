@@ -66,6 +66,7 @@ def compile(model: torch.nn.Module, config: Config, *, inner: str = "inductor", 
     """Compile `model` in place with kvpass (so `model.generate` runs compiled through the kvpass cache).
     Arguments as for `kvpass.backend`; the rest go to `model.compile`."""
     backend = attach(model, Backend(config, inner=inner, strict=strict, cudagraphs=cudagraphs))
+    backend.runtime.calibration()  # now, not inside the first generate: a wrong artefact fails here
     model = _unwrap(model)
     model.compile(backend=backend, **compile_kwargs)
     model._compiled_call_impl._kvpass_backend = backend  # lets detach() undo exactly this compile

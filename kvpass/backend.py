@@ -62,9 +62,11 @@ class Backend:
             raise ValueError(f"this kvpass backend already serves a {type(bound).__name__}; create one backend per "
                              f"model (kvpass.backend(config) or kvpass.compile(model, config))")
         self._model = weakref.ref(model)
+        self.runtime.bind_model(model)
 
     def unbind(self) -> None:
         self._model = None
+        self.runtime.bind_model(None)
 
     @property
     def model(self):

@@ -9,19 +9,53 @@ import time
 
 import torch
 
-from .config import Config, Dense, DenseFFN
+from .calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS
+from .config import ANCHOR_SCORES, KIVI, AnTKV, Config, Dense, DenseFFN
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _attention_method(args):
+    """The KV-cache method the flags describe (a bad value raises the config's ValueError, shown as an error)."""
+    bits = {"antkv": 1.0, "kivi": 2}.get(args.attention) if args.bits is None else args.bits
+    try:
+        if args.attention == "antkv":
+            return AnTKV(bits=bits, anchor_ratio=args.anchor_ratio, window=args.window, score=args.score)
+        if args.attention == "kivi":
+            return KIVI(bits=int(bits), group=args.group, residual=args.window)
+        return Dense(dtype=args.kv_dtype)
+    except ValueError as error:
+        raise SystemExit(f"kvpass: {error}") from None
+
+
 def _config(args) -> Config:
-    """The configuration the method flags describe (later methods add their flags here)."""
-    attention = {"dense": lambda: Dense(dtype=args.kv_dtype)}[getattr(args, "attention", "dense")]()
-    return Config(attention=attention, ffn=DenseFFN() if args.ffn == "dense" else None)
+    return Config(attention=_attention_method(args), ffn=DenseFFN() if args.ffn == "dense" else None,
+                  calibration=args.calibration)
 
 
 def _method_name(config: Config) -> str:
-    return config.attention.method + ("" if config.ffn is None else f"+ffn-{config.ffn.method}")
+    m = config.attention
+    name = {"antkv": lambda: f"antkv-{m.bits:g}bit-{m.anchor_ratio:g}anchors",
+            "kivi": lambda: f"kivi-{m.bits}bit"}.get(m.method, lambda: m.method)()
+    return name + ("" if config.ffn is None else f"+ffn-{config.ffn.method}")
+
+
+def _check_calibration_text(config: Config, evaluation) -> None:
+    """Never calibrate on the evaluation text: the automatic calibration uses the default calibration text, an
+    artefact names its own."""
+    from .calibration import needs_calibration
+    from .calibration.artefact import Calibration
+    from .eval.texts import DEFAULT_CALIBRATION, check_distinct
+
+    if not needs_calibration(config.attention):
+        return
+    text = DEFAULT_CALIBRATION if config.calibration is None else Calibration.load(config.calibration).meta["text"]
+    if isinstance(text, dict) and text.get("sha256") is None:
+        return  # random token ids
+    try:
+        check_distinct(text["name"] if isinstance(text, dict) else text, evaluation)
+    except ValueError as error:
+        raise SystemExit(f"kvpass: {error}") from None
 
 
 def _compiled_runs(model, config: Config, inner: str):
@@ -46,7 +80,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model weights dtype")
     parser.add_argument("--kv-dtype", choices=sorted(_DTYPES), default=None, help="KV cache storage dtype")
     parser.add_argument("--ffn", choices=["none", "dense"], default="none", help="FFN method (none: Inductor keeps it)")
-    parser.add_argument("--attention", choices=["dense"], default="dense", help="KV-cache method")
+    parser.add_argument("--attention", choices=["dense", "antkv", "kivi"], default="dense", help="KV-cache method")
+    parser.add_argument("--bits", type=float, default=None, help="antkv: bits/value (4, 2, 1, 0.75, 0.375; default "
+                                                                  "1); kivi: 2, 4 or 8 (default 2)")
+    parser.add_argument("--anchor-ratio", type=float, default=0.01, help="antkv: fraction of tokens kept exact")
+    parser.add_argument("--window", type=int, default=32, help="antkv/kivi: newest tokens kept exact")
+    parser.add_argument("--score", choices=ANCHOR_SCORES, default="bound", help="antkv: Anchor Score candidate")
+    parser.add_argument("--group", type=int, default=32, help="kivi: tokens per key scale")
+    parser.add_argument("--calibration", default=None, help="calibration artefact (default: calibrate "
+                                                            "automatically on the default text, cached)")
 
 
 def _load(args):
@@ -107,6 +149,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .calibration import calibrate, needs_calibration
+
+    methods = []
+    for bits in args.bits or [None]:   # several rates share one run of the model
+        args.bits = bits
+        methods.append(_attention_method(args))
+    if not needs_calibration(methods[0]):
+        raise SystemExit(f"kvpass: --attention {args.attention} needs no calibration (antkv does)")
+    model, tokenizer = _load(args)
+    start = time.perf_counter()
+    calibration = calibrate(model, methods, tokenizer=tokenizer, text=args.text, tokens=args.tokens,
+                            seqlen=args.seqlen)
+    path = calibration.save(args.out)
+    shapes = {name: tuple(t.shape) for name, t in list(calibration.tensors.items())[:2]}
+    print(f"calibrated {list(calibration.meta['sections'])} for {args.model} on {calibration.meta['text']['name']} "
+          f"({calibration.meta['text']['tokens']} tokens) in {time.perf_counter() - start:.0f} s; e.g. {shapes}")
+    print(f"artefact: {path} (+ {path.with_suffix('.json').name})")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .patterns import CATALOGUE, find_attention, find_ffn
 
@@ -154,6 +217,7 @@ def cmd_eval_ppl(args) -> int:
     ids = tokenizer(text.text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     batches = windows(ids, args.seqlen, args.max_windows)
     config = _config(args)
+    _check_calibration_text(config, text)
     results = []
     for name in _compiled_runs(model, config, args.inner):
         row = perplexity(model, batches, decode_tail=args.decode_tail)
@@ -258,6 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--inner", choices=["inductor", "aot_eager", "eager"], default="inductor")
     gen.add_argument("--json", action="store_true", help="also print the report as JSON")
     gen.set_defaults(run=cmd_generate)
+    cal = sub.add_parser("calibrate", help="learn a method's calibration (AnTKV codebooks) into an artefact",
+                         conflict_handler="resolve")  # --bits takes several rates here
+    _add_model_args(cal)
+    cal.set_defaults(attention="antkv", run=cmd_calibrate)
+    cal.add_argument("--bits", type=float, nargs="+", default=None, help="one or more rates (one section each)")
+    cal.add_argument("--text", default=None, help="calibration text (default: the default calibration text)")
+    cal.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens")
+    cal.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per calibration window")
+    cal.add_argument("--out", required=True, help="artefact path (.safetensors; metadata also as .json)")
     ins = sub.add_parser("inspect", help="which subgraphs match which pattern, and why others do not")
     _add_model_args(ins)
     ins.add_argument("--catalogue", action="store_true", help="print the pattern catalogue and exit")

@@ -48,6 +48,70 @@ class Dense(AttentionMethod):
         return None if self.dtype is None else _STORAGE_DTYPES[self.dtype]
 
 
+# AnTKV rates: bits/value -> (sub-vector length, codebook size); bits = log2(codebook size) / sub-vector length.
+# Every codebook has at most 256 entries, so a code is one uint8 per sub-vector.
+ANTKV_RATES: dict[float, tuple[int, int]] = {4.0: (2, 256), 2.0: (4, 256), 1.0: (8, 256), 0.75: (8, 64),
+                                             0.375: (16, 64)}
+ANCHOR_SCORES = ("attention", "attention_variance", "bound")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnTKV(AttentionMethod):
+    """Anchor-token-aware vector quantization of the KV cache (arXiv 2506.19505); see docs/antkv.md.
+
+    bits: bits per value, one of ANTKV_RATES (product quantization of keys and values per layer and KV head);
+    anchor_ratio: fraction of tokens kept exact, chosen online by the highest Anchor Score;
+    window: the newest tokens stay exact until `window` later queries have scored them (then they are encoded
+        or become anchors); score: the Anchor Score candidate (ANCHOR_SCORES).
+    """
+
+    method: ClassVar[str] = "antkv"
+    bits: float = 1.0
+    anchor_ratio: float = 0.01
+    window: int = 32
+    score: str = "bound"
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or float(self.bits) not in ANTKV_RATES:
+            raise ValueError(f"bits={self.bits!r} is not an AnTKV rate; use one of {sorted(ANTKV_RATES)}")
+        object.__setattr__(self, "bits", float(self.bits))
+        if isinstance(self.anchor_ratio, bool) or not isinstance(self.anchor_ratio, (int, float)) \
+                or not 0.0 <= self.anchor_ratio <= 0.5:
+            raise ValueError(f"anchor_ratio={self.anchor_ratio!r} must be a fraction in [0, 0.5] (0.01 keeps 1 % of "
+                             f"tokens exact)")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window={self.window!r} must be an int >= 1 (recent tokens kept exact while scored)")
+        if self.score not in ANCHOR_SCORES:
+            raise ValueError(f"score={self.score!r} is not an Anchor Score; use one of {list(ANCHOR_SCORES)}")
+
+    @property
+    def sub_vector(self) -> int:
+        return ANTKV_RATES[self.bits][0]
+
+    @property
+    def codebook_size(self) -> int:
+        return ANTKV_RATES[self.bits][1]
+
+
+@dataclasses.dataclass(frozen=True)
+class KIVI(AttentionMethod):
+    """Scalar KV quantization baseline in the style of KIVI (arXiv 2402.02750): keys per channel over groups of
+    `group` tokens, values per token, asymmetric min/max at `bits`; the newest `residual` tokens stay exact."""
+
+    method: ClassVar[str] = "kivi"
+    bits: int = 2
+    group: int = 32
+    residual: int = 32
+
+    def __post_init__(self):
+        if self.bits not in (2, 4, 8) or isinstance(self.bits, bool):
+            raise ValueError(f"bits={self.bits!r}: KIVI quantizes to 2, 4 or 8 bits")
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
+            raise ValueError(f"group={self.group!r} must be an int >= 1 (tokens sharing a key scale)")
+        if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
+            raise ValueError(f"residual={self.residual!r} must be an int >= 0 (recent tokens kept exact)")
+
+
 @dataclasses.dataclass(frozen=True)
 class FFNMethod:
     """Base of the FFN method configs."""
@@ -62,7 +126,7 @@ class DenseFFN(FFNMethod):
     method: ClassVar[str] = "dense"
 
 
-ATTENTION_METHODS: dict[str, type[AttentionMethod]] = {"dense": Dense}
+ATTENTION_METHODS: dict[str, type[AttentionMethod]] = {"dense": Dense, "antkv": AnTKV, "kivi": KIVI}
 FFN_METHODS: dict[str, type[FFNMethod]] = {"dense": DenseFFN}
 
 

@@ -21,3 +21,22 @@ def attention(q, k, v, *, mask, is_causal, scale, softcap, window):
 
     fn = family.attention_over_store if use_triton(q) else family.attention_over_store_reference
     return fn(q, k, v, scale=scale, causal=is_causal, window=window, softcap=softcap, mask=mask)
+
+
+def coded_attention(q, kv, *, mask, is_causal, scale, softcap, window, return_lse=False):
+    """Attention of q (B, Hq, Lq, D), the last Lq stored slots, over a product-quantized store
+    (kvpass.kernels.coded_attention.CodedKV); with return_lse also the (B, Hq, Lq) fp32 log-sum-exp."""
+    from .kernels import coded_attention as family
+
+    fn = family.attention_over_codes if use_triton(q) else family.attention_over_codes_reference
+    return fn(q, kv, scale=scale, causal=is_causal, window=window, softcap=softcap, mask=mask, return_lse=return_lse)
+
+
+def anchor_scores(q, k, v, lse, o, *, q_start, key_start, mask, is_causal, scale, softcap, window):
+    """(4, B, Hkv, Lk) fp32 column statistics of the attention of q over the exact keys k, v at slots
+    key_start.. (see kvpass.kernels.anchor_scores)."""
+    from .kernels import anchor_scores as family
+
+    fn = family.anchor_scores if use_triton(q) else family.anchor_scores_reference
+    return fn(q, k, v, lse, o, q_start=q_start, key_start=key_start, scale=scale, causal=is_causal, window=window,
+              softcap=softcap, mask=mask)

@@ -37,6 +37,25 @@ class Runtime:
         self.capacity: int | None = None
         self.sequences_started = 0
         self.calls = collections.Counter()  # (mode name, "prefill"|"decode") -> attention op calls
+        self._model = None                   # weakref to the model served (set by the backend when bound)
+        self._calibration = None
+
+    def bind_model(self, model) -> None:
+        self._model = None if model is None else weakref.ref(model)
+        self._calibration = None
+
+    def calibration(self):
+        """The method's calibration (kvpass.calibration.resolve: the config's artefact, or the cached automatic
+        one, made on first use), None for methods without one."""
+        from .calibration import needs_calibration, resolve
+
+        if self._calibration is None and needs_calibration(self.config.attention):
+            model = None if self._model is None else self._model()
+            if model is None:
+                raise RuntimeError(f"{self.config.attention.method} needs a calibration, and this kvpass runtime is "
+                                   f"bound to no model; use kvpass.compile(model, config) or kvpass.attach")
+            self._calibration = resolve(model, self.config)
+        return self._calibration
 
     # -- sequence lifecycle -------------------------------------------------------------------------
     def begin_sequence(self, kind: str, capacity: int | None = None) -> None:
@@ -64,7 +83,8 @@ class Runtime:
                                "`with kvpass.sequence(model):`")
         store = self._stores.get(layer)
         if store is None:
-            store = self._stores[layer] = make_store(self.config.attention, layer, self.capacity)
+            store = self._stores[layer] = make_store(self.config.attention, layer, self.capacity,
+                                                     calibration=self.calibration())
         return store
 
     def check_past(self, store: LayerStore, past: int) -> None:
@@ -83,11 +103,16 @@ class Runtime:
             self.calls[(MODES[mode], phase)] += 1
             return store.attend(q, mask, is_causal, spec)
         self.calls[("one-shot", phase)] += 1
-        return OneShot(self.config.attention).attend(q, k, v, mask, is_causal, spec, layer)
+        return OneShot(self.config.attention, self.calibration()).attend(q, k, v, mask, is_causal, spec, layer)
 
     def cache_update(self, k, v, layer: int, past: int):
         """Unfused cache plumbing (reference semantics): store the new k/v, return all keys/values."""
         store = self.store(layer)
+        if store.needs_queries:
+            raise NotImplementedError(
+                f"{self.config.attention.method} chooses what it keeps from attention scores, which the unfused kvpass "
+                f"cache path (layer {layer}: HF attends over materialized keys) never sees. Run the model compiled: "
+                f"kvpass.compile(model, config) (inner='eager' runs the rewritten graph without Inductor)")
         self.check_past(store, past)
         store.append(k, v)
         self.calls[("materialized", "prefill" if k.shape[2] > 1 else "decode")] += 1

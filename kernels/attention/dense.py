@@ -26,6 +26,11 @@ Design
 * **Split-KV (flash-decoding).** When there are few programs (decode: few rows, small batch)
   but many keys, the key range of each row block is cut into ``num_splits`` chunks, each done by
   its own program, which writes fp32 partials ``(m, l, acc)``; ``_combine_kernel`` merges them.
+* **Log-sum-exp.** With ``return_lse`` the program (or the combine) also writes each row's
+  natural-log logsumexp ``ln(2) * (m + log2(l))``, -inf for rows with nothing visible.
+* **Shared with other stores.** Everything but the K/V tile loads lives in public @triton.jit
+  helpers (rows, key range, scores, visibility, online-softmax step, epilogue) and in the host
+  function :func:`launch_attention`; ``kvpass.kernels.coded_attention`` builds its kernel from them.
 
 Precision
 ---------
@@ -87,7 +92,7 @@ def _launch_config(rows: int, block_d: int, fp32_dots: bool):
     return block_m, block_n, num_warps, num_stages
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -107,6 +112,9 @@ def choose_num_splits(programs: int, keys: int, sm_count: int = _DEFAULT_SM_COUN
     return max(1, min(triton.cdiv(target, programs), keys // _SPLIT_MIN_KEYS_PER_SPLIT, _SPLIT_MAX))
 
 
+# --- @triton.jit building blocks shared by every attention kernel (dense here, coded in
+# kvpass.kernels.coded_attention): they only differ in how a K/V tile is produced. -------------
+
 @triton.jit
 def _mma(a, b, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation; UPCAST: multiply as fp32 ("ieee", no TF32) instead of a/b's dtype."""
@@ -117,55 +125,25 @@ def _mma(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _attn_fwd_kernel(
-    Q, K, V, VALID, MASK, OUT, M_PART, L_PART,
-    sqb, sqh, sql, sqd,
-    skb, skh, sks, skd,
-    svb, svh, svs, svd,
-    svalb, svals,
-    smb, smh, smi, smj,
-    sob, soh, sol, sod,
-    Hkv, group, Lq, q_start, kv_len, window, num_splits, D, DV,
-    qk_scale,        # scale * log2(e) without soft-cap, 2 * log2(e) * scale / softcap with it
-    softcap_log2,    # softcap * log2(e) (unused without soft-cap)
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, IS_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """One program: rows [pid_m*BLOCK_M, +BLOCK_M) of (batch, kv head) pid_bh, key chunk pid_s.
+def program_rows(pid_m, pid_bh, Hkv, group, Lq, BLOCK_M: tl.constexpr):
+    """The rows of program (pid_m, pid_bh): row r = i * group + g is query i of head hkv * group + g.
 
-    Grid: (cdiv(Lq * group, BLOCK_M), B * Hkv, num_splits). Dense mode (IS_SPLIT=False) writes the
-    normalized output into OUT (B, Hq, Lq, Dv). Split mode writes fp32 partials for the rows:
-    OUT = acc (B*Hkv, num_splits, R, Dv) unnormalized, M_PART / L_PART (B*Hkv, num_splits, R) with
-    the running max (log2 domain) and the sum of exponentials, R = Lq * group.
-    VALID (B, S) uint8 is read iff HAS_VALID; MASK (B, Hq, Lq, kv_len) uint8 (broadcast dims with
-    stride 0) iff HAS_MASK, and then CAUSAL and HAS_WINDOW must be False (the mask decides).
-    DOT_FP32: fp32 semantics for mixed/fp32 inputs (p stays fp32); otherwise p is rounded to v's
-    16-bit dtype. UPCAST_DOT: the tl.dot multiplies run on fp32 copies of their operands.
+    Returns b, hkv (int64 scalars: batch/head offsets into a large store overflow int32),
+    R = Lq * group, and (BLOCK_M,) rows, row_ok (r < R), qi (query index), head (query head, int64).
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    b = (pid_bh // Hkv).to(tl.int64)    # int64: batch/head offsets into a large store overflow int32
+    b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
     R = Lq * group
-
-    # ---- the rows of this program: row r = (query i, head-in-group g) -------------------------
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < R
-    qi = rows // group                      # query index in [0, Lq)
-    head = hkv * group + rows % group       # query head (int64)
-    q_pos = q_start + qi                    # store slot of the query
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < D
-    dv_ok = offs_dv < DV
+    return b, hkv, R, rows, rows < R, rows // group, hkv * group + rows % group
 
-    q_ptrs = Q + b * sqb + head[:, None] * sqh + qi[:, None] * sql + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    # ---- key range [lo, hi) that at least one row of the block may see (tile skipping) --------
+@triton.jit
+def key_range(pid_m, pid_s, R, group, q_start, kv_len, window, num_splits,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_SPLIT: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi): the key slots at least one row of row block pid_m may see (tile skipping), cut to
+    key chunk pid_s of num_splits in split mode. lo is a multiple of BLOCK_N; a chunk may be empty."""
     r_first = pid_m * BLOCK_M
     r_last = tl.minimum(r_first + BLOCK_M, R) - 1
     p_lo = q_start + r_first // group       # rows are query-major, so slots grow with r
@@ -178,118 +156,221 @@ def _attn_fwd_kernel(
         lo = tl.maximum(p_lo - window + 1, 0)   # nothing before the first query's window
     lo = (lo // BLOCK_N) * BLOCK_N
     if IS_SPLIT:
-        # Cut [lo, hi) into num_splits chunks of whole tiles; chunk pid_s may be empty.
         tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)
         lo = lo + pid_s * tiles_per_split * BLOCK_N
         hi = tl.minimum(hi, lo + tiles_per_split * BLOCK_N)
+    return lo, hi
+
+
+@triton.jit
+def load_q(Q, b, head, qi, row_ok, sqb, sqh, sql, sqd, D, BLOCK_D: tl.constexpr):
+    """The (BLOCK_M, BLOCK_D) queries of the rows, 0 past D and for rows >= R."""
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + b * sqb + head[:, None] * sqh + qi[:, None] * sql + offs_d[None, :] * sqd
+    return tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def keys_ok(VALID, valid_row, svals, offs_n, hi, HAS_VALID: tl.constexpr):
+    """(BLOCK_N,) whether key slots offs_n are < hi and hold a real token (VALID[b, j] != 0, read
+    only if HAS_VALID; valid_row = b * (batch stride))."""
+    ok = offs_n < hi
+    if HAS_VALID:
+        ok = ok & (tl.load(VALID + valid_row + offs_n.to(tl.int64) * svals, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32 scores of q (BLOCK_M, BLOCK_D) and k (BLOCK_N, BLOCK_D), scaled,
+    soft-capped if HAS_SOFTCAP, in the log2 domain (times log2(e))."""
+    qk = _mma(q, tl.trans(k), UPCAST_DOT)
+    if HAS_SOFTCAP:
+        # softcap * tanh(x), x = qk * scale / softcap, with t = 2 x log2(e) (folded into
+        # qk_scale): tanh|x| = (1 - 2^-|t|) / (1 + 2^-|t|), never overflows.
+        t = qk * qk_scale
+        e = tl.exp2(-tl.abs(t))
+        th = (1.0 - e) / (1.0 + e)
+        return tl.where(t < 0, -th, th) * softcap_log2
+    else:
+        return qk * qk_scale
+
+
+@triton.jit
+def visible(MASK, mask_rows, smj, row_ok, key_ok, offs_n, q_pos, window,
+            CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) visibility rule of reference.py: mask, or causal + window.
+
+    mask_rows: (BLOCK_M,) int64 offsets of the rows' mask rows (MASK is read only if HAS_MASK);
+    q_pos: (BLOCK_M,) store slots of the rows' queries.
+    """
+    j = offs_n[None, :]
+    p = q_pos[:, None]
+    vis = row_ok[:, None] & key_ok[None, :]
+    if HAS_MASK:
+        # int64: a mask may be a view with a large key stride
+        vis = vis & (tl.load(MASK + mask_rows[:, None] + j.to(tl.int64) * smj, mask=vis, other=0) != 0)
+    if HAS_WINDOW:
+        vis = vis & (j > p - window)
+    if CAUSAL:
+        vis = vis & (j <= p)
+    return vis
+
+
+@triton.jit
+def softmax_step(m_i, l_i, acc, s, vis, v, DOT_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One online-softmax update with the scores s (log2 domain) of a key tile and its values v.
+
+    m_i (running max), l_i (sum of exponentials): (BLOCK_M,) fp32; acc: (BLOCK_M, BLOCK_DV) fp32;
+    s, vis: (BLOCK_M, BLOCK_N); v: (BLOCK_N, BLOCK_DV), 0 for slots no row may see. Returns the
+    updated (m_i, l_i, acc). DOT_FP32: p stays fp32; otherwise p is rounded to v's 16-bit dtype.
+    """
+    s = tl.where(vis, s, float("-inf"))
+    # m_safe avoids (-inf) - (-inf) for rows with nothing visible yet.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if not DOT_FP32:
+        p = p.to(v.dtype)       # 16-bit PV operands, as FlashAttention does
+    acc = acc * alpha[:, None] + _mma(p, v, UPCAST_DOT)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_rows(OUT, LSE, acc, m_i, l_i, b, head, qi, row_ok, DV, sob, soh, sol, sod, slb, slh, sll,
+                HAS_LSE: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Write finished rows: OUT[b, head, qi] = acc / l_i (exactly 0 where l_i = 0, no visible key)
+    and, if HAS_LSE, LSE[b, head, qi] = natural-log logsumexp of the scores (-inf where l_i = 0).
+    m_i is the running max of the log2-domain scores, so lse = ln(2) * (m_i + log2(l_i))."""
+    offs_dv = tl.arange(0, BLOCK_DV)
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_ptrs = OUT + b * sob + head[:, None] * soh + qi[:, None] * sol + offs_dv[None, :] * sod
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < DV)[None, :])
+    if HAS_LSE:
+        lse = tl.where(l_i > 0.0, (m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(LSE + b * slb + head * slh + qi * sll, lse, mask=row_ok)
+
+
+@triton.jit
+def finish_rows(OUT, M_PART, L_PART, LSE, acc, m_i, l_i, pid_bh, pid_s, num_splits,
+                b, head, qi, rows, row_ok, R, DV, sob, soh, sol, sod, slb, slh, sll,
+                HAS_LSE: tl.constexpr, IS_SPLIT: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """End of an attention program. Dense mode: write OUT (and LSE) as :func:`_store_rows`. Split
+    mode: write the fp32 partials of key chunk pid_s, OUT = acc (B*Hkv, num_splits, R, Dv)
+    unnormalized, M_PART / L_PART (B*Hkv, num_splits, R) = m_i / l_i, for _combine_kernel."""
+    if IS_SPLIT:
+        offs_dv = tl.arange(0, BLOCK_DV)
+        part = (pid_bh * num_splits + pid_s).to(tl.int64) * R + rows     # (BLOCK_M,) row ids
+        tl.store(M_PART + part, m_i, mask=row_ok)
+        tl.store(L_PART + part, l_i, mask=row_ok)
+        tl.store(OUT + part[:, None] * DV + offs_dv[None, :], acc,
+                 mask=row_ok[:, None] & (offs_dv < DV)[None, :])
+    else:
+        _store_rows(OUT, LSE, acc, m_i, l_i, b, head, qi, row_ok, DV, sob, soh, sol, sod,
+                    slb, slh, sll, HAS_LSE, BLOCK_DV)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, VALID, MASK, OUT, M_PART, L_PART, LSE,
+    sqb, sqh, sql, sqd,
+    svalb, svals,
+    smb, smh, smi, smj,
+    sob, soh, sol, sod,
+    slb, slh, sll,
+    Hkv, group, Lq, q_start, kv_len, window, num_splits, D, DV,
+    qk_scale,        # scale * log2(e) without soft-cap, 2 * log2(e) * scale / softcap with it
+    softcap_log2,    # softcap * log2(e) (unused without soft-cap)
+    K, V,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_LSE: tl.constexpr, IS_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One program: rows [pid_m*BLOCK_M, +BLOCK_M) of (batch, kv head) pid_bh, key chunk pid_s.
+
+    Grid: (cdiv(Lq * group, BLOCK_M), B * Hkv, num_splits). The parameters before K and the
+    constexprs are those :func:`launch_attention` passes to every attention kernel; K (B, Hkv, S, D)
+    and V (B, Hkv, S, Dv) with their strides are this kernel's store. Dense mode (IS_SPLIT=False)
+    writes the normalized output into OUT (B, Hq, Lq, Dv) and, if HAS_LSE, LSE (B, Hq, Lq); split
+    mode writes partials (see :func:`finish_rows`).
+    VALID (B, S) uint8 is read iff HAS_VALID; MASK (B, Hq, Lq, kv_len) uint8 (broadcast dims with
+    stride 0) iff HAS_MASK, and then CAUSAL and HAS_WINDOW must be False (the mask decides).
+    DOT_FP32: fp32 semantics for mixed/fp32 inputs (p stays fp32); otherwise p is rounded to v's
+    16-bit dtype. UPCAST_DOT: the tl.dot multiplies run on fp32 copies of their operands.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b, hkv, R, rows, row_ok, qi, head = program_rows(pid_m, pid_bh, Hkv, group, Lq, BLOCK_M)
+    q = load_q(Q, b, head, qi, row_ok, sqb, sqh, sql, sqd, D, BLOCK_D)
+    q_pos = q_start + qi
+    lo, hi = key_range(pid_m, pid_s, R, group, q_start, kv_len, window, num_splits,
+                       CAUSAL, HAS_WINDOW, IS_SPLIT, BLOCK_M, BLOCK_N)
+    mask_rows = b * smb + head * smh + qi.to(tl.int64) * smi   # int64: B*Hq*Lq*kv_len may exceed int32
 
     # ---- key tiles: a scalar base pointer per tensor, advanced by BLOCK_N slots per iteration,
     # plus loop-invariant int32 offsets within a tile. (Carrying whole tiles of 64-bit pointers
     # through the loop costs 2 registers per element and made ptxas spill.)
     offs_t = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
     lo64 = lo.to(tl.int64)
     k_base = K + b * skb + hkv * skh + lo64 * sks
     v_base = V + b * svb + hkv * svh + lo64 * svs
     k_offs = offs_t[:, None] * sks + offs_d[None, :] * skd
     v_offs = offs_t[:, None] * svs + offs_dv[None, :] * svd
-    if HAS_VALID:
-        val_base = VALID + b * svalb + lo64 * svals
-    if HAS_MASK:
-        # One pointer per row (int64 row offsets: B * Hq * Lq * kv_len can exceed int32).
-        mask_base = MASK + b * smb + head * smh + qi.to(tl.int64) * smi + lo64 * smj
-        mask_offs = offs_t * smj
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + offs_t
-        key_ok = offs_n < hi
-        if HAS_VALID:
-            key_ok = key_ok & (tl.load(val_base + offs_t * svals, mask=key_ok, other=0) != 0)
+        key_ok = keys_ok(VALID, b * svalb, svals, offs_n, hi, HAS_VALID)
         # Invalid / out-of-range slots are loaded as 0: their garbage (maybe NaN) never enters a dot.
         k = tl.load(k_base + k_offs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        qk = _mma(q, tl.trans(k), UPCAST_DOT)
-        if HAS_SOFTCAP:
-            # softcap * tanh(x), x = qk * scale / softcap, with t = 2 x log2(e) (folded into
-            # qk_scale): tanh|x| = (1 - 2^-|t|) / (1 + 2^-|t|), never overflows.
-            t = qk * qk_scale
-            e = tl.exp2(-tl.abs(t))
-            th = (1.0 - e) / (1.0 + e)
-            s = tl.where(t < 0, -th, th) * softcap_log2
-        else:
-            s = qk * qk_scale
-
-        # Visibility rule (see reference.py): mask, or causal + window.
-        j = offs_n[None, :]
-        p = q_pos[:, None]
-        vis = row_ok[:, None] & key_ok[None, :]
-        if HAS_MASK:
-            vis = vis & (tl.load(mask_base[:, None] + mask_offs[None, :], mask=vis, other=0) != 0)
-        if HAS_WINDOW:
-            vis = vis & (j > p - window)
-        if CAUSAL:
-            vis = vis & (j <= p)
-        s = tl.where(vis, s, float("-inf"))
-
-        # Online softmax; m_safe avoids (-inf) - (-inf) for rows with nothing visible yet.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        pexp = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pexp, 1)
+        s = scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP, UPCAST_DOT)
+        vis = visible(MASK, mask_rows, smj, row_ok, key_ok, offs_n, q_pos, window,
+                      CAUSAL, HAS_WINDOW, HAS_MASK)
         v = tl.load(v_base + v_offs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
-        if not DOT_FP32:
-            pexp = pexp.to(v.dtype)     # 16-bit PV operands, as FlashAttention does
-        acc = acc * alpha[:, None] + _mma(pexp, v, UPCAST_DOT)
-        m_i = m_new
-
+        m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, vis, v, DOT_FP32, UPCAST_DOT)
         k_base += BLOCK_N * sks
         v_base += BLOCK_N * svs
-        if HAS_VALID:
-            val_base += BLOCK_N * svals
-        if HAS_MASK:
-            mask_base += BLOCK_N * smj
 
-    if IS_SPLIT:
-        part = (pid_bh * num_splits + pid_s).to(tl.int64) * R + rows     # (BLOCK_M,) row ids
-        tl.store(M_PART + part, m_i, mask=row_ok)
-        tl.store(L_PART + part, l_i, mask=row_ok)
-        acc_ptrs = OUT + part[:, None] * DV + offs_dv[None, :]
-        tl.store(acc_ptrs, acc, mask=row_ok[:, None] & dv_ok[None, :])
-    else:
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]   # empty rows: 0 / 1 = exactly 0
-        o_ptrs = OUT + b * sob + head[:, None] * soh + qi[:, None] * sol + offs_dv[None, :] * sod
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    finish_rows(OUT, M_PART, L_PART, LSE, acc, m_i, l_i, pid_bh, pid_s, num_splits,
+                b, head, qi, rows, row_ok, R, DV, sob, soh, sol, sod, slb, slh, sll,
+                HAS_LSE, IS_SPLIT, BLOCK_DV)
 
 
 @triton.jit
 def _combine_kernel(
-    ACC, M_PART, L_PART, OUT,
-    sob, soh, sol, sod,
+    ACC, M_PART, L_PART, OUT, LSE,
+    sob, soh, sol, sod, slb, slh, sll,
     Hkv, group, Lq, num_splits, DV,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Merge split-KV partials. Grid: (cdiv(R, BLOCK_M), B * Hkv), R = Lq * group.
 
     ACC: (B*Hkv, num_splits, R, Dv) fp32; M_PART, L_PART: (B*Hkv, num_splits, R) fp32;
-    OUT: (B, Hq, Lq, Dv) in q's dtype.
+    OUT: (B, Hq, Lq, Dv) in q's dtype; LSE: (B, Hq, Lq) fp32, written iff HAS_LSE.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // Hkv).to(tl.int64)
-    hkv = (pid_bh % Hkv).to(tl.int64)
-    R = Lq * group
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < R
+    b, _, R, rows, row_ok, qi, head = program_rows(pid_m, pid_bh, Hkv, group, Lq, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask2 = row_ok[:, None] & (offs_dv[None, :] < DV)
 
     m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_run = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for s in range(0, num_splits):
+    for s in range(num_splits):
         part = (pid_bh * num_splits + s).to(tl.int64) * R + rows
         m_s = tl.load(M_PART + part, mask=row_ok, other=float("-inf"))
         l_s = tl.load(L_PART + part, mask=row_ok, other=0.0)
@@ -302,65 +383,64 @@ def _combine_kernel(
         acc = acc * alpha[:, None] + a_s * beta[:, None]
         m_run = m_new
 
-    out = acc / tl.where(l_run > 0.0, l_run, 1.0)[:, None]
-    qi = rows // group
-    head = hkv * group + rows % group
-    o_ptrs = OUT + b * sob + head[:, None] * soh + qi[:, None] * sol + offs_dv[None, :] * sod
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask2)
+    _store_rows(OUT, LSE, acc, m_run, l_run, b, head, qi, row_ok, DV, sob, soh, sol, sod,
+                slb, slh, sll, HAS_LSE, BLOCK_DV)
 
 
-def attention_over_store(q, k, v, valid=None, q_start=None, *, scale, causal=True, window=0,
-                         softcap=0.0, mask=None, num_splits=None):
-    """Attention of new queries over a KV store (Triton).
-
-    q: (B, Hq, Lq, D) fp16/bf16/fp32, any strides; the queries sit in store slots
-       q_start .. q_start + Lq - 1.
-    k: (B, Hkv, S, D), v: (B, Hkv, S, Dv): views of the store (capacity S >= q_start + Lq), any
-       strides and a dtype that may differ from q's; Hq % Hkv == 0 (GQA).
-    valid: (B, S) bool, whether each slot holds a real token (left padding -> False); None: all
-       slots are valid (then every slot below kv_len must hold finite values).
-    q_start: python int, or None for S - Lq (the queries are the last Lq slots of the store);
-       kv_len = q_start + Lq keys are attended.
-    scale: score multiplier. causal / window (0 = none) / softcap (0 = off): see reference.py.
-    mask: (1|B, 1|Hq, Lq, kv_len) bool over all keys (past + new), any strides, e.g. Hugging
-       Face's attention mask; when given it replaces causal and window (see reference.py).
-    num_splits: None = automatic (see :func:`choose_num_splits`), 1 = dense kernel, n > 1 = force
-       split-KV with n chunks (clamped to the number of key tiles).
-
-    Returns a new contiguous (B, Hq, Lq, Dv) tensor of q's dtype; rows with no visible key are 0.
-    """
-    B, Hq, Hkv, Lq, S, D, Dv, q_start, kv_len = check_attention_inputs(
-        q, k, v, valid, q_start, scale=scale, window=window, softcap=softcap, mask=mask
-    )
-    tensors = [(n, t) for n, t in (("q", q), ("k", k), ("v", v), ("valid", valid), ("mask", mask))
-               if t is not None]
-    devices = {t.device for _, t in tensors}
+def _check_device(caller: str, inputs: dict) -> torch.device:
+    """The one device of the tensors in inputs (name -> tensor or None); raises if they are on
+    several, or on a CPU without the Triton interpreter."""
+    tensors = {name: t for name, t in inputs.items() if t is not None}
+    devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
         raise ValueError("all inputs must be on one device, got "
-                         + ", ".join(f"{n}: {t.device}" for n, t in tensors))
-    device = q.device
+                         + ", ".join(f"{n}: {t.device}" for n, t in tensors.items()))
+    device = devices.pop()
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("attention_over_store needs CUDA tensors "
+        raise RuntimeError(f"{caller} needs CUDA tensors "
                            "(or TRITON_INTERPRET=1 set before triton is imported, for CPU)")
+    return device
+
+
+def launch_attention(kernel, store_args, store_meta, store, q, valid, mask, dims, *, scale, causal,
+                     window, softcap, num_splits, return_lse, caller, launch_config=_launch_config):
+    """Host side shared by the attention kernels: launch plan, outputs, split-KV and its combine.
+
+    kernel: a @triton.jit kernel taking the parameters of :func:`_attn_fwd_kernel` up to
+        softcap_log2, then ``store_args``, and the common constexprs plus ``store_meta``
+        (constexpr name -> value).
+    store: name -> every tensor of the KV store (for the device check; their floating-point dtypes
+        and q's decide between 16-bit and fp32 dots).
+    dims: what :func:`check_attention_inputs` returned for these inputs (already checked).
+    launch_config: (rows, block_d, fp32_dots) -> (BLOCK_M, BLOCK_N, num_warps, num_stages), as
+        :func:`_launch_config`, the dense kernel's rule.
+    Other arguments as in :func:`attention_over_store`; caller names the function in errors.
+    Returns out (B, Hq, Lq, Dv) in q's dtype, or (out, lse (B, Hq, Lq) fp32) if return_lse.
+    """
+    B, Hq, Hkv, Lq, _, D, Dv, q_start, kv_len = dims
+    device = _check_device(caller, {"q": q, **store, "valid": valid, "mask": mask})
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or num_splits < 1):
         raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
 
     out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=device)
-    if out.numel() == 0:
-        return out
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=device) if return_lse else None
+    result = (out, lse) if return_lse else out
+    if B * Hq * Lq == 0:
+        return result
 
     group = Hq // Hkv
     R = Lq * group
     # 16-bit operands only when everything shares that dtype; otherwise fp32 ("ieee") dots.
-    dot_fp32 = not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16))
+    dtypes = {q.dtype} | {t.dtype for t in store.values() if t.is_floating_point()}
+    dot_fp32 = not (len(dtypes) == 1 and q.dtype in (torch.float16, torch.bfloat16))
     # Triton's CPU interpreter multiplies bf16 tl.dot operands as their raw uint16 bits (numpy has
     # no bf16), so there the (already bf16-rounded) operands are multiplied as fp32 instead: same
     # rounding of q, k, p, v as on the GPU; only the accumulation order differs.
     upcast_dot = dot_fp32 or (device.type != "cuda" and q.dtype == torch.bfloat16)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_DV = max(16, triton.next_power_of_2(Dv))
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _launch_config(R, max(BLOCK_D, BLOCK_DV), dot_fp32)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = launch_config(R, max(BLOCK_D, BLOCK_DV), dot_fp32)
     row_blocks = triton.cdiv(R, BLOCK_M)
 
     # A mask replaces causal and window: the kernel then neither applies them nor skips tiles.
@@ -379,7 +459,7 @@ def attention_over_store(q, k, v, valid=None, q_start=None, *, scale, causal=Tru
         qk_scale, softcap_log2 = float(scale) * _LOG2E, 0.0
 
     # Bool tensors are passed as uint8 views (same storage, no copy; bool pointers are awkward);
-    # an absent one is a None pointer (a constexpr: its loads are compiled out) with zero strides.
+    # an absent tensor is a None pointer (a constexpr: its loads are compiled out) with zero strides.
     if valid is not None:
         valid_u8, valid_strides = valid.view(torch.uint8), valid.stride()
     else:
@@ -389,6 +469,7 @@ def attention_over_store(q, k, v, valid=None, q_start=None, *, scale, causal=Tru
         mask_strides = mask_u8.stride()
     else:
         mask_u8, mask_strides = None, (0, 0, 0, 0)
+    lse_strides = lse.stride() if return_lse else (0, 0, 0)
 
     is_split = num_splits > 1
     if is_split:
@@ -400,21 +481,55 @@ def attention_over_store(q, k, v, valid=None, q_start=None, *, scale, causal=Tru
         m_part = l_part = dst = out
 
     grid = (row_blocks, B * Hkv, num_splits)
-    _attn_fwd_kernel[grid](
-        q, k, v, valid_u8, mask_u8, dst, m_part, l_part,
-        *q.stride(), *k.stride(), *v.stride(), *valid_strides, *mask_strides, *out.stride(),
+    kernel[grid](
+        q, valid_u8, mask_u8, dst, m_part, l_part, lse,
+        *q.stride(), *valid_strides, *mask_strides, *out.stride(), *lse_strides,
         Hkv, group, Lq, q_start, kv_len, window, num_splits, D, Dv,
         qk_scale, softcap_log2,
+        *store_args,
         CAUSAL=causal, HAS_WINDOW=has_window, HAS_VALID=valid is not None, HAS_MASK=mask is not None,
-        HAS_SOFTCAP=softcap > 0, IS_SPLIT=is_split, DOT_FP32=dot_fp32, UPCAST_DOT=upcast_dot,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_SOFTCAP=softcap > 0, HAS_LSE=return_lse, IS_SPLIT=is_split, DOT_FP32=dot_fp32,
+        UPCAST_DOT=upcast_dot, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+        **store_meta, num_warps=num_warps, num_stages=num_stages,
     )
     if is_split:
         _combine_kernel[(row_blocks, B * Hkv)](
-            acc_part, m_part, l_part, out, *out.stride(),
+            acc_part, m_part, l_part, out, lse, *out.stride(), *lse_strides,
             Hkv, group, Lq, num_splits, Dv,
             # not tuned: 8 warps keep a 64 x 256 fp32 accumulator in registers without spills
-            BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, num_warps=8 if BLOCK_M * BLOCK_DV > 8192 else 4,
+            HAS_LSE=return_lse, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV,
+            num_warps=8 if BLOCK_M * BLOCK_DV > 8192 else 4,
         )
-    return out
+    return result
+
+
+def attention_over_store(q, k, v, valid=None, q_start=None, *, scale, causal=True, window=0,
+                         softcap=0.0, mask=None, num_splits=None, return_lse=False):
+    """Attention of new queries over a KV store (Triton).
+
+    q: (B, Hq, Lq, D) fp16/bf16/fp32, any strides; the queries sit in store slots
+       q_start .. q_start + Lq - 1.
+    k: (B, Hkv, S, D), v: (B, Hkv, S, Dv): views of the store (capacity S >= q_start + Lq), any
+       strides and a dtype that may differ from q's; Hq % Hkv == 0 (GQA).
+    valid: (B, S) bool, whether each slot holds a real token (left padding -> False); None: all
+       slots are valid (then every slot below kv_len must hold finite values).
+    q_start: python int, or None for S - Lq (the queries are the last Lq slots of the store);
+       kv_len = q_start + Lq keys are attended.
+    scale: score multiplier. causal / window (0 = none) / softcap (0 = off): see reference.py.
+    mask: (1|B, 1|Hq, Lq, kv_len) bool over all keys (past + new), any strides, e.g. Hugging
+       Face's attention mask; when given it replaces causal and window (see reference.py).
+    num_splits: None = automatic (see :func:`choose_num_splits`), 1 = dense kernel, n > 1 = force
+       split-KV with n chunks (clamped to the number of key tiles).
+    return_lse: also return lse (B, Hq, Lq) fp32, the natural-log logsumexp of each row's visible
+       (scaled, soft-capped) scores, -inf for rows with no visible key.
+
+    Returns a new contiguous (B, Hq, Lq, Dv) tensor of q's dtype (and lse if return_lse); rows
+    with no visible key are 0.
+    """
+    dims = check_attention_inputs(q, k, v, valid, q_start, scale=scale, window=window,
+                                  softcap=softcap, mask=mask)
+    return launch_attention(
+        _attn_fwd_kernel, (k, v, *k.stride(), *v.stride()), {}, {"k": k, "v": v}, q, valid, mask,
+        dims, scale=scale, causal=causal, window=window, softcap=softcap, num_splits=num_splits,
+        return_lse=return_lse, caller="attention_over_store",
+    )

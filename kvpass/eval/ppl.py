@@ -15,6 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .._progress import progress as _progress
+
 
 def windows(token_ids: torch.Tensor, seqlen: int, max_windows: int) -> torch.Tensor:
     """token_ids: (T,) -> (K, seqlen), the first K = min(max_windows, T // seqlen) windows."""
@@ -62,12 +64,3 @@ def perplexity(model, batches: torch.Tensor, *, decode_tail: int = 0, progress: 
     return {"ppl": math.exp(mean), "nll": mean, "tokens": tokens, "seconds": time.perf_counter() - start,
             "mode": "decode" if decode_tail else "prefill"}
 
-
-def _progress(items, enabled: bool, unit: str):
-    if not enabled:
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, unit=unit, leave=False)

@@ -34,6 +34,10 @@ class AttentionSpec:
 class LayerStore:
     """One layer's KV cache in a method's representation. Subclasses implement the four methods."""
 
+    # True for methods whose representation depends on the queries (AnTKV's anchors): they must see attend()
+    # calls, so the unfused cache path (store + materialize, HF attends) cannot give their semantics.
+    needs_queries = False
+
     def __init__(self, method: AttentionMethod, layer: int, capacity: int | None = None):
         self.method = method
         self.layer = layer
@@ -72,17 +76,24 @@ class OneShot:
     the method's representation is still applied inside attention, as perplexity protocols require.
     """
 
-    def __init__(self, method: AttentionMethod):
+    def __init__(self, method: AttentionMethod, calibration=None):
         self.method = method
+        self.calibration = calibration
 
     def attend(self, q, k, v, mask, is_causal, spec: AttentionSpec, layer: int) -> torch.Tensor:
-        store = make_store(self.method, layer)
+        store = make_store(self.method, layer, calibration=self.calibration)
         store.append(k, v)
         return store.attend(q, mask, is_causal, spec)
 
 
-def make_store(method: AttentionMethod, layer: int, capacity: int | None = None) -> LayerStore:
+def make_store(method: AttentionMethod, layer: int, capacity: int | None = None, calibration=None) -> LayerStore:
+    """The store of `method` for one layer; calibration: the kvpass.calibration.Calibration of methods that
+    learn from data (AnTKV's codebooks), None for the others."""
+    from .antkv import AnTKVStore
     from .dense import DenseStore
+    from .kivi import KIVIStore
 
-    stores = {"dense": DenseStore}
+    if method.method == "antkv":
+        return AnTKVStore(method, layer, capacity, calibration=calibration)
+    stores = {"dense": DenseStore, "kivi": KIVIStore}
     return stores[method.method](method, layer, capacity)

@@ -1,0 +1,218 @@
+"""Triton attention that reads a product-quantized KV store (:class:`.layout.CodedKV`) directly.
+
+Public entry point: :func:`attention_over_codes`, with the semantics of
+:func:`kvpass.kernels.attention.attention_over_store` (visibility rule, GQA packing, split-KV,
+soft-capping, precision rules) except that keys and values come from a :class:`CodedKV`; its
+ground truth is :func:`.reference.attention_over_codes_reference`.
+
+Design
+------
+The kernel is the dense FlashAttention-style kernel of ``kernels/attention/dense.py`` built from
+the same @triton.jit helpers and host code (:func:`launch_attention`); only the K/V tiles differ.
+It never materializes the dequantized store: per key tile of ``BLOCK_N`` slots it
+
+* loads ``anchor_slot`` of the tile once and classifies each slot as *coded*, *anchored* (an exact
+  anchor row) or *exact* (``j >= exact_start``, the exact tail); slots that must not be read
+  (invalid, past the key range) get no class;
+* builds the (BLOCK_N, BLOCK_D) K tile (then the V tile) element-wise: element ``d`` of a coded
+  slot loads the code of sub-vector ``d // SUB`` (each uint8 code is read SUB times, from cache),
+  then the centroid element ``CB[h, d // SUB, code, d % SUB]``; anchored / exact slots load their
+  rows; all three are masked loads with ``other=0`` and merged with ``tl.where``, so codes of
+  anchor or exact slots (maybe out of the codebook), unused anchor rows and NaN in invalid slots
+  are never read (a code is only loaded, and used as an index, for a coded slot).
+
+Precision: 16-bit ``tl.dot`` operands when q and every codebook / anchor / exact tensor share one
+16-bit dtype, fp32 "ieee" dots otherwise (each source is then upcast to fp32 before merging, so a
+bf16 codebook is not rounded through fp16).
+
+Speed (one H100, D = 128, 8 kv heads x 4, sub-vector 8, 256 centroids, fp16): the per-element
+centroid gathers bound it, not the bytes read: decode over 32K keys took ~0.24 ms against
+~0.07 ms for the dense kernel over the dequantized fp16 store (which reads ~14x more bytes), a
+512-query prefill over 4K keys ~0.85 ms against ~0.18 ms. Launch parameters: :func:`_launch_config`.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..attention.dense import _launch_config as _dense_launch_config
+from ..attention.dense import (
+    finish_rows,
+    key_range,
+    keys_ok,
+    launch_attention,
+    load_q,
+    program_rows,
+    scores,
+    softmax_step,
+    visible,
+)
+from .layout import CodedKV
+from .reference import check_coded_inputs
+
+__all__ = ["attention_over_codes"]
+
+
+@triton.jit
+def _slot_sources(ANCHOR_SLOT, slot_row, sass, offs_n, key_ok, exact_start):
+    """Where each slot offs_n (BLOCK_N,) of a key tile reads its key and value.
+
+    slot_row: offset of anchor_slot[b, h] (int64). Returns (BLOCK_N,) anchor_row (int32, -1 if
+    none) and the disjoint flags coded, anchored, exact, all False where key_ok is False.
+    """
+    before_exact = key_ok & (offs_n < exact_start)
+    anchor_row = tl.load(ANCHOR_SLOT + slot_row + offs_n.to(tl.int64) * sass, mask=before_exact, other=-1)
+    anchored = anchor_row >= 0
+    return anchor_row, before_exact & ~anchored, anchored, key_ok & (offs_n >= exact_start)
+
+
+@triton.jit
+def _coded_tile(CODES, CB, ANCHORS, EXACT, b, hkv, start, exact_start,
+                anchor_row, coded, anchored, exact,
+                scb, sch, scs, scm,     # codes (B, Hkv, S, M)
+                sbh, sbm, sbc, sbd,     # codebook (Hkv, M, C, SUB)
+                sab, sah, sas, sad,     # anchors (B, Hkv, A, d)
+                seb, seh, ses, sed,     # exact tokens (B, Hkv, P, d)
+                d, SUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_FP32: tl.constexpr):
+    """(BLOCK_N, BLOCK_D) keys (or values) of slots [start, start + BLOCK_N) of (b, hkv): the
+    centroids of coded slots, the rows of anchored / exact ones, 0 elsewhere and past d.
+
+    anchor_row, coded, anchored, exact: (BLOCK_N,) as returned by :func:`_slot_sources`.
+    Slot offsets are an int64 scalar (start) plus int32 offsets within the tile, as in dense.py.
+    """
+    offs_t = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < d)[None, :]
+    sub_space = offs_d // SUB
+    start64 = tl.cast(start, tl.int64)     # not start.to(): a python int under the interpreter
+    coded2 = coded[:, None] & d_ok
+    code_ptrs = CODES + b * scb + hkv * sch + start64 * scs + (offs_t[:, None] * scs + sub_space[None, :] * scm)
+    code = tl.load(code_ptrs, mask=coded2, other=0).to(tl.int32)
+    centroid_offs = (sub_space * sbm + (offs_d % SUB) * sbd)[None, :] + code * sbc
+    x = tl.load(CB + hkv * sbh + centroid_offs, mask=coded2, other=0.0)
+    anchor_offs = anchor_row[:, None] * sas + offs_d[None, :] * sad
+    a = tl.load(ANCHORS + b * sab + hkv * sah + anchor_offs, mask=anchored[:, None] & d_ok, other=0.0)
+    # (start - exact_start) < 0 before the exact tail: such pointers are formed but never loaded.
+    exact_offs = offs_t[:, None] * ses + offs_d[None, :] * sed
+    e = tl.load(EXACT + b * seb + hkv * seh + (start64 - exact_start) * ses + exact_offs,
+                mask=exact[:, None] & d_ok, other=0.0)
+    if DOT_FP32:    # fp32 dots: upcast each source (tl.where would round a bf16 one through fp16)
+        x, a, e = x.to(tl.float32), a.to(tl.float32), e.to(tl.float32)
+    return tl.where(exact[:, None], e, tl.where(anchored[:, None], a, x))
+
+
+@triton.jit
+def _coded_fwd_kernel(
+    Q, VALID, MASK, OUT, M_PART, L_PART, LSE,
+    sqb, sqh, sql, sqd,
+    svalb, svals,
+    smb, smh, smi, smj,
+    sob, soh, sol, sod,
+    slb, slh, sll,
+    Hkv, group, Lq, q_start, kv_len, window, num_splits, D, DV,
+    qk_scale, softcap_log2,
+    ANCHOR_SLOT, sasb, sash, sass, exact_start,
+    CODES_K, CB_K, ANCHOR_K, EXACT_K,
+    sckb, sckh, scks, sckm, sbkh, sbkm, sbkc, sbkd, sakb, sakh, saks, sakd, sekb, sekh, seks, sekd,
+    CODES_V, CB_V, ANCHOR_V, EXACT_V,
+    scvb, scvh, scvs, scvm, sbvh, sbvm, sbvc, sbvd, savb, savh, savs, savd, sevb, sevh, sevs, sevd,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_LSE: tl.constexpr, IS_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SUB_K: tl.constexpr, SUB_V: tl.constexpr,
+):
+    """One program of attention over a coded store; grid, common parameters and outputs as
+    ``_attn_fwd_kernel`` in dense.py. The store: ANCHOR_SLOT (B, Hkv, S) int32 and exact_start,
+    then for keys (K) and values (V) the codes, codebook, anchors and exact tokens of
+    :class:`CodedKV` with their strides; SUB_K = D // Mk, SUB_V = Dv // Mv.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b, hkv, R, rows, row_ok, qi, head = program_rows(pid_m, pid_bh, Hkv, group, Lq, BLOCK_M)
+    q = load_q(Q, b, head, qi, row_ok, sqb, sqh, sql, sqd, D, BLOCK_D)
+    q_pos = q_start + qi
+    lo, hi = key_range(pid_m, pid_s, R, group, q_start, kv_len, window, num_splits,
+                       CAUSAL, HAS_WINDOW, IS_SPLIT, BLOCK_M, BLOCK_N)
+    mask_rows = b * smb + head * smh + qi.to(tl.int64) * smi
+    slot_row = b * sasb + hkv * sash
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        key_ok = keys_ok(VALID, b * svalb, svals, offs_n, hi, HAS_VALID)
+        anchor_row, coded, anchored, exact = _slot_sources(ANCHOR_SLOT, slot_row, sass, offs_n, key_ok,
+                                                           exact_start)
+        k = _coded_tile(CODES_K, CB_K, ANCHOR_K, EXACT_K, b, hkv, start, exact_start,
+                        anchor_row, coded, anchored, exact,
+                        sckb, sckh, scks, sckm, sbkh, sbkm, sbkc, sbkd, sakb, sakh, saks, sakd,
+                        sekb, sekh, seks, sekd, D, SUB_K, BLOCK_N, BLOCK_D, DOT_FP32)
+        s = scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP, UPCAST_DOT)
+        vis = visible(MASK, mask_rows, smj, row_ok, key_ok, offs_n, q_pos, window,
+                      CAUSAL, HAS_WINDOW, HAS_MASK)
+        v = _coded_tile(CODES_V, CB_V, ANCHOR_V, EXACT_V, b, hkv, start, exact_start,
+                        anchor_row, coded, anchored, exact,
+                        scvb, scvh, scvs, scvm, sbvh, sbvm, sbvc, sbvd, savb, savh, savs, savd,
+                        sevb, sevh, sevs, sevd, DV, SUB_V, BLOCK_N, BLOCK_DV, DOT_FP32)
+        m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, vis, v, DOT_FP32, UPCAST_DOT)
+
+    finish_rows(OUT, M_PART, L_PART, LSE, acc, m_i, l_i, pid_bh, pid_s, num_splits,
+                b, head, qi, rows, row_ok, R, DV, sob, soh, sol, sod, slb, slh, sll,
+                HAS_LSE, IS_SPLIT, BLOCK_DV)
+
+
+def _launch_config(rows: int, block_d: int, fp32_dots: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the coded kernel; arguments as the dense rule's.
+
+    The dense rule's BLOCK_M; BLOCK_N at most 32; 8 warps with fp32 dots, 4 with 16-bit ones; no
+    software pipelining (num_stages 1). From one sweep on an H100 (D = 128, BLOCK_N 16/32/64 x
+    4/8 warps x 1/2/3 stages; decode over 8K and 32K keys, a 17-query fp32 chunk, a 512-query fp16
+    prefill): 1 stage was fastest or within ~10 % everywhere, the gathers gain nothing from
+    pipelining, and with fp32 dots 3 stages overflow shared memory and 4 warps spill (3-8x slower).
+    Not tuned beyond that (other head dims, sub-vector lengths, H200).
+    """
+    block_m, block_n, _, _ = _dense_launch_config(rows, block_d, fp32_dots)
+    return block_m, min(block_n, 32), 8 if fp32_dots else 4, 1
+
+
+def _side_args(codes, codebook, anchors, exact):
+    """Kernel arguments of one side (keys or values): the four tensors, then their strides."""
+    tensors = (codes, codebook, anchors, exact)
+    return (*tensors, *(s for t in tensors for s in t.stride()))
+
+
+def attention_over_codes(q, kv: CodedKV, valid=None, q_start=None, *, scale, causal=True, window=0,
+                         softcap=0.0, mask=None, num_splits=None, return_lse=False):
+    """Attention of new queries over a product-quantized KV store (Triton).
+
+    q: (B, Hq, Lq, D) fp16/bf16/fp32, any strides; the queries sit in store slots
+       q_start .. q_start + Lq - 1. kv: a :class:`CodedKV` of length = exact_start + P tokens and
+       capacity S; Hq % Hkv == 0 (GQA).
+    valid: (B, S) bool, whether each slot holds a real token; None: all slots are valid.
+    q_start: python int, or None for kv.length - Lq; kv_len = q_start + Lq <= kv.length keys are
+       attended. mask: (1|B, 1|Hq, Lq, kv_len) bool, replaces causal and window.
+    scale, causal, window, softcap, num_splits: as in
+       :func:`kvpass.kernels.attention.attention_over_store`.
+    return_lse: also return lse (B, Hq, Lq) fp32, natural-log logsumexp of each row's visible
+       scores, -inf for rows with no visible key.
+
+    Returns a new contiguous (B, Hq, Lq, Dv) tensor of q's dtype (and lse if return_lse); rows
+    with no visible key are 0.
+    """
+    dims = check_coded_inputs(q, kv, valid, q_start, scale=scale, window=window, softcap=softcap,
+                              mask=mask)
+    store_args = (
+        kv.anchor_slot, *kv.anchor_slot.stride(), kv.exact_start,
+        *_side_args(kv.codes_k, kv.codebook_k, kv.anchor_k, kv.exact_k),
+        *_side_args(kv.codes_v, kv.codebook_v, kv.anchor_v, kv.exact_v),
+    )
+    sub_vectors = {"SUB_K": kv.codebook_k.shape[3], "SUB_V": kv.codebook_v.shape[3]}
+    return launch_attention(
+        _coded_fwd_kernel, store_args, sub_vectors, kv.tensors(), q, valid, mask, dims,
+        scale=scale, causal=causal, window=window, softcap=softcap, num_splits=num_splits,
+        return_lse=return_lse, caller="attention_over_codes", launch_config=_launch_config,
+    )

@@ -1,0 +1,238 @@
+"""AnTKV end to end on tiny models: calibration artefacts, the store's anchor rule, compiled semantics."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from families import FAMILIES
+
+import kvpass
+from kvpass import calibration
+from kvpass.calibration.artefact import Calibration
+from kvpass.config import AnTKV
+from kvpass.methods import pq
+from kvpass.methods.antkv import AnTKVStore
+from kvpass.methods.base import AttentionSpec
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path / "cache"))
+
+
+def _calibrate(model, bits=1.0):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return calibration.calibrate(model, AnTKV(bits=bits), tokens=1024, seqlen=128, progress=False)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = FAMILIES["llama"].build()
+    return model, _calibrate(model, 1.0)
+
+
+# -- calibration artefacts -----------------------------------------------------------------------------------
+def test_artefact_round_trip_and_metadata(llama, tmp_path):
+    model, cal = llama
+    path = cal.save(tmp_path / "a.safetensors")
+    loaded = Calibration.load(path)
+    assert loaded.meta == cal.meta == json.loads(path.with_suffix(".json").read_text())
+    assert loaded.tensors.keys() == cal.tensors.keys()
+    assert all(torch.equal(loaded.tensors[k], cal.tensors[k]) for k in cal.tensors)
+    book = loaded.section("antkv-1bit")["layers.0.keys"]
+    cfg = model.config
+    assert tuple(book.shape) == (cfg.num_key_value_heads, 16 // 8, 256, 8)  # head dim 16, 8-d sub-vectors
+    assert loaded.meta["text"]["name"] == "random-token-ids" and loaded.meta["text"]["tokens"] == 1024
+    loaded.check(model, "antkv-1bit", calibration.antkv.section_params(AnTKV(bits=1)))
+
+
+def test_artefact_for_another_model_or_setting_is_refused(llama, tmp_path):
+    _, cal = llama
+    path = cal.save(tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="another model.*kv_heads: artefact 2, model 4"):
+        kvpass.compile(FAMILIES["gpt2"].build(), kvpass.Config(attention=AnTKV(bits=1), calibration=str(path)))
+    with pytest.raises(ValueError, match="no section 'antkv-2bit'"):
+        kvpass.compile(FAMILIES["llama"].build(), kvpass.Config(attention=AnTKV(bits=2), calibration=str(path)))
+    other = FAMILIES["llama"].build(seed=1)  # same architecture, other weights: allowed, with a warning
+    with pytest.warns(UserWarning, match="other weights"):
+        kvpass.compile(other, kvpass.Config(attention=AnTKV(bits=1), calibration=str(path)), inner="eager")
+    with pytest.raises(ValueError, match="does not exist"):
+        Calibration.load(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a kvpass calibration"):
+        Calibration.load(tmp_path / "plain.safetensors")
+
+
+def test_codebooks_beat_random_codebooks(llama):
+    """The learned codebooks reconstruct the model's own keys better than codebooks of random calibration
+    points, and the reconstruction SQNR grows with the rate."""
+    model, _ = llama
+    calls = []
+    windows = torch.randint(3, 120, (2, 64), generator=torch.Generator().manual_seed(5))
+    calibration.collect.run_windows(model, windows, calls.append, progress=False)
+    keys = torch.cat([c.k for c in calls if c.layer == 0], dim=2)          # (1, Hkv, 128, D) held out
+    sqnr = {}
+    for bits in (0.375, 1.0, 4.0):
+        book = _calibrate(model, bits).section(f"antkv-{bits:g}bit")["layers.0.keys"]
+        sqnr[bits] = pq.sqnr_db(keys, pq.decode(pq.encode(keys, book), book))
+        noise = torch.randn_like(book) * book.std()
+        assert sqnr[bits] > pq.sqnr_db(keys, pq.decode(pq.encode(keys, noise), noise)) + 1.0
+    assert sqnr[0.375] < sqnr[1.0] < sqnr[4.0]
+    assert sqnr[4.0] > 15.0
+
+
+# -- the store --------------------------------------------------------------------------------------------------
+def _store(cal, ratio=0.1, window=4, score="bound"):
+    return AnTKVStore(AnTKV(bits=1, anchor_ratio=ratio, window=window, score=score), layer=0, calibration=cal)
+
+
+def _kv(B=2, H=2, L=37, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H * 2, L, D, generator=g), torch.randn(B, H, L, D, generator=g),
+            torch.randn(B, H, L, D, generator=g))
+
+
+@pytest.mark.parametrize("score", ["attention", "attention_variance", "bound"])
+def test_prefill_keeps_window_and_anchor_budget(llama, score):
+    _, cal = llama
+    q, k, v = _kv()
+    store = _store(cal, ratio=0.1, window=4, score=score)
+    store.append(k, v)
+    out = store.attend(q, None, True, AttentionSpec(scale=0.25))
+    assert out.shape == (2, 4, 37, 16) and torch.isfinite(out).all()
+    assert store._finalized == 37 - 4 + 1                       # the newest window - 1 stay exact
+    assert (store._anchor_count == math.ceil(0.1 * 34)).all()   # the budget, per row and kv head
+    keys, values = store.materialize()
+    anchors = store._anchor_slot[:, :, :34] >= 0
+    assert torch.equal(keys[:, :, :34][anchors], k[:, :, :34][anchors])        # anchors are exact
+    assert torch.equal(keys[:, :, 34:], k[:, :, 34:]) and torch.equal(values[:, :, 34:], v[:, :, 34:])
+    coded = ~anchors
+    assert not torch.equal(keys[:, :, :34][coded], k[:, :, :34][coded])
+
+
+def test_sink_is_an_anchor_by_the_same_rule(llama):
+    """A token every query attends to (an attention sink) is kept exact, with no special case for position 0."""
+    _, cal = llama
+    q, k, v = _kv(B=1, L=64, seed=3)
+    u = torch.randn(16, generator=torch.Generator().manual_seed(9))
+    q += u                                       # a direction every query shares ...
+    k[:, :, 5] = 2 * u                           # ... makes token 5 draw most of the attention of later queries
+    # Not "attention_variance": A(1 - A) vanishes as A -> 1, so it misses a sink that takes nearly all the
+    # attention (docs/antkv.md); the value-error term of "bound" is what keeps such a token.
+    for score in ("attention", "bound"):
+        store = _store(cal, ratio=0.02, window=4, score=score)
+        store.append(k, v)
+        store.attend(q, None, True, AttentionSpec(scale=0.25))
+        assert (store._anchor_slot[:, :, 5] >= 0).all(), score
+
+
+def test_decode_finalizes_one_token_per_step_within_budget(llama):
+    _, cal = llama
+    q, k, v = _kv(B=1, L=300, seed=4)
+    store = _store(cal, ratio=0.05, window=8)
+    store.append(k[:, :, :100], v[:, :, :100])
+    store.attend(q[:, :, :100], None, True, AttentionSpec(scale=0.25))
+    for t in range(100, 300):
+        store.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        out = store.attend(q[:, :, t : t + 1], None, True, AttentionSpec(scale=0.25))
+        assert torch.isfinite(out).all()
+        assert store.length - store._finalized == 8       # exactly the window is exact during decode
+    assert (store._anchor_count <= math.ceil(0.05 * store._finalized)).all()
+    assert (store._anchor_count >= math.ceil(0.05 * 93)).all()   # at least the prefill's anchors
+    parts = store.nbytes()
+    assert set(parts) == {"codes", "anchors", "codebooks", "window"} and all(b > 0 for b in parts.values())
+
+
+def test_anchor_ratio_zero_and_full_window(llama):
+    _, cal = llama
+    q, k, v = _kv(B=1, L=10)
+    store = _store(cal, ratio=0.0, window=16)                     # the whole prompt stays in the window
+    store.append(k, v)
+    out = store.attend(q, None, True, AttentionSpec(scale=0.25))
+    exact = kvpass.kernels_dispatch.attention(q, k, v, mask=None, is_causal=True, scale=0.25, softcap=0.0, window=0)
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
+    store = _store(cal, ratio=0.0, window=1)
+    store.append(k, v)
+    store.attend(q, None, True, AttentionSpec(scale=0.25))
+    assert (store._anchor_count == 0).all() and store._finalized == 10
+
+
+# -- compiled models ----------------------------------------------------------------------------------------
+def _compiled(model, cal_path, inner="eager", **method):
+    return kvpass.compile(model, kvpass.Config(attention=AnTKV(**method), calibration=str(cal_path)), inner=inner)
+
+
+def test_compiled_generate_padding_and_4bit_accuracy(llama, tmp_path):
+    model, _ = llama
+    cal4 = _calibrate(model, 4.0).save(tmp_path / "c4.safetensors")
+    ids = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(0))
+    dense = model(ids, use_cache=False).logits
+    try:
+        _compiled(model, cal4, bits=4, anchor_ratio=0.02, window=4)
+        logits = model(ids, use_cache=False).logits
+        rel = ((logits - dense).norm() / dense.norm()).item()
+        assert rel < 0.05, rel
+        # a left-padded batch gives each row what it gives alone
+        short = ids[:, 8:]
+        batch = torch.cat([ids, torch.cat([torch.zeros_like(ids[:, :8]), short], 1)])
+        mask = torch.ones_like(batch)
+        mask[1, :8] = 0
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        alone = model.generate(short, max_new_tokens=6, do_sample=False)
+        assert torch.equal(out[1, -6:], alone[0, -6:])
+        rep = kvpass.report(model)
+        assert rep["attention_calls"]["kvpass-cache/decode"] > 0
+        assert set(rep["kv_bytes_by_part"]) == {"codes", "anchors", "codebooks", "window"}
+    finally:
+        kvpass.detach(model)
+
+
+def test_unfused_cache_path_refuses(llama, tmp_path):
+    model, cal = llama
+    path = cal.save(tmp_path / "c.safetensors")
+    kvpass.attach(model, kvpass.Config(attention=AnTKV(bits=1), calibration=str(path)))
+    try:
+        with pytest.raises(NotImplementedError, match="chooses what it keeps from attention scores"):
+            model.generate(torch.randint(3, 100, (1, 12)), max_new_tokens=2, do_sample=False)
+    finally:
+        kvpass.detach(model)
+
+
+def test_triton_kernels_match_reference_semantics(llama, tmp_path, monkeypatch):
+    """The compiled model with the Triton kernels (interpreter on CPU) = the rewritten graph run eagerly on the
+    fp32 references: the same anchors, the same outputs."""
+    model, cal = llama
+    path = cal.save(tmp_path / "c.safetensors")
+    device = "cuda" if torch.cuda.is_available() else "cpu"    # Triton needs CUDA tensors or the interpreter
+    model = model.to(device)
+    ids = torch.randint(3, 120, (1, 24), generator=torch.Generator().manual_seed(1)).to(device)
+    outs = {}
+    for kernels, inner in (("reference", "eager"), ("triton", "aot_eager")):
+        monkeypatch.setenv("KVPASS_KERNELS", kernels)
+        _compiled(model, path, inner=inner, bits=1, anchor_ratio=0.1, window=4)
+        try:
+            outs[kernels] = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                           return_dict_in_generate=True)
+        finally:
+            kvpass.detach(model)
+            torch._dynamo.reset()
+    model.to("cpu")
+    assert torch.equal(outs["reference"].sequences, outs["triton"].sequences)
+    for a, b in zip(outs["reference"].logits, outs["triton"].logits):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_automatic_calibration_is_cached(tmp_path):
+    model = FAMILIES["llama"].build(seed=2)
+    with pytest.warns(UserWarning, match="random token ids"):
+        first = calibration.resolve(model, kvpass.Config(attention=AnTKV(bits=0.375)))
+    files = list((tmp_path / "cache" / "calibration").glob("*.safetensors"))
+    assert len(files) == 1
+    again = calibration.resolve(model, kvpass.Config(attention=AnTKV(bits=0.375)))
+    assert again.meta == first.meta
