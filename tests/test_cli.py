@@ -29,3 +29,26 @@ def test_inspect_real_model(capsys):
     assert main(["inspect", "--model", "smollm2-135m"]) == 0
     out = capsys.readouterr().out
     assert out.count("matched   ") == 60 and "unmatched" not in out
+
+
+def test_method_flags_are_validated():
+    with pytest.raises(SystemExit, match="bits=3.0"):
+        main(["eval", "ppl", "--attention", "antkv", "--bits", "3"])
+    with pytest.raises(SystemExit, match="needs no calibration"):
+        main(["calibrate", "--attention", "kivi", "--out", "x.safetensors"])
+
+
+@pytest.mark.slow
+def test_calibrate_writes_an_artefact_the_eval_reads(tmp_path, capsys):
+    import json
+
+    from kvpass.calibration.artefact import Calibration
+
+    out = tmp_path / "smol.safetensors"
+    assert main(["calibrate", "--model", "smollm2-135m", "--bits", "1", "0.375", "--tokens", "512", "--seqlen",
+                 "256", "--out", str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(meta["sections"]) == ["antkv-0.375bit", "antkv-1bit"] and meta["text"]["name"] == "lee"
+    assert Calibration.load(out).section("antkv-1bit")["layers.29.values"].shape == (3, 8, 256, 8)
+    with pytest.raises(SystemExit, match="calibration text 'lee' is the evaluation text"):
+        main(["eval", "ppl", "--text", "lee", "--attention", "antkv", "--calibration", str(out)])
