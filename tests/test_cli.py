@@ -1,8 +1,8 @@
 """The command line: the README's main job (`kvpass generate`) and `kvpass inspect`."""
 import pytest
+from kvpass.patterns import CATALOGUE
 
 from kvpass.cli import main
-from kvpass.patterns import CATALOGUE
 
 
 def test_inspect_catalogue_lists_every_entry(capsys):
