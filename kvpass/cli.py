@@ -15,9 +15,11 @@ from .config import ANCHOR_SCORES, KIVI, AnTKV, Config, Dense, DenseFFN
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _attention_method(args):
-    """The KV-cache method the flags describe (a bad value raises the config's ValueError, shown as an error)."""
-    bits = {"antkv": 1.0, "kivi": 2}.get(args.attention) if args.bits is None else args.bits
+def _attention_method(args, bits=None):
+    """The KV-cache method the flags describe, at `bits` (default: --bits, else the method's default); a bad
+    value raises the config's ValueError, shown as an error."""
+    bits = bits if bits is not None else args.bits
+    bits = {"antkv": 1.0, "kivi": 2}.get(args.attention) if bits is None else bits
     try:
         if args.attention == "antkv":
             return AnTKV(bits=bits, anchor_ratio=args.anchor_ratio, window=args.window, score=args.score)
@@ -152,10 +154,7 @@ def cmd_generate(args) -> int:
 def cmd_calibrate(args) -> int:
     from .calibration import calibrate, needs_calibration
 
-    methods = []
-    for bits in args.bits or [None]:   # several rates share one run of the model
-        args.bits = bits
-        methods.append(_attention_method(args))
+    methods = [_attention_method(args, bits) for bits in args.bits or [None]]   # one model run for all rates
     if not needs_calibration(methods[0]):
         raise SystemExit(f"kvpass: --attention {args.attention} needs no calibration (antkv does)")
     model, tokenizer = _load(args)

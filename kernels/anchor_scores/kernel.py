@@ -31,12 +31,11 @@ slower than the 16-bit attention kernel.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..attention.dense import _check_device, scores, visible
 from .reference import NUM_STATS, check_anchor_inputs
 
 __all__ = ["anchor_scores"]
@@ -74,41 +73,6 @@ def _row_range(pid_n, Lq, Lk, group, q_start, key_start, window,
         last_key = key_start + tl.minimum(pid_n * BLOCK_N + BLOCK_N, Lk) - 1
         i_hi = tl.minimum(last_key + window - q_start, Lq)
     return i_lo * group, i_hi * group
-
-
-@triton.jit
-def _scores_log2(q, k, qk_scale, softcap_log2, HAS_SOFTCAP: tl.constexpr):
-    """log2(e) * s for q (M, D) and k (N, D) fp32 tiles: (M, N) fp32.
-
-    qk_scale is scale * log2(e) without soft-cap, 2 * log2(e) * scale / softcap with it;
-    softcap_log2 is softcap * log2(e).
-    """
-    qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-    if HAS_SOFTCAP:
-        # softcap * tanh(x), x = qk * scale / softcap, with t = 2 x log2(e):
-        # tanh|x| = (1 - 2^-|t|) / (1 + 2^-|t|) never overflows.
-        t = qk * qk_scale
-        e = tl.exp2(-tl.abs(t))
-        th = (1.0 - e) / (1.0 + e)
-        s = tl.where(t < 0, -th, th) * softcap_log2
-    else:
-        s = qk * qk_scale
-    return s
-
-
-@triton.jit
-def _visibility(row_ok, key_ok, q_pos, key_pos, MASK, mask_rows, smj, window,
-                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr):
-    """(M, N) bool: the rule of attention/reference.py. mask_rows: (M,) int64 row offsets into MASK."""
-    vis = row_ok[:, None] & key_ok[None, :]
-    if HAS_MASK:
-        mask_ptrs = MASK + mask_rows[:, None] + key_pos[None, :].to(tl.int64) * smj
-        vis = vis & (tl.load(mask_ptrs, mask=vis, other=0) != 0)
-    if HAS_WINDOW:
-        vis = vis & (key_pos[None, :] > q_pos[:, None] - window)
-    if CAUSAL:
-        vis = vis & (key_pos[None, :] <= q_pos[:, None])
-    return vis
 
 
 @triton.jit
@@ -198,10 +162,9 @@ def _anchor_scores_kernel(
         lse_log2 = tl.load(LSE + b * slb + head * slh + qi * sll, mask=row_ok,
                            other=float("-inf")) * _LOG2E
 
-        s = _scores_log2(q, k, qk_scale, softcap_log2, HAS_SOFTCAP)
-        vis = _visibility(row_ok & (lse_log2 > float("-inf")), key_ok, q_start + qi, key_pos,
-                          MASK, b * smb + head * smh + qi * smi, smj, window,
-                          CAUSAL, HAS_WINDOW, HAS_MASK)
+        s = scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP, True)     # fp32 "ieee" dots
+        vis = visible(MASK, b * smb + head * smh + qi * smi, smj, row_ok & (lse_log2 > float("-inf")),
+                      key_ok, key_pos, q_start + qi, window, CAUSAL, HAS_WINDOW, HAS_MASK)
         # -inf where hidden: rows with lse = -inf would give exp2(+inf) there.
         a = tl.exp2(tl.where(vis, s - lse_log2[:, None], float("-inf")))
         mass += a
@@ -220,18 +183,6 @@ def _anchor_scores_kernel(
     tl.store(out + sts, tl.sum(jacobian, 0), mask=n_ok)
     tl.store(out + 2 * sts, tl.sum(sensitivity, 0), mask=n_ok)
     tl.store(out + 3 * sts, tl.sum(pairs, 0), mask=n_ok)
-
-
-def _check_device(**tensors):
-    """The given tensors (None = absent) share one device, CUDA or (TRITON_INTERPRET=1) CPU."""
-    present = {name: t for name, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
-    if len(devices) != 1:
-        raise ValueError("all inputs must be on one device, got "
-                         + ", ".join(f"{n}: {t.device}" for n, t in present.items()))
-    if devices.pop().type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("anchor_scores needs CUDA tensors "
-                           "(or TRITON_INTERPRET=1 set before triton is imported, for CPU)")
 
 
 def anchor_scores(q, k, v, lse, o=None, valid=None, *, q_start, key_start, scale, causal=True,
@@ -257,7 +208,7 @@ def anchor_scores(q, k, v, lse, o=None, valid=None, *, q_start, key_start, scale
         q, k, v, lse, o, valid, q_start=q_start, key_start=key_start, scale=scale, window=window,
         softcap=softcap, mask=mask,
     )
-    _check_device(q=q, k=k, v=v, lse=lse, o=o, valid=valid, mask=mask)
+    _check_device("anchor_scores", {"q": q, "k": k, "v": v, "lse": lse, "o": o, "valid": valid, "mask": mask})
     out = torch.empty((NUM_STATS, B, Hkv, Lk), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out

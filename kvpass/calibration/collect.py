@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from .._progress import progress as _progress
+from ..kernels.anchor_scores.reference import attention_scores
 
 _IMPLEMENTATION = "kvpass_calibration"
 
@@ -38,22 +39,13 @@ class AttentionCall:
     lse: torch.Tensor
 
 
-def scores(q, k, mask, scale: float, softcap: float) -> torch.Tensor:
-    """Masked fp32 attention logits (B, Hq, Lq, Lk), GQA-expanded; -inf where the mask hides a key."""
-    group = q.shape[1] // k.shape[1]
-    s = torch.matmul(q.float(), k.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    return s.masked_fill(~mask, float("-inf"))
-
-
 def _recording_attention(observer: Callable[[AttentionCall], None]):
     def attention(module, q, k, v, mask, scaling=None, softcap=None, **kwargs):
         scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
         # The eager mask interface gives an additive float mask (0 = attend) that already holds causality,
         # padding and sliding windows.
         allowed = mask[..., : k.shape[-2]] == 0
-        s = scores(q, k, allowed, scale, float(softcap or 0.0))
+        s = attention_scores(q, k, scale=scale, softcap=float(softcap or 0.0)).masked_fill(~allowed, float("-inf"))
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
         group = q.shape[1] // k.shape[1]

@@ -80,7 +80,7 @@ class AnTKVStore(LayerStore):
         self._stats = k.new_zeros(_STATS, B, H, 0, dtype=torch.float32)
         self._anchor_count = torch.zeros(B, H, dtype=torch.int64, device=k.device)
         self._finalized_seen = torch.zeros(B, H, dtype=torch.int64, device=k.device)  # finalized, not padding
-        self._threshold = torch.full((B, H), float("-inf"), device=k.device)    # weakest anchor's score so far
+        self._weakest = torch.full((B, H), float("inf"), device=k.device)   # lowest score among the anchors so far
         self._codes_k = self._codes_v = self._anchor_slot = self._anchor_k = self._anchor_v = None
 
     def _reserve(self, needed: int) -> None:
@@ -188,13 +188,13 @@ class AnTKVStore(LayerStore):
         budget = (torch.ceil(self.method.anchor_ratio * self._finalized_seen.double()).long()
                   - self._anchor_count).clamp_min(0)                                                    # (B, H)
         rank = score.argsort(dim=-1, descending=True).argsort(dim=-1)                               # 0 = best
-        chosen = (rank < budget[..., None]) & (score >= self._threshold[..., None]) & torch.isfinite(score)
+        # Before any anchor exists, any finite score qualifies; afterwards it must reach the weakest anchor.
+        floor = torch.where(self._anchor_count > 0, self._weakest, float("-inf"))
+        chosen = (rank < budget[..., None]) & (score >= floor[..., None]) & torch.isfinite(score)
         index = self._anchor_count[..., None] + chosen.long().cumsum(-1) - 1                          # (B, H, n)
         rows = torch.where(chosen, index, self._anchor_k.shape[2] - 1)          # the last row is the spare one
         self._anchor_k.scatter_(2, rows[..., None].expand(*rows.shape, k.shape[-1]), k)
         self._anchor_v.scatter_(2, rows[..., None].expand(*rows.shape, v.shape[-1]), v)
         self._anchor_slot[:, :, start : start + n] = torch.where(chosen, index, -1).to(torch.int32)
         self._anchor_count += chosen.sum(-1)
-        weakest = torch.where(chosen, score, float("inf")).amin(-1)
-        self._threshold = torch.where(chosen.any(-1), torch.minimum(weakest, self._threshold.nan_to_num(
-            neginf=float("inf"))), self._threshold)
+        self._weakest = torch.minimum(self._weakest, torch.where(chosen, score, float("inf")).amin(-1))
