@@ -10,7 +10,7 @@ import time
 import torch
 
 from .calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS
-from .config import ANCHOR_SCORES, KIVI, AnTKV, Config, Dense, DenseFFN
+from .config import ANCHOR_SCORES, ANTKV_KEYS, KIVI, AnTKV, Config, Dense, DenseFFN
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -22,7 +22,8 @@ def _attention_method(args, bits=None):
     bits = {"antkv": 1.0, "kivi": 2}.get(args.attention) if bits is None else bits
     try:
         if args.attention == "antkv":
-            return AnTKV(bits=bits, anchor_ratio=args.anchor_ratio, window=args.window, score=args.score)
+            return AnTKV(bits=bits, anchor_ratio=args.anchor_ratio, window=args.window, score=args.score,
+                         keys=args.keys)
         if args.attention == "kivi":
             return KIVI(bits=int(bits), group=args.group, residual=args.window)
         return Dense(dtype=args.kv_dtype)
@@ -37,7 +38,9 @@ def _config(args) -> Config:
 
 def _method_name(config: Config) -> str:
     m = config.attention
-    name = {"antkv": lambda: f"antkv-{m.bits:g}bit-{m.anchor_ratio:g}anchors",
+    name = {"antkv": lambda: (f"antkv-{m.bits:g}bit-{m.anchor_ratio:g}anchors"      # defaults unnamed
+                              + ("" if m.score == "bound" else f"-{m.score}")
+                              + ("" if m.keys == "pre-rope" else f"-{m.keys}")),
             "kivi": lambda: f"kivi-{m.bits}bit"}.get(m.method, lambda: m.method)()
     return name + ("" if config.ffn is None else f"+ffn-{config.ffn.method}")
 
@@ -88,6 +91,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anchor-ratio", type=float, default=0.01, help="antkv: fraction of tokens kept exact")
     parser.add_argument("--window", type=int, default=32, help="antkv/kivi: newest tokens kept exact")
     parser.add_argument("--score", choices=ANCHOR_SCORES, default="bound", help="antkv: Anchor Score candidate")
+    parser.add_argument("--keys", choices=ANTKV_KEYS, default="pre-rope", help="antkv: key codebooks before or "
+                                                                               "after RoPE")
     parser.add_argument("--group", type=int, default=32, help="kivi: tokens per key scale")
     parser.add_argument("--calibration", default=None, help="calibration artefact (default: calibrate "
                                                             "automatically on the default text, cached)")

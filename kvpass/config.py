@@ -53,6 +53,9 @@ class Dense(AttentionMethod):
 ANTKV_RATES: dict[float, tuple[int, int]] = {4.0: (2, 256), 2.0: (4, 256), 1.0: (8, 256), 0.75: (8, 64),
                                              0.375: (16, 64)}
 ANCHOR_SCORES = ("attention", "attention_variance", "bound")
+# Where AnTKV's key codebooks live: before RoPE (keys rotated back by their position, RoPE re-applied when read;
+# the better one, docs/antkv.md) or after it (keys as attention sees them).
+ANTKV_KEYS = ("pre-rope", "post-rope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +65,8 @@ class AnTKV(AttentionMethod):
     bits: bits per value, one of ANTKV_RATES (product quantization of keys and values per layer and KV head);
     anchor_ratio: fraction of tokens kept exact, chosen online by the highest Anchor Score;
     window: the newest tokens stay exact until `window` later queries have scored them (then they are encoded
-        or become anchors); score: the Anchor Score candidate (ANCHOR_SCORES).
+        or become anchors); score: the Anchor Score candidate (ANCHOR_SCORES);
+    keys: "pre-rope" or "post-rope" key codebooks (ANTKV_KEYS).
     """
 
     method: ClassVar[str] = "antkv"
@@ -70,6 +74,7 @@ class AnTKV(AttentionMethod):
     anchor_ratio: float = 0.01
     window: int = 32
     score: str = "bound"
+    keys: str = "pre-rope"
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or float(self.bits) not in ANTKV_RATES:
@@ -83,6 +88,8 @@ class AnTKV(AttentionMethod):
             raise ValueError(f"window={self.window!r} must be an int >= 1 (recent tokens kept exact while scored)")
         if self.score not in ANCHOR_SCORES:
             raise ValueError(f"score={self.score!r} is not an Anchor Score; use one of {list(ANCHOR_SCORES)}")
+        if self.keys not in ANTKV_KEYS:
+            raise ValueError(f"keys={self.keys!r}: key codebooks are {' or '.join(map(repr, ANTKV_KEYS))}")
 
     @property
     def sub_vector(self) -> int:

@@ -13,6 +13,7 @@ import kvpass
 from kvpass import calibration
 from kvpass.calibration.artefact import Calibration
 from kvpass.config import AnTKV
+from kvpass.kernels.coded_attention import rope_rotate
 from kvpass.methods import pq
 from kvpass.methods.antkv import AnTKVStore
 from kvpass.methods.base import AttentionSpec
@@ -76,10 +77,14 @@ def test_codebooks_beat_random_codebooks(llama):
     calls = []
     windows = torch.randint(3, 120, (2, 64), generator=torch.Generator().manual_seed(5))
     calibration.collect.run_windows(model, windows, calls.append, progress=False)
-    keys = torch.cat([c.k for c in calls if c.layer == 0], dim=2)          # (1, Hkv, 128, D) held out
     sqnr = {}
     for bits in (0.375, 1.0, 4.0):
-        book = _calibrate(model, bits).section(f"antkv-{bits:g}bit")["layers.0.keys"]
+        section = _calibrate(model, bits).section(f"antkv-{bits:g}bit")
+        # Layer 1: layer 0's pre-RoPE keys depend on the token alone, and the test vocabulary fits a codebook.
+        book, (inv_freq, scaling) = section["layers.1.keys"], calibration.antkv.section_rotation(section, 1)
+        positions = torch.arange(64)[None]      # the codebooks hold keys before RoPE: rotate them back
+        keys = torch.cat([rope_rotate(c.k, positions, inv_freq, scaling, inverse=True) for c in calls
+                          if c.layer == 1], dim=2)                         # (1, Hkv, 128, D) held out
         sqnr[bits] = pq.sqnr_db(keys, pq.decode(pq.encode(keys, book), book))
         noise = torch.randn_like(book) * book.std()
         assert sqnr[bits] > pq.sqnr_db(keys, pq.decode(pq.encode(keys, noise), noise)) + 1.0
@@ -239,3 +244,36 @@ def test_automatic_calibration_is_cached(tmp_path):
         again = calibration.resolve(model, kvpass.Config(attention=AnTKV(bits=0.375)))
     assert not [w for w in caught if "random token ids" in str(w.message)]
     assert again.meta == first.meta and all(torch.equal(again.tensors[k], first.tensors[k]) for k in first.tensors)
+
+
+# -- pre-RoPE keys ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", [name for name in FAMILIES if name != "llama-eager"])
+def test_model_rotary_is_the_rotation_the_model_applies(family):
+    """Attention depends on position differences only, so shifting every position by 7 leaves each layer's
+    pre-RoPE keys unchanged: rotating the observed keys back with model_rotary's parameters must give the same
+    keys under both numberings (and does not with slightly wrong frequencies)."""
+    from kvpass.calibration.collect import observe_attention
+    from kvpass.methods.rope import model_rotary
+
+    model = FAMILIES[family].build()
+    layers = range(model.config.get_text_config().num_hidden_layers)
+    rotations = {layer: model_rotary(model, layer) for layer in layers}
+    if family in ("gpt2", "opt"):
+        assert all(r is None for r in rotations.values())
+        return
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(12)[None]
+    keys = {}
+    for shift in (0, 7):
+        calls = []
+        with torch.no_grad(), observe_attention(model, calls.append):
+            model._call_impl(ids, position_ids=positions + shift, use_cache=False)
+        keys[shift] = {c.layer: c.k for c in calls}
+    for layer, (inv_freq, scaling) in rotations.items():
+        assert 2 * inv_freq.numel() <= keys[0][layer].shape[-1]
+
+        def back(shift, freq=inv_freq):
+            return rope_rotate(keys[shift][layer], positions + shift, freq, scaling, inverse=True)
+
+        torch.testing.assert_close(back(0), back(7), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(back(0, inv_freq * 1.05), back(7, inv_freq * 1.05), rtol=1e-4, atol=1e-4)

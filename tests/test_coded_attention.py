@@ -27,9 +27,11 @@ pytest.importorskip("triton")
 from kvpass.kernels.attention import attention_over_store
 from kvpass.kernels.coded_attention import (
     CodedKV,
+    KeyRotation,
     attention_over_codes,
     attention_over_codes_reference,
     dequantize,
+    rope_rotate,
 )
 
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -67,6 +69,8 @@ class Case:
     dtype: torch.dtype = F32    # q dtype
     store_dtype: torch.dtype | None = None  # None: same as q
     layout: str = "bhsd"        # "bshd": codes and exact tokens are transposed (B, S, Hkv, .) views
+    rope: int = 0               # > 0: coded keys are pre-RoPE, this many dims rotated (positions after pads)
+    rope_scaling: float = 1.0
 
     @property
     def B(self):
@@ -121,7 +125,11 @@ def make_store(c: Case, g) -> tuple[CodedKV, torch.Tensor]:
         return codes, codebook, anchors, exact
 
     (ck, bk, ak, ek), (cv, bv, av, ev) = side(c.D, c.sub), side(c.Dv or c.D, c.sub_v or c.sub)
-    return CodedKV(ck, cv, bk, bv, anchor_slot, ak, av, ek, ev, E), valid
+    rotation = None
+    if c.rope:
+        inv_freq = 10000.0 ** (-torch.arange(0, c.rope, 2, dtype=F32) / c.rope)
+        rotation = KeyRotation(inv_freq, c.rope_scaling, torch.tensor(c.pads, dtype=torch.int32))
+    return CodedKV(ck, cv, bk, bv, anchor_slot, ak, av, ek, ev, E, rotation), valid
 
 
 def make_mask(c: Case, g, kv_len, not_pad):
@@ -139,7 +147,9 @@ def make_mask(c: Case, g, kv_len, not_pad):
 
 
 def _to_device(kv: CodedKV) -> CodedKV:
-    return dataclasses.replace(kv, **{n: t.to(DEVICE) for n, t in kv.tensors().items()})
+    rotation = kv.rotation and dataclasses.replace(kv.rotation, inv_freq=kv.rotation.inv_freq.to(DEVICE),
+                                                   position_offset=kv.rotation.position_offset.to(DEVICE))
+    return dataclasses.replace(kv, **{n: t.to(DEVICE) for n, t in kv.tensors().items()}, rotation=rotation)
 
 
 def make_inputs(c: Case):
@@ -208,6 +218,14 @@ CASES = {
                                   store_dtype=F32),
     "fp16-decode-gqa8": Case(20, D=128, sub=16, Lq=1, length=100, exact=3, group=8, dtype=F16),
     "bf16-chunk-sub8-c256": Case(21, D=96, centroids=256, Lq=17, length=100, exact=25, group=3, dtype=BF16),
+    # pre-RoPE key codes rotated in the kernel: full and partial rotary, YaRN-like scaling, padded rows
+    "rope-d64-chunk-gqa3": Case(22, Lq=17, length=100, exact=10, group=3, rope=64),
+    "rope-d80-partial32-decode-fp16": Case(23, D=80, sub=16, Lq=1, length=300, exact=20, group=4, rope=32,
+                                           pads=(0, 40, 250), dtype=F16),
+    "rope-d128-prefill-scaled-bf16": Case(24, D=128, sub=16, Lq=60, length=60, exact=0, group=2, rope=128,
+                                          rope_scaling=1.2, dtype=BF16),
+    "rope-d96-sub2-long": Case(25, D=96, sub=2, centroids=256, Lq=1, length=1000, exact=32, Hkv=1, group=8,
+                               rope=96, pads=(7,)),
 }
 
 
@@ -323,6 +341,38 @@ def test_dequantize_matches_explicit_loop():
                     else:
                         want = torch.cat([codebook[h, m, codes[b, h, j, m].long()] for m in range(4)])
                     assert torch.equal(got[b, h, j], want.float()), (b, h, j)
+
+
+def test_rope_rotate_matches_transformers_and_inverts():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(91)
+    x = torch.randn(2, 3, 7, 64, generator=g)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [-3, -2, -1, 0, 1, 2, 3]])
+    inv_freq = 1e4 ** (-torch.arange(0, 64, 2, dtype=F32) / 64)
+    angle = positions[..., None].float() * inv_freq
+    emb = torch.cat([angle, angle], -1)
+    _, want = apply_rotary_pos_emb(x, x, emb.cos(), emb.sin())
+    assert torch.allclose(rope_rotate(x, positions, inv_freq, 1.0), want, atol=1e-5)
+    assert torch.allclose(rope_rotate(rope_rotate(x, positions, inv_freq, 1.3), positions, inv_freq, 1.3,
+                                      inverse=True), x, atol=1e-5)
+    partial = rope_rotate(x, positions, inv_freq[:8], 1.0)           # partial rotary: 16 of 64 dims
+    assert torch.equal(partial[..., 16:], x[..., 16:])
+
+
+def test_dequantize_rotates_only_coded_keys():
+    c = Case(92, D=16, sub=4, length=12, exact=3, Hkv=2, pads=(0, 2), anchors=0.3, rope=8)
+    kv, _ = make_store(c, torch.Generator().manual_seed(92))
+    k, v = dequantize(kv)
+    k0, v0 = dequantize(dataclasses.replace(kv, rotation=None))
+    E = kv.exact_start
+    coded = (kv.anchor_slot[..., :E] < 0)[..., None]
+    positions = torch.arange(E)[None] - torch.tensor(c.pads)[:, None]
+    rotated = rope_rotate(k0[:, :, :E], positions, kv.rotation.inv_freq, 1.0)
+    exact = dict(rtol=0, atol=0, equal_nan=True)       # pad slots are NaN anchors
+    torch.testing.assert_close(k[:, :, :E], torch.where(coded, rotated, k0[:, :, :E]), **exact)
+    torch.testing.assert_close(k[:, :, E:], k0[:, :, E:], **exact)
+    torch.testing.assert_close(v, v0, **exact)
 
 
 def _valid_kv(**change):

@@ -9,7 +9,8 @@ def test_defaults_and_round_trip():
     assert cfg.attention.dtype == "float16" and cfg.attention.torch_dtype is torch.float16
     assert kvpass.Config.from_dict(cfg.to_dict()) == cfg
     assert kvpass.Config().attention == kvpass.Dense()
-    for method in (kvpass.AnTKV(bits=0.375, anchor_ratio=0.02, window=8, score="attention"), kvpass.KIVI(bits=4)):
+    for method in (kvpass.AnTKV(bits=0.375, anchor_ratio=0.02, window=8, score="attention", keys="post-rope"),
+                   kvpass.KIVI(bits=4)):
         assert kvpass.Config.from_dict(kvpass.Config(attention=method).to_dict()).attention == method
 
 
@@ -27,6 +28,7 @@ def test_defaults_and_round_trip():
     (lambda: kvpass.AnTKV(anchor_ratio=0.9), ["anchor_ratio=0.9", "[0, 0.5]"]),
     (lambda: kvpass.AnTKV(window=0), ["window=0", ">= 1"]),
     (lambda: kvpass.AnTKV(score="magic"), ["score='magic'", "bound"]),
+    (lambda: kvpass.AnTKV(keys="rotated"), ["keys='rotated'", "'pre-rope' or 'post-rope'"]),
     (lambda: kvpass.KIVI(bits=3), ["bits=3", "2, 4 or 8"]),
     (lambda: kvpass.KIVI(group=0), ["group=0"]),
     (lambda: kvpass.Config.from_dict({"version": 1, "attention": {"method": "magic"}}), ["'magic'", "dense"]),

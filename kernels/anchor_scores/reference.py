@@ -113,16 +113,22 @@ def anchor_scores_reference(q, k, v, lse, o=None, valid=None, *, q_start, key_st
     vis = visibility_mask(valid, q_start, Lq, Hq, causal=causal, window=window, mask=mask)
     vis = vis[..., key_start:key_start + Lk] & (lse > float("-inf"))[..., None]   # (B, Hq, Lq, Lk)
     s = attention_scores(q, k, scale=scale, softcap=softcap)
-    # -inf where hidden: there s may be NaN (garbage keys) and s - lse = +inf (rows with lse = -inf).
-    a = torch.exp(torch.where(vis, s - lse[..., None], float("-inf")))
-    if o is None:
-        sensitivity = torch.zeros_like(a)
-    else:
-        # ||v_j - o_i|| from the differences themselves (not the ||v||^2 - 2 v.o + ||o||^2 the
-        # kernel uses), so the test compares two computations.
-        v_rows = v.float().repeat_interleave(Hq // Hkv, dim=1)
-        dist = torch.cdist(o.float(), v_rows, compute_mode="donot_use_mm_for_euclid_dist")
-        sensitivity = a * q.float().norm(dim=-1)[..., None] * dist
-    per_pair = torch.stack([a, a * (1.0 - a), sensitivity, torch.ones_like(a)])
-    per_pair = torch.where(vis, per_pair, 0.0)       # garbage (NaN) V of hidden keys stays out
-    return per_pair.view(NUM_STATS, B, Hkv, Hq // Hkv, Lq, Lk).sum(dim=(3, 4))
+    # exp(-inf) = 0 where hidden: there s may be NaN (garbage keys) and s - lse = +inf (rows with lse = -inf).
+    a = torch.exp(torch.where(vis, s - lse[..., None], float("-inf")))        # (B, Hq, Lq, Lk), 0 where hidden
+    group = (B, Hkv, Hq // Hkv, Lq, Lk)
+    stats = a.new_zeros(NUM_STATS, B, Hkv, Lk)
+    stats[0] = a.view(group).sum(dim=(2, 3))
+    stats[1] = stats[0] - a.square().view(group).sum(dim=(2, 3))
+    if o is not None:
+        # ||v_j - o_i||^2 = ||o||^2 - 2 o.v + ||v||^2 as the kernel computes it, but in float64, where the
+        # cancellation of near-equal v and o that fp32 suffers is negligible; hidden pairs are zeroed, as
+        # garbage (NaN) V may sit there.
+        v_rows = v.double().repeat_interleave(Hq // Hkv, dim=1)
+        o64 = o.double()
+        square = (o64.square().sum(-1)[..., None] - 2 * torch.matmul(o64, v_rows.transpose(-1, -2))
+                  + v_rows.square().sum(-1)[..., None, :])
+        dist = square.clamp_min(0).sqrt().float()
+        sensitivity = torch.where(vis, a * q.float().norm(dim=-1)[..., None] * dist, 0.0)
+        stats[2] = sensitivity.view(group).sum(dim=(2, 3))
+    stats[3] = vis.view(group).sum(dim=(2, 3))
+    return stats

@@ -5,10 +5,11 @@ reference, the store's layout (:class:`CodedKV`) and its dequantization.
 :mod:`kvpass.kernels.attention`: importing this package does not import triton (a Linux-only
 dependency, and the CPU interpreter needs ``TRITON_INTERPRET=1`` set before its first import).
 """
-from .layout import CodedKV
+from .layout import CodedKV, KeyRotation, rope_rotate
 from .reference import attention_over_codes_reference, dequantize
 
-__all__ = ["CodedKV", "attention_over_codes", "attention_over_codes_reference", "dequantize"]
+__all__ = ["CodedKV", "KeyRotation", "attention_over_codes", "attention_over_codes_reference", "dequantize",
+           "rope_rotate"]
 
 
 def __getattr__(name):

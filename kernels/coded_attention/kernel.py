@@ -19,7 +19,10 @@ It never materializes the dequantized store: per key tile of ``BLOCK_N`` slots i
   then the centroid element ``CB[h, d // SUB, code, d % SUB]``; anchored / exact slots load their
   rows; all three are masked loads with ``other=0`` and merged with ``tl.where``, so codes of
   anchor or exact slots (maybe out of the codebook), unused anchor rows and NaN in invalid slots
-  are never read (a code is only loaded, and used as an index, for a coded slot).
+  are never read (a code is only loaded, and used as an index, for a coded slot);
+* with a :class:`KeyRotation` (pre-RoPE key codes), rotates the coded part of the K tile: each
+  rotated element also gathers its RoPE partner (``d +- R/2``) and computes cos / sin of
+  ``position * inv_freq`` in fp32, the rotation the reference applies with ``rope_rotate``.
 
 Precision: 16-bit ``tl.dot`` operands when q and every codebook / anchor / exact tensor share one
 16-bit dtype, fp32 "ieee" dots otherwise (each source is then upcast to fp32 before merging, so a
@@ -67,30 +70,57 @@ def _slot_sources(ANCHOR_SLOT, slot_row, sass, offs_n, key_ok, exact_start):
 
 
 @triton.jit
+def _centroid_elements(code_row, CB, hkv, offs_t, dims, sel, scs, scm, sbh, sbm, sbc, sbd,
+                       SUB: tl.constexpr):
+    """(BLOCK_N, BLOCK_D): element dims[d] of each slot's centroid (the code of sub-vector
+    dims[d] // SUB, read from code_row = the tile's first code), 0 where sel is False."""
+    sub_space = dims // SUB
+    code = tl.load(code_row + (offs_t[:, None] * scs + sub_space[None, :] * scm), mask=sel, other=0).to(tl.int32)
+    centroid_offs = (sub_space * sbm + (dims % SUB) * sbd)[None, :] + code * sbc
+    return tl.load(CB + hkv * sbh + centroid_offs, mask=sel, other=0.0)
+
+
+@triton.jit
 def _coded_tile(CODES, CB, ANCHORS, EXACT, b, hkv, start, exact_start,
                 anchor_row, coded, anchored, exact,
                 scb, sch, scs, scm,     # codes (B, Hkv, S, M)
                 sbh, sbm, sbc, sbd,     # codebook (Hkv, M, C, SUB)
                 sab, sah, sas, sad,     # anchors (B, Hkv, A, d)
                 seb, seh, ses, sed,     # exact tokens (B, Hkv, P, d)
-                d, SUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_FP32: tl.constexpr):
+                d, INV_FREQ, rot_half, rope_scaling, position_offset,
+                SUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_FP32: tl.constexpr, ROPE: tl.constexpr):
     """(BLOCK_N, BLOCK_D) keys (or values) of slots [start, start + BLOCK_N) of (b, hkv): the
     centroids of coded slots, the rows of anchored / exact ones, 0 elsewhere and past d.
 
     anchor_row, coded, anchored, exact: (BLOCK_N,) as returned by :func:`_slot_sources`.
+    With ROPE, coded slots hold pre-RoPE keys: their centroids are rotated at position
+    slot - position_offset (the layout's KeyRotation; rot_half = len(INV_FREQ)); each rotated
+    element also gathers its partner element d +- rot_half.
     Slot offsets are an int64 scalar (start) plus int32 offsets within the tile, as in dense.py.
     """
     offs_t = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = (offs_d < d)[None, :]
-    sub_space = offs_d // SUB
     start64 = tl.cast(start, tl.int64)     # not start.to(): a python int under the interpreter
     coded2 = coded[:, None] & d_ok
-    code_ptrs = CODES + b * scb + hkv * sch + start64 * scs + (offs_t[:, None] * scs + sub_space[None, :] * scm)
-    code = tl.load(code_ptrs, mask=coded2, other=0).to(tl.int32)
-    centroid_offs = (sub_space * sbm + (offs_d % SUB) * sbd)[None, :] + code * sbc
-    x = tl.load(CB + hkv * sbh + centroid_offs, mask=coded2, other=0.0)
+    code_row = CODES + b * scb + hkv * sch + start64 * scs
+    x = _centroid_elements(code_row, CB, hkv, offs_t, offs_d, coded2, scs, scm, sbh, sbm, sbc, sbd, SUB)
+    if ROPE:
+        low = offs_d < rot_half
+        rotated = offs_d < 2 * rot_half
+        partner = tl.where(low, offs_d + rot_half, offs_d - rot_half)
+        xp = _centroid_elements(code_row, CB, hkv, offs_t, partner, coded2 & rotated[None, :],
+                                scs, scm, sbh, sbm, sbc, sbd, SUB)
+        freq = tl.load(INV_FREQ + tl.where(low, offs_d, offs_d - rot_half), mask=rotated, other=0.0)
+        angle = (start64 + offs_t - position_offset).to(tl.float32)[:, None] * freq[None, :]
+        sign = tl.where(low, -1.0, 1.0)[None, :]
+        xr = rope_scaling * (x.to(tl.float32) * tl.cos(angle) + sign * xp.to(tl.float32) * tl.sin(angle))
+        if x.dtype == tl.bfloat16:
+            # Round to nearest even by hand, as torch does: Triton's CPU interpreter truncates fp32 -> bf16.
+            bits = xr.to(tl.int32, bitcast=True)
+            xr = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        x = tl.where(rotated[None, :], xr, x.to(tl.float32)).to(x.dtype)
     anchor_offs = anchor_row[:, None] * sas + offs_d[None, :] * sad
     a = tl.load(ANCHORS + b * sab + hkv * sah + anchor_offs, mask=anchored[:, None] & d_ok, other=0.0)
     # (start - exact_start) < 0 before the exact tail: such pointers are formed but never loaded.
@@ -117,16 +147,18 @@ def _coded_fwd_kernel(
     sckb, sckh, scks, sckm, sbkh, sbkm, sbkc, sbkd, sakb, sakh, saks, sakd, sekb, sekh, seks, sekd,
     CODES_V, CB_V, ANCHOR_V, EXACT_V,
     scvb, scvh, scvs, scvm, sbvh, sbvm, sbvc, sbvd, savb, savh, savs, savd, sevb, sevh, sevs, sevd,
+    INV_FREQ, POSITION_OFFSET, rot_half, rope_scaling,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_LSE: tl.constexpr, IS_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SUB_K: tl.constexpr, SUB_V: tl.constexpr,
+    SUB_K: tl.constexpr, SUB_V: tl.constexpr, ROPE: tl.constexpr,
 ):
     """One program of attention over a coded store; grid, common parameters and outputs as
     ``_attn_fwd_kernel`` in dense.py. The store: ANCHOR_SLOT (B, Hkv, S) int32 and exact_start,
     then for keys (K) and values (V) the codes, codebook, anchors and exact tokens of
-    :class:`CodedKV` with their strides; SUB_K = D // Mk, SUB_V = Dv // Mv.
+    :class:`CodedKV` with their strides; SUB_K = D // Mk, SUB_V = Dv // Mv; with ROPE, the
+    KeyRotation's inv_freq (rot_half,) fp32, position_offset (B,) int32 and scaling.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -138,6 +170,7 @@ def _coded_fwd_kernel(
                        CAUSAL, HAS_WINDOW, IS_SPLIT, BLOCK_M, BLOCK_N)
     mask_rows = b * smb + head * smh + qi.to(tl.int64) * smi
     slot_row = b * sasb + hkv * sash
+    position_offset = tl.load(POSITION_OFFSET + b) if ROPE else 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -150,14 +183,16 @@ def _coded_fwd_kernel(
         k = _coded_tile(CODES_K, CB_K, ANCHOR_K, EXACT_K, b, hkv, start, exact_start,
                         anchor_row, coded, anchored, exact,
                         sckb, sckh, scks, sckm, sbkh, sbkm, sbkc, sbkd, sakb, sakh, saks, sakd,
-                        sekb, sekh, seks, sekd, D, SUB_K, BLOCK_N, BLOCK_D, DOT_FP32)
+                        sekb, sekh, seks, sekd, D, INV_FREQ, rot_half, rope_scaling, position_offset,
+                        SUB_K, BLOCK_N, BLOCK_D, DOT_FP32, ROPE)
         s = scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP, UPCAST_DOT)
         vis = visible(MASK, mask_rows, smj, row_ok, key_ok, offs_n, q_pos, window,
                       CAUSAL, HAS_WINDOW, HAS_MASK)
         v = _coded_tile(CODES_V, CB_V, ANCHOR_V, EXACT_V, b, hkv, start, exact_start,
                         anchor_row, coded, anchored, exact,
                         scvb, scvh, scvs, scvm, sbvh, sbvm, sbvc, sbvd, savb, savh, savs, savd,
-                        sevb, sevh, sevs, sevd, DV, SUB_V, BLOCK_N, BLOCK_DV, DOT_FP32)
+                        sevb, sevh, sevs, sevd, DV, INV_FREQ, rot_half, rope_scaling, position_offset,
+                        SUB_V, BLOCK_N, BLOCK_DV, DOT_FP32, False)
         m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, vis, v, DOT_FP32, UPCAST_DOT)
 
     finish_rows(OUT, M_PART, L_PART, LSE, acc, m_i, l_i, pid_bh, pid_s, num_splits,
@@ -210,9 +245,14 @@ def attention_over_codes(q, kv: CodedKV, valid=None, q_start=None, *, scale, cau
         *_side_args(kv.codes_k, kv.codebook_k, kv.anchor_k, kv.exact_k),
         *_side_args(kv.codes_v, kv.codebook_v, kv.anchor_v, kv.exact_v),
     )
-    sub_vectors = {"SUB_K": kv.codebook_k.shape[3], "SUB_V": kv.codebook_v.shape[3]}
+    rotation = kv.rotation
+    if rotation is None:
+        store_args += (None, None, 0, 1.0)
+    else:
+        store_args += (rotation.inv_freq, rotation.position_offset, rotation.inv_freq.numel(), rotation.scaling)
+    meta = {"SUB_K": kv.codebook_k.shape[3], "SUB_V": kv.codebook_v.shape[3], "ROPE": rotation is not None}
     return launch_attention(
-        _coded_fwd_kernel, store_args, sub_vectors, kv.tensors(), q, valid, mask, dims,
+        _coded_fwd_kernel, store_args, meta, kv.tensors(), q, valid, mask, dims,
         scale=scale, causal=causal, window=window, softcap=softcap, num_splits=num_splits,
         return_lse=return_lse, caller="attention_over_codes", launch_config=_launch_config,
     )

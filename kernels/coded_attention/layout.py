@@ -4,7 +4,10 @@ The key of slot ``j`` of (batch ``b``, kv head ``h``) is
 
 * ``exact_k[b, h, j - exact_start]`` if ``j >= exact_start`` (the newest tokens, kept exact);
 * else ``anchor_k[b, h, anchor_slot[b, h, j]]`` if that index is ``>= 0`` (an anchor token);
-* else the concatenation over sub-spaces ``m`` of ``codebook_k[h, m, codes_k[b, h, j, m], :]``.
+* else the concatenation over sub-spaces ``m`` of ``codebook_k[h, m, codes_k[b, h, j, m], :]``,
+  rotated by RoPE at position ``j - rotation.position_offset[b]`` when the store has a
+  :class:`KeyRotation` (its codes then hold keys from before RoPE; anchors and exact tokens are
+  held rotated).
 
 Values likewise, with their own codes and codebook (``Dv`` may differ from ``D``, ``Mv`` from
 ``Mk``) and the same ``anchor_slot``. The store has ``S`` slots (its capacity); the first
@@ -19,7 +22,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["CodedKV"]
+__all__ = ["CodedKV", "KeyRotation", "rope_rotate"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # name -> (rank, allowed dtypes) of every tensor field
@@ -37,6 +40,54 @@ _FIELDS = {
 _MAX_CENTROIDS = 256    # a code is one uint8
 
 
+def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                inverse: bool = False) -> torch.Tensor:
+    """Hugging Face's "rotate half" RoPE, forward or back, computed in fp32, returned in x's dtype.
+
+    x: (B, H, L, D); positions: (B, L) integer; inv_freq: (R/2,), R <= D (R < D: partial rotary). The first
+    R dimensions are rotated, d < R/2 paired with d + R/2 at angle position * inv_freq[d], then scaled:
+        out[d] = scaling * (x[d] cos - x[d + R/2] sin),  out[d + R/2] = scaling * (x[d + R/2] cos + x[d] sin);
+    inverse=True undoes that (rotates by -angle, divides by scaling).
+    """
+    half = inv_freq.numel()
+    angle = positions.to(torch.float32)[:, None, :, None] * inv_freq.to(x.device, torch.float32)  # (B, 1, L, R/2)
+    cos, sin = angle.cos(), -angle.sin() if inverse else angle.sin()
+    xf = x.float()
+    lo, hi, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]
+    factor = 1.0 / scaling if inverse else scaling
+    rotated = torch.cat([lo * cos - hi * sin, hi * cos + lo * sin], dim=-1) * factor
+    return torch.cat([rotated, rest], dim=-1).to(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRotation:
+    """RoPE re-applied to coded keys (see :func:`rope_rotate`): inv_freq (R/2,) float32, R <= D and even;
+    scaling: python float > 0; position_offset (B,) int32: slot j of row b is at position j - offset[b]
+    (the row's left padding)."""
+
+    inv_freq: torch.Tensor
+    scaling: float
+    position_offset: torch.Tensor
+
+    def positions(self, length: int) -> torch.Tensor:
+        """(B, length) int64 positions of slots 0 .. length - 1."""
+        slots = torch.arange(length, device=self.position_offset.device)
+        return slots[None, :] - self.position_offset.long()[:, None]
+
+    def validate(self, B: int, D: int, device) -> None:
+        for name, t, dtype, shape in (("inv_freq", self.inv_freq, torch.float32, None),
+                                      ("position_offset", self.position_offset, torch.int32, (B,))):
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1 or t.device != device \
+                    or (shape is not None and tuple(t.shape) != shape):
+                got = (tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else type(t).__name__
+                where = f" of shape {shape}" if shape else ""
+                raise ValueError(f"KeyRotation.{name} must be a 1-D {dtype} tensor{where} on {device}, got {got}")
+        if not 1 <= 2 * self.inv_freq.numel() <= D:
+            raise ValueError(f"KeyRotation rotates 2 * {self.inv_freq.numel()} dimensions; the head dim is {D}")
+        if not isinstance(self.scaling, float) or not self.scaling > 0:
+            raise ValueError(f"KeyRotation.scaling must be a python float > 0, got {self.scaling!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CodedKV:
     """A product-quantized KV store (see the module doc for the slot rule). Shapes:
@@ -46,7 +97,8 @@ class CodedKV:
     anchor_slot (B, Hkv, S) int32: -1 for a coded slot, else its row in anchor_k / anchor_v;
     anchor_k (B, Hkv, A, D), anchor_v (B, Hkv, A, Dv): exact anchor tokens, A >= 1;
     exact_k (B, Hkv, P, D), exact_v (B, Hkv, P, Dv): exact tokens of slots exact_start + i;
-    exact_start: python int, exact_start + P <= S.
+    exact_start: python int, exact_start + P <= S;
+    rotation: None, or the :class:`KeyRotation` that turns decoded (pre-RoPE) keys into post-RoPE ones.
     Float tensors may be float16 / bfloat16 / float32, any strides; all on one device.
     """
 
@@ -60,6 +112,7 @@ class CodedKV:
     exact_k: torch.Tensor
     exact_v: torch.Tensor
     exact_start: int
+    rotation: KeyRotation | None = None
 
     @property
     def length(self) -> int:
@@ -96,6 +149,8 @@ class CodedKV:
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= S - P:
             raise ValueError(f"CodedKV.exact_start = {start!r} must be an int with 0 <= exact_start and "
                              f"exact_start + P <= S (P = {P} exact tokens, capacity S = {S})")
+        if self.rotation is not None:
+            self.rotation.validate(B, self.anchor_k.shape[3], self.anchor_slot.device)
         return self
 
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 import torch
 
 from ..attention.reference import check_attention_inputs, visibility_mask
-from .layout import CodedKV
+from .layout import CodedKV, KeyRotation, rope_rotate
 
 __all__ = ["attention_over_codes_reference", "check_coded_inputs", "dequantize"]
 
 
-def _dequantize_side(codes, codebook, anchor_slot, anchors, exact, exact_start):
+def _dequantize_side(codes, codebook, anchor_slot, anchors, exact, exact_start,
+                     rotation: KeyRotation | None = None):
     """Dense fp32 keys (or values) of slots [0, exact_start + P): (B, Hkv, exact_start + P, d).
 
     codes (B, Hkv, S, M) uint8; codebook (Hkv, M, C, d // M); anchor_slot (B, Hkv, S) int32;
-    anchors (B, Hkv, A, d); exact (B, Hkv, P, d).
+    anchors (B, Hkv, A, d); exact (B, Hkv, P, d); rotation: RoPE applied to the decoded codes, or None.
     """
     Hkv, M, C, sub = codebook.shape
     slot = anchor_slot[:, :, :exact_start].long()                   # (B, Hkv, n)
@@ -31,7 +32,13 @@ def _dequantize_side(codes, codebook, anchor_slot, anchors, exact, exact_start):
     centroids = codebook.float().reshape(Hkv * M * C, sub)[code + first_row]   # (B, Hkv, n, M, sub)
     rows = slot.clamp(min=0)[..., None].expand(-1, -1, -1, anchors.shape[-1])
     anchored = anchors.float().gather(2, rows)                      # (B, Hkv, n, d)
-    head = torch.where(is_anchor, anchored, centroids.flatten(-2))
+    decoded = centroids.flatten(-2)
+    if rotation is not None:
+        # Rotated in fp32 and rounded to the codebook's dtype, as the kernel (and the model, whose post-RoPE
+        # keys are in its dtype) holds them.
+        decoded = rope_rotate(decoded.to(codebook.dtype), rotation.positions(exact_start), rotation.inv_freq,
+                              rotation.scaling).float()
+    head = torch.where(is_anchor, anchored, decoded)
     return torch.cat([head, exact.float()], dim=2)
 
 
@@ -39,7 +46,8 @@ def dequantize(kv: CodedKV) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense fp32 (k (B, Hkv, length, D), v (B, Hkv, length, Dv)) of a store, by the slot rule of
     :mod:`.layout`; only the first ``kv.length`` slots are materialized."""
     kv.validate()
-    k = _dequantize_side(kv.codes_k, kv.codebook_k, kv.anchor_slot, kv.anchor_k, kv.exact_k, kv.exact_start)
+    k = _dequantize_side(kv.codes_k, kv.codebook_k, kv.anchor_slot, kv.anchor_k, kv.exact_k, kv.exact_start,
+                         kv.rotation)
     v = _dequantize_side(kv.codes_v, kv.codebook_v, kv.anchor_slot, kv.anchor_v, kv.exact_v, kv.exact_start)
     return k, v
 

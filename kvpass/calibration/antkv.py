@@ -1,18 +1,24 @@
 """AnTKV codebooks: token-aware product-quantization codebooks per layer and KV head.
 
-Keys and values are collected where kvpass's attention op sees them (post-RoPE keys; docs/antkv.md has the
-pre- vs post-RoPE measurement) and clustered by weighted k-means. A token's weight is its error-propagation
+Keys and values are collected where kvpass's attention op sees them, keys after RoPE; for pre-RoPE key
+codebooks (the default, docs/antkv.md has the measurement) each key is rotated back by its position with the
+layer's RoPE parameters, which the section stores for the cache to re-apply. Codebooks come from weighted
+k-means. A token's weight is its error-propagation
 factor from the attention bound (docs/antkv.md): for keys  scale * sum_i A_ij |q_i| |v_j - o_i|, for values
 sum_i A_ij, summed over the calibration queries. The top `ANCHOR_EXCLUDED` tokens by weight are left out:
 they are the anchors the method keeps exact, and their weight would otherwise pull whole codebooks.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .._progress import progress as _progress
 from ..config import AnTKV
+from ..kernels.coded_attention import rope_rotate
 from ..methods import pq
+from ..methods.rope import model_rotary
 from .artefact import Calibration
 from .collect import AttentionCall, run_windows
 
@@ -24,27 +30,54 @@ MAX_POINTS = 8192
 
 
 def section_name(method: AnTKV) -> str:
-    return f"antkv-{method.bits:g}bit"
+    return f"antkv-{method.bits:g}bit" + ("" if method.keys == "pre-rope" else f"-{method.keys}-keys")
 
 
 def section_params(method: AnTKV) -> dict:
     return {"bits": method.bits, "sub_vector": method.sub_vector, "codebook_size": method.codebook_size,
-            "keys": "post-rope", "kmeans_iterations": KMEANS_ITERATIONS, "max_points": MAX_POINTS,
+            "keys": method.keys, "kmeans_iterations": KMEANS_ITERATIONS, "max_points": MAX_POINTS,
             "anchor_excluded": ANCHOR_EXCLUDED}
 
 
-class _Collector:
-    """Observer: per layer, keys/values (fp16, CPU) and their error-propagation weights, per KV head."""
+def section_rotation(tensors: dict, layer: int) -> tuple[torch.Tensor, float] | None:
+    """(inv_freq, scaling) of the RoPE a section's key codebooks of `layer` were learned before, or None."""
+    inv_freq = tensors.get(f"layers.{layer}.rope_inv_freq")
+    return None if inv_freq is None else (inv_freq, float(tensors[f"layers.{layer}.rope_scaling"]))
 
-    def __init__(self):
-        self.keys, self.values, self.key_weights, self.value_weights = {}, {}, {}, {}
+
+def _rotations(model: torch.nn.Module, layers) -> dict:
+    """layer -> (inv_freq, scaling) of its RoPE, or None (no RoPE, or one kvpass cannot reproduce: warned)."""
+    rotations = {}
+    for layer in layers:
+        try:
+            rotations[layer] = model_rotary(model, layer)
+        except ValueError as error:
+            warnings.warn(f"{error}; AnTKV quantizes this model's keys after RoPE", stacklevel=3)
+            rotations[layer] = None
+    return rotations
+
+
+class _Collector:
+    """Observer: per layer, keys (as attention sees them, and rotated back by `rotations` when given)/values
+    (fp16, CPU) and their error-propagation weights, per KV head. Calibration windows are unpadded: slot i is
+    at position i."""
+
+    def __init__(self, rotations: dict | None):
+        self.rotations = rotations
+        self.keys, self.pre_rope_keys, self.values, self.key_weights, self.value_weights = {}, {}, {}, {}, {}
 
     def __call__(self, call: AttentionCall) -> None:
         from ..kernels.anchor_scores import anchor_scores_reference
 
         stats = anchor_scores_reference(call.q, call.k, call.v, call.lse, call.out, q_start=0, key_start=0,
                                         scale=call.scale, softcap=call.softcap, mask=call.mask)
-        for store, tensor in ((self.keys, call.k), (self.values, call.v)):      # (B, Hkv, L, D) -> (Hkv, B*L, D)
+        parts = [(self.keys, call.k), (self.values, call.v)]
+        if self.rotations is not None:
+            rotation = self.rotations[call.layer]
+            positions = torch.arange(call.k.shape[2], device=call.k.device).expand(call.k.shape[0], -1)
+            parts.append((self.pre_rope_keys, call.k if rotation is None else
+                          rope_rotate(call.k, positions, *rotation, inverse=True)))
+        for store, tensor in parts:                                             # (B, Hkv, L, D) -> (Hkv, B*L, D)
             store.setdefault(call.layer, []).append(tensor.transpose(0, 1).flatten(1, 2).half().cpu())
         for store, weight in ((self.key_weights, call.scale * stats[2]), (self.value_weights, stats[0])):
             store.setdefault(call.layer, []).append(weight.transpose(0, 1).flatten(1).cpu())
@@ -71,7 +104,10 @@ def calibrate_antkv(model: torch.nn.Module, windows: torch.Tensor, methods: list
                     progress: bool = True, seed: int = 0) -> None:
     """Run `model` over `windows` (K, L) token ids once and add the codebooks of every rate in `methods` to
     `calibration` (one section per rate)."""
-    collector = _Collector()
+    layers = range(model.config.get_text_config().num_hidden_layers)
+    pre_rope = any(m.keys == "pre-rope" for m in methods)
+    rotations = _rotations(model, layers) if pre_rope else None
+    collector = _Collector(rotations)
     run_windows(model, windows, collector, progress=progress)
     if not collector.keys:
         raise RuntimeError("no attention call was observed while calibrating: the model does not use transformers' "
@@ -81,11 +117,23 @@ def calibrate_antkv(model: torch.nn.Module, windows: torch.Tensor, methods: list
     rates = {section_name(m): m for m in methods}
     tensors = {name: {} for name in rates}
     for layer in _progress(sorted(collector.keys), progress, "layers", "k-means"):
-        for part, store, weights in (("keys", collector.keys, collector.key_weights),
-                                     ("values", collector.values, collector.value_weights)):
-            vectors, w = torch.cat(store.pop(layer), dim=1), torch.cat(weights.pop(layer), dim=1)
+        key_weights, value_weights = torch.cat(collector.key_weights.pop(layer), 1), \
+            torch.cat(collector.value_weights.pop(layer), 1)
+        sources = {("keys", "post-rope"): (collector.keys, key_weights),
+                   ("keys", "pre-rope"): (collector.pre_rope_keys, key_weights),
+                   ("values", None): (collector.values, value_weights)}
+        for (part, keys), (store, w) in sources.items():
+            if layer not in store:
+                continue
+            vectors = torch.cat(store.pop(layer), dim=1)
             for name, method in rates.items():
-                tensors[name][f"layers.{layer}.{part}"] = _codebook(vectors, w, method.sub_vector,
-                                                                    method.codebook_size, device, generator)
+                if keys in (None, method.keys):
+                    tensors[name][f"layers.{layer}.{part}"] = _codebook(vectors, w, method.sub_vector,
+                                                                        method.codebook_size, device, generator)
+        for name, method in rates.items():
+            if method.keys == "pre-rope" and rotations[layer] is not None:
+                inv_freq, scaling = rotations[layer]
+                tensors[name][f"layers.{layer}.rope_inv_freq"] = inv_freq
+                tensors[name][f"layers.{layer}.rope_scaling"] = torch.tensor([scaling])
     for name, method in rates.items():
         calibration.add_section(name, section_params(method), tensors[name])

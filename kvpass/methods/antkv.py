@@ -5,7 +5,9 @@ column statistics of its queries' attention (kvpass.kernels.anchor_scores). A to
 have scored is finalized: encoded against the layer's codebooks, or kept exact as an anchor when its Anchor
 Score is among the highest (budget: `anchor_ratio` of the finalized tokens of its row and KV head; a later
 token must also reach the weakest anchor's score so far). The same rule covers the prompt, generated tokens
-and attention sinks (a sink's score is simply the highest).
+and attention sinks (a sink's score is simply the highest). With pre-RoPE key codebooks (the default) a key
+is rotated back by its position before it is encoded, and the kernels rotate its reconstruction forward again;
+a row's positions are its slots minus its left padding, read from the first call's mask.
 
 Attention always reads the stored representation as it is when the call's output is computed (codes,
 anchors, window), through kvpass.kernels.coded_attention. A prefill therefore runs three passes: attention
@@ -22,6 +24,7 @@ import torch
 
 from .. import kernels_dispatch
 from ..config import AnTKV
+from ..kernels.coded_attention import rope_rotate
 from . import pq
 from .base import AttentionSpec, LayerStore
 
@@ -53,10 +56,11 @@ class AnTKVStore(LayerStore):
         if calibration is None:
             raise RuntimeError("AnTKV needs codebooks: pass Config(calibration=...) or let kvpass calibrate "
                                "(the runtime resolves it from the model)")
-        from ..calibration.antkv import section_name
+        from ..calibration.antkv import section_name, section_rotation
 
         tensors = calibration.section(section_name(method))
         self._books_cpu = (tensors[f"layers.{layer}.keys"], tensors[f"layers.{layer}.values"])
+        self._rope = section_rotation(tensors, layer)     # None: keys are encoded as attention sees them
         self._length = 0
         self._finalized = 0       # slots < _finalized are codes or anchors; the rest are exact (the window)
 
@@ -82,6 +86,7 @@ class AnTKVStore(LayerStore):
         self._finalized_seen = torch.zeros(B, H, dtype=torch.int64, device=k.device)  # finalized, not padding
         self._weakest = torch.full((B, H), float("inf"), device=k.device)   # lowest score among the anchors so far
         self._codes_k = self._codes_v = self._anchor_slot = self._anchor_k = self._anchor_v = None
+        self._rotation = None     # KeyRotation once the first attend has told the rows' padding
 
     def _reserve(self, needed: int) -> None:
         """Codes and anchor rows for `needed` finalized slots, grown geometrically (O(log n) copies)."""
@@ -116,7 +121,7 @@ class AnTKVStore(LayerStore):
         return CodedKV(codes_k=self._codes_k, codes_v=self._codes_v, codebook_k=self._book_k,
                        codebook_v=self._book_v, anchor_slot=self._anchor_slot, anchor_k=self._anchor_k,
                        anchor_v=self._anchor_v, exact_k=self._window_k, exact_v=self._window_v,
-                       exact_start=self._finalized)
+                       exact_start=self._finalized, rotation=self._rotation)
 
     # -- the LayerStore interface ------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -134,6 +139,8 @@ class AnTKVStore(LayerStore):
 
     def attend(self, q, mask, is_causal, spec: AttentionSpec):
         Lq = q.shape[2]
+        if self._rope is not None and self._rotation is None:
+            self._rotation = self._key_rotation(mask, Lq)
         window = self.method.window
         # Tokens the earlier queries have already scored `window` times are finalized before this call reads them.
         self._finalize(self._length - Lq - window + 1, spec.scale)
@@ -160,6 +167,21 @@ class AnTKVStore(LayerStore):
                  "codebooks": (self._book_k, self._book_v), "window": (self._window_k, self._window_v, self._stats)}
         return {name: sum(t.nbytes for t in tensors if t is not None) for name, tensors in parts.items()}
 
+    def _key_rotation(self, mask, Lq: int):
+        """The KeyRotation of this sequence, from its first call (queries at slots 0 .. Lq - 1): a slot is
+        padding when its own query does not see it, and a row's positions start after its (left) padding, as
+        Hugging Face numbers them."""
+        from ..kernels.coded_attention import KeyRotation
+
+        B, device = self._window_k.shape[0], self._window_k.device
+        if mask is None:
+            padding = torch.zeros(B, dtype=torch.int32, device=device)
+        else:
+            slots = torch.arange(Lq, device=mask.device)
+            padding = (~mask[:, 0, slots, slots]).sum(-1).to(torch.int32).expand(B).contiguous()
+        inv_freq, scaling = self._rope
+        return KeyRotation(inv_freq.to(device, torch.float32), scaling, padding)
+
     # -- finalization ---------------------------------------------------------------------------------------
     def _finalize(self, upto: int, scale: float) -> int:
         """Encode or anchor the window tokens of slots < upto; returns how many were finalized."""
@@ -169,10 +191,20 @@ class AnTKVStore(LayerStore):
         start = self._finalized
         self._reserve(start + n)
         k, v, stats = self._window_k[:, :, :n], self._window_v[:, :, :n], self._stats[:, :, :, :n]
-        codes_k, codes_v = pq.encode(k, self._book_k), pq.encode(v, self._book_v)
+        rotation = self._rotation
+        if rotation is not None:
+            positions = rotation.positions(start + n)[:, start:]
+            codes_k = pq.encode(rope_rotate(k, positions, rotation.inv_freq, rotation.scaling, inverse=True),
+                                self._book_k)
+            decoded_k = rope_rotate(pq.decode(codes_k, self._book_k), positions, rotation.inv_freq,
+                                    rotation.scaling)
+        else:
+            codes_k = pq.encode(k, self._book_k)
+            decoded_k = pq.decode(codes_k, self._book_k)
+        codes_v = pq.encode(v, self._book_v)
         self._codes_k[:, :, start : start + n] = codes_k
         self._codes_v[:, :, start : start + n] = codes_v
-        key_error = (k.float() - pq.decode(codes_k, self._book_k).float()).norm(dim=-1)
+        key_error = (k.float() - decoded_k.float()).norm(dim=-1)
         value_error = (v.float() - pq.decode(codes_v, self._book_v).float()).norm(dim=-1)
         score = anchor_score(self.method, stats, key_error, value_error, scale)          # (B, H, n)
         self._choose_anchors(score, k, v, start, n)
