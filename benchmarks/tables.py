@@ -34,12 +34,14 @@ def bench_table(records) -> str:
 
 
 def ppl_table(records) -> str:
-    lines = ["| model | text | mode | seqlen × windows | name | perplexity | ratio to dense | tokens |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | text | mode | seqlen × windows | name | perplexity | ratio to dense | tokens | KV bytes/token |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for record in records:
         for row in record["results"]:
+            held = f"{row['bytes_per_token']:.0f}" if "bytes_per_token" in row else ""
             lines.append(f"| {record['model']} | {row['text']} | {row['mode']} | {row['seqlen']} × {row['windows']} | "
-                         f"{row['name']} | {row['ppl']:.3f} | {row.get('ratio_to_dense', 1.0):.4f} | {row['tokens']} |")
+                         f"{row['name']} | {row['ppl']:.3f} | {row.get('ratio_to_dense', 1.0):.4f} | {row['tokens']} | "
+                         f"{held} |")
     return "\n".join(lines + [""] + sorted({f"- {_env(r)}" for r in records}))
 
 

@@ -133,7 +133,7 @@ def calibrate_antkv(model: torch.nn.Module, windows: torch.Tensor, methods: list
         for name, method in rates.items():
             if method.keys == "pre-rope" and rotations[layer] is not None:
                 inv_freq, scaling = rotations[layer]
-                tensors[name][f"layers.{layer}.rope_inv_freq"] = inv_freq
+                tensors[name][f"layers.{layer}.rope_inv_freq"] = inv_freq.clone()   # safetensors: no sharing
                 tensors[name][f"layers.{layer}.rope_scaling"] = torch.tensor([scaling])
     for name, method in rates.items():
         calibration.add_section(name, section_params(method), tensors[name])
