@@ -65,7 +65,8 @@ def main() -> None:
     with torch.no_grad():
         dense = perplexity(model, batches, progress=False)
     results = [{"name": "dense", **dense, **common, "bytes_per_token": bytes_per_token(None, *shape)}]
-    print(f"{'dense':40s} ppl {dense['ppl']:9.3f}", flush=True)
+    print(f"{'dense':40s} ppl {dense['ppl']:9.3f}  1.000x dense  {results[0]['bytes_per_token']:.0f} B/token",
+          flush=True)
     for name, method in runs():
         if args.only and name not in args.only:
             continue

@@ -13,54 +13,53 @@ def _env(record) -> str:
             f"{record['date'][:10]}, commit {env.get('commit')}")
 
 
+def _markdown(header: list[str], rows: list[list], notes) -> str:
+    """A markdown table of `rows` under `header`, then one "- note" line per distinct note, sorted."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines + [""] + [f"- {note}" for note in sorted(set(notes))])
+
+
 def bench_table(records) -> str:
-    lines = ["| path | batch | context | decode tok/s | ms/step | % of roofline | peak GiB | prefill tok/s |",
-             "|---|---|---|---|---|---|---|---|"]
-    envs = set()
+    rows, notes = [], []
     for record in records:
-        envs.add(_env(record) + (", CUDA graphs" if record.get("cudagraphs") else ""))
+        notes.append(_env(record) + (", CUDA graphs" if record.get("cudagraphs") else ""))
         bandwidth = record.get("bandwidth_bytes_per_s") or float("nan")
         for row in record["results"]:
             if "error" in row:
-                lines.append(f"| {row['path']} | {row['batch']} | {row['context']} | {row['error']} | | | | |")
+                rows.append([row["path"], row["batch"], row["context"], row["error"], "", "", "", ""])
                 continue
             roof = 100 * row["bytes_per_step"] / (row["step_ms"] * 1e-3) / bandwidth
             path = row["path"] + (" (CUDA graphs)" if record.get("cudagraphs") else "")
             prefill = f"{row['prefill_tokens_per_s']:.0f}" if "prefill_tokens_per_s" in row else ""
             peak = "" if row.get("peak_gib") is None else f"{row['peak_gib']:.1f}"
-            lines.append(f"| {path} | {row['batch']} | {row['context']} | {row['tokens_per_s']:.1f} | "
-                         f"{row['step_ms']:.2f} | {roof:.0f} % | {peak} | {prefill} |")
-    return "\n".join(lines + [""] + [f"- {e}" for e in sorted(envs)])
+            rows.append([path, row["batch"], row["context"], f"{row['tokens_per_s']:.1f}", f"{row['step_ms']:.2f}",
+                         f"{roof:.0f} %", peak, prefill])
+    return _markdown(["path", "batch", "context", "decode tok/s", "ms/step", "% of roofline", "peak GiB",
+                      "prefill tok/s"], rows, notes)
 
 
 def ppl_table(records) -> str:
-    lines = ["| model | text | mode | seqlen × windows | name | perplexity | ratio to dense | tokens | KV bytes/token |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for record in records:
-        for row in record["results"]:
-            held = f"{row['bytes_per_token']:.0f}" if "bytes_per_token" in row else ""
-            lines.append(f"| {record['model']} | {row['text']} | {row['mode']} | {row['seqlen']} × {row['windows']} | "
-                         f"{row['name']} | {row['ppl']:.3f} | {row.get('ratio_to_dense', 1.0):.4f} | {row['tokens']} | "
-                         f"{held} |")
-    return "\n".join(lines + [""] + sorted({f"- {_env(r)}" for r in records}))
+    rows = [[record["model"], row["text"], row["mode"], f"{row['seqlen']} × {row['windows']}", row["name"],
+             f"{row['ppl']:.3f}", f"{row.get('ratio_to_dense', 1.0):.4f}", row["tokens"],
+             f"{row['bytes_per_token']:.0f}" if "bytes_per_token" in row else ""]
+            for record in records for row in record["results"]]
+    return _markdown(["model", "text", "mode", "seqlen × windows", "name", "perplexity", "ratio to dense", "tokens",
+                      "KV bytes/token"], rows, [_env(r) for r in records])
 
 
 def passkey_table(records) -> str:
-    lines = ["| model | task | name | length | depth | success | trials |", "|---|---|---|---|---|---|---|"]
-    for record in records:
-        for row in record["results"]:
-            lines.append(f"| {record['model']} | {row.get('task', record.get('task'))} | {row['name']} | "
-                         f"{row['length']} | {row['depth']:.2f} | {row['success']:.2f} | {row['trials']} |")
-    return "\n".join(lines + [""] + sorted({f"- {_env(r)}" for r in records}))
+    rows = [[record["model"], row.get("task", record.get("task")), row["name"], row["length"], f"{row['depth']:.2f}",
+             f"{row['success']:.2f}", row["trials"]] for record in records for row in record["results"]]
+    return _markdown(["model", "task", "name", "length", "depth", "success", "trials"], rows,
+                     [_env(r) for r in records])
 
 
 def kernel_table(records) -> str:
-    lines = ["| context | path | ms (median) | MB held | MB/ms |", "|---|---|---|---|---|"]
-    for record in records:
-        for row in record["results"]:
-            lines.append(f"| {row['context']} | {row['path']} | {row['ms']:.3f} | {row['bytes_held'] / 1e6:.1f} | "
-                         f"{row['gb_per_s']:.0f} |")
-    return "\n".join(lines + [""] + sorted({f"- {_env(r)}; {r.get('shape')}" for r in records}))
+    rows = [[row["context"], row["path"], f"{row['ms']:.3f}", f"{row['bytes_held'] / 1e6:.1f}",
+             f"{row['gb_per_s']:.0f}"] for record in records for row in record["results"]]
+    return _markdown(["context", "path", "ms (median)", "MB held", "MB/ms"], rows,
+                     [f"{_env(r)}; {r.get('shape')}" for r in records])
 
 
 def main(paths) -> None:

@@ -14,12 +14,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from kvpass.kernels.coded_attention import rope_rotate
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.models.llama.modeling_llama import rotate_half
 
 from kvpass.calibration import calibration_windows
-from kvpass.calibration.antkv import _codebook, _Collector
+from kvpass.calibration.antkv import _codebook, _Collector, _rotations
 from kvpass.calibration.collect import run_windows
 from kvpass.eval.ppl import windows as cut_windows
 from kvpass.eval.texts import load_text
@@ -30,36 +30,21 @@ RATES = {"1bit": (8, 256), "0.375bit": (16, 64)}
 _PROBE = "kvpass_probe"
 
 
-def rope(model, length: int):
-    """cos, sin of positions 0..length-1, (1, 1, length, D)."""
-    x = torch.zeros(1, dtype=torch.float32)
-    cos, sin = model.model.rotary_emb(x, torch.arange(length)[None])
-    return cos[:, None].float(), sin[:, None].float()
-
-
-def unrotate(k, cos, sin):
-    return k * cos - rotate_half(k) * sin
-
-
-def rotate(k, cos, sin):
-    return k * cos + rotate_half(k) * sin
-
-
 def reconstruct(x, book):
     return pq.decode(pq.encode(x, book), book).to(x.dtype)
 
 
-def install(model, books, keys: str | None, values: bool):
+def install(model, books, rotations, keys: str | None, values: bool):
     """Eager attention whose K (keys = "post" or "pre" RoPE codebooks, or None) and/or V are reconstructed."""
 
     def attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
         layer = module.layer_idx
-        if keys is not None:
-            cos, sin = rope(model, k.shape[2])
-            if keys == "pre":
-                k = rotate(reconstruct(unrotate(k, cos, sin), books["keys-pre"][layer]), cos, sin)
-            else:
-                k = reconstruct(k, books["keys-post"][layer])
+        if keys == "pre":
+            positions = torch.arange(k.shape[2])[None]
+            pre = rope_rotate(k, positions, *rotations[layer], inverse=True)
+            k = rope_rotate(reconstruct(pre, books["keys-pre"][layer]), positions, *rotations[layer])
+        elif keys == "post":
+            k = reconstruct(k, books["keys-post"][layer])
         if values:
             v = reconstruct(v, books["values"][layer])
         group = q.shape[1] // k.shape[1]
@@ -84,22 +69,15 @@ def perplexity(model, batches) -> float:
 def main() -> None:
     model, tokenizer = load_model("smollm2-135m")
     calib, _ = calibration_windows(model, tokenizer, tokens=8192, seqlen=1024)
-    collector = _Collector(None)
-    pre_keys = {}
-    cos, sin = rope(model, calib.shape[1])
-
-    def observe(call):
-        collector(call)
-        pre_keys.setdefault(call.layer, []).append(unrotate(call.k, cos, sin).transpose(0, 1).flatten(1, 2).half())
-
-    run_windows(model, calib, observe, progress=True)
+    rotations = _rotations(model, range(model.config.num_hidden_layers))
+    collector = _Collector(("post-rope", "pre-rope"), rotations)
+    run_windows(model, calib, collector, progress=True)
     generator = torch.Generator().manual_seed(0)
-    layers = sorted(collector.keys)
     books = {rate: {"keys-post": {}, "keys-pre": {}, "values": {}} for rate in RATES}
-    for layer in layers:
+    for layer in sorted(collector.values):
         kw, vw = torch.cat(collector.key_weights[layer], 1), torch.cat(collector.value_weights[layer], 1)
-        parts = {"keys-post": (torch.cat(collector.keys[layer], 1), kw),
-                 "keys-pre": (torch.cat(pre_keys[layer], 1), kw),
+        parts = {"keys-post": (torch.cat(collector.keys["post-rope"][layer], 1), kw),
+                 "keys-pre": (torch.cat(collector.keys["pre-rope"][layer], 1), kw),
                  "values": (torch.cat(collector.values[layer], 1), vw)}
         for rate, (sub, size) in RATES.items():
             for name, (vectors, weights) in parts.items():
@@ -112,7 +90,7 @@ def main() -> None:
     print(f"dense: {dense:.3f}")
     for rate in RATES:
         for keys, values in ((None, True), ("post", False), ("pre", False), ("post", True), ("pre", True)):
-            install(model, books[rate], keys, values)
+            install(model, books[rate], rotations, keys, values)
             ppl = perplexity(model, batches)
             what = " + ".join(([f"{keys}-RoPE keys"] if keys else []) + (["values"] if values else []))
             print(f"{rate:8s} {what:28s} ppl {ppl:8.3f}  ({ppl / dense:.3f}x dense)", flush=True)

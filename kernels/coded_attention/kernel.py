@@ -89,7 +89,7 @@ def _coded_tile(CODES, CB, ANCHORS, EXACT, b, hkv, start, exact_start,
                 seb, seh, ses, sed,     # exact tokens (B, Hkv, P, d)
                 d, INV_FREQ, rot_half, rope_scaling, position_offset,
                 SUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_FP32: tl.constexpr, ROPE: tl.constexpr):
+                DOT_FP32: tl.constexpr, ROPE: tl.constexpr, INTERPRETED: tl.constexpr):
     """(BLOCK_N, BLOCK_D) keys (or values) of slots [start, start + BLOCK_N) of (b, hkv): the
     centroids of coded slots, the rows of anchored / exact ones, 0 elsewhere and past d.
 
@@ -116,8 +116,8 @@ def _coded_tile(CODES, CB, ANCHORS, EXACT, b, hkv, start, exact_start,
         angle = (start64 + offs_t - position_offset).to(tl.float32)[:, None] * freq[None, :]
         sign = tl.where(low, -1.0, 1.0)[None, :]
         xr = rope_scaling * (x.to(tl.float32) * tl.cos(angle) + sign * xp.to(tl.float32) * tl.sin(angle))
-        if x.dtype == tl.bfloat16:
-            # Round to nearest even by hand, as torch does: Triton's CPU interpreter truncates fp32 -> bf16.
+        if INTERPRETED and x.dtype == tl.bfloat16:
+            # Round to nearest even by hand, as torch and the GPU do: the CPU interpreter truncates fp32 -> bf16.
             bits = xr.to(tl.int32, bitcast=True)
             xr = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
         x = tl.where(rotated[None, :], xr, x.to(tl.float32)).to(x.dtype)
@@ -152,13 +152,14 @@ def _coded_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_LSE: tl.constexpr, IS_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SUB_K: tl.constexpr, SUB_V: tl.constexpr, ROPE: tl.constexpr,
+    SUB_K: tl.constexpr, SUB_V: tl.constexpr, ROPE: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """One program of attention over a coded store; grid, common parameters and outputs as
     ``_attn_fwd_kernel`` in dense.py. The store: ANCHOR_SLOT (B, Hkv, S) int32 and exact_start,
     then for keys (K) and values (V) the codes, codebook, anchors and exact tokens of
     :class:`CodedKV` with their strides; SUB_K = D // Mk, SUB_V = Dv // Mv; with ROPE, the
-    KeyRotation's inv_freq (rot_half,) fp32, position_offset (B,) int32 and scaling.
+    KeyRotation's inv_freq (rot_half,) fp32, position_offset (B,) int32 and scaling; INTERPRETED:
+    running under Triton's CPU interpreter.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -184,7 +185,7 @@ def _coded_fwd_kernel(
                         anchor_row, coded, anchored, exact,
                         sckb, sckh, scks, sckm, sbkh, sbkm, sbkc, sbkd, sakb, sakh, saks, sakd,
                         sekb, sekh, seks, sekd, D, INV_FREQ, rot_half, rope_scaling, position_offset,
-                        SUB_K, BLOCK_N, BLOCK_D, DOT_FP32, ROPE)
+                        SUB_K, BLOCK_N, BLOCK_D, DOT_FP32, ROPE, INTERPRETED)
         s = scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP, UPCAST_DOT)
         vis = visible(MASK, mask_rows, smj, row_ok, key_ok, offs_n, q_pos, window,
                       CAUSAL, HAS_WINDOW, HAS_MASK)
@@ -192,7 +193,7 @@ def _coded_fwd_kernel(
                         anchor_row, coded, anchored, exact,
                         scvb, scvh, scvs, scvm, sbvh, sbvm, sbvc, sbvd, savb, savh, savs, savd,
                         sevb, sevh, sevs, sevd, DV, INV_FREQ, rot_half, rope_scaling, position_offset,
-                        SUB_V, BLOCK_N, BLOCK_DV, DOT_FP32, False)
+                        SUB_V, BLOCK_N, BLOCK_DV, DOT_FP32, False, INTERPRETED)
         m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, vis, v, DOT_FP32, UPCAST_DOT)
 
     finish_rows(OUT, M_PART, L_PART, LSE, acc, m_i, l_i, pid_bh, pid_s, num_splits,
@@ -250,7 +251,8 @@ def attention_over_codes(q, kv: CodedKV, valid=None, q_start=None, *, scale, cau
         store_args += (None, None, 0, 1.0)
     else:
         store_args += (rotation.inv_freq, rotation.position_offset, rotation.inv_freq.numel(), rotation.scaling)
-    meta = {"SUB_K": kv.codebook_k.shape[3], "SUB_V": kv.codebook_v.shape[3], "ROPE": rotation is not None}
+    meta = {"SUB_K": kv.codebook_k.shape[3], "SUB_V": kv.codebook_v.shape[3], "ROPE": rotation is not None,
+            "INTERPRETED": not q.is_cuda}
     return launch_attention(
         _coded_fwd_kernel, store_args, meta, kv.tensors(), q, valid, mask, dims,
         scale=scale, causal=causal, window=window, softcap=softcap, num_splits=num_splits,

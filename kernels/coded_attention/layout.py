@@ -69,9 +69,9 @@ class KeyRotation:
     scaling: float
     position_offset: torch.Tensor
 
-    def positions(self, length: int) -> torch.Tensor:
-        """(B, length) int64 positions of slots 0 .. length - 1."""
-        slots = torch.arange(length, device=self.position_offset.device)
+    def positions(self, start: int, stop: int) -> torch.Tensor:
+        """(B, stop - start) int64 positions of slots start .. stop - 1."""
+        slots = torch.arange(start, stop, device=self.position_offset.device)
         return slots[None, :] - self.position_offset.long()[:, None]
 
     def validate(self, B: int, D: int, device) -> None:

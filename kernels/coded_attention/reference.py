@@ -36,7 +36,7 @@ def _dequantize_side(codes, codebook, anchor_slot, anchors, exact, exact_start,
     if rotation is not None:
         # Rotated in fp32 and rounded to the codebook's dtype, as the kernel (and the model, whose post-RoPE
         # keys are in its dtype) holds them.
-        decoded = rope_rotate(decoded.to(codebook.dtype), rotation.positions(exact_start), rotation.inv_freq,
+        decoded = rope_rotate(decoded.to(codebook.dtype), rotation.positions(0, exact_start), rotation.inv_freq,
                               rotation.scaling).float()
     head = torch.where(is_anchor, anchored, decoded)
     return torch.cat([head, exact.float()], dim=2)

@@ -58,25 +58,27 @@ def _rotations(model: torch.nn.Module, layers) -> dict:
 
 
 class _Collector:
-    """Observer: per layer, keys (as attention sees them, and rotated back by `rotations` when given)/values
-    (fp16, CPU) and their error-propagation weights, per KV head. Calibration windows are unpadded: slot i is
-    at position i."""
+    """Observer: per layer, the keys in each of `key_modes` ("post-rope": as attention sees them; "pre-rope":
+    rotated back by `rotations[layer]`, when not None), the values (fp16, CPU) and their error-propagation
+    weights, per KV head. Calibration windows are unpadded: slot i is at position i."""
 
-    def __init__(self, rotations: dict | None):
+    def __init__(self, key_modes, rotations: dict | None = None):
         self.rotations = rotations
-        self.keys, self.pre_rope_keys, self.values, self.key_weights, self.value_weights = {}, {}, {}, {}, {}
+        self.keys = {mode: {} for mode in key_modes}
+        self.values, self.key_weights, self.value_weights = {}, {}, {}
 
     def __call__(self, call: AttentionCall) -> None:
         from ..kernels.anchor_scores import anchor_scores_reference
 
         stats = anchor_scores_reference(call.q, call.k, call.v, call.lse, call.out, q_start=0, key_start=0,
                                         scale=call.scale, softcap=call.softcap, mask=call.mask)
-        parts = [(self.keys, call.k), (self.values, call.v)]
-        if self.rotations is not None:
-            rotation = self.rotations[call.layer]
-            positions = torch.arange(call.k.shape[2], device=call.k.device).expand(call.k.shape[0], -1)
-            parts.append((self.pre_rope_keys, call.k if rotation is None else
-                          rope_rotate(call.k, positions, *rotation, inverse=True)))
+        parts = [(self.values, call.v)]
+        for mode, store in self.keys.items():
+            rotation = self.rotations[call.layer] if mode == "pre-rope" else None
+            if rotation is not None:
+                positions = torch.arange(call.k.shape[2], device=call.k.device).expand(call.k.shape[0], -1)
+            parts.append((store, call.k if rotation is None else rope_rotate(call.k, positions, *rotation,
+                                                                              inverse=True)))
         for store, tensor in parts:                                             # (B, Hkv, L, D) -> (Hkv, B*L, D)
             store.setdefault(call.layer, []).append(tensor.transpose(0, 1).flatten(1, 2).half().cpu())
         for store, weight in ((self.key_weights, call.scale * stats[2]), (self.value_weights, stats[0])):
@@ -105,31 +107,27 @@ def calibrate_antkv(model: torch.nn.Module, windows: torch.Tensor, methods: list
     """Run `model` over `windows` (K, L) token ids once and add the codebooks of every rate in `methods` to
     `calibration` (one section per rate)."""
     layers = range(model.config.get_text_config().num_hidden_layers)
-    pre_rope = any(m.keys == "pre-rope" for m in methods)
-    rotations = _rotations(model, layers) if pre_rope else None
-    collector = _Collector(rotations)
+    key_modes = {m.keys for m in methods}
+    rotations = _rotations(model, layers) if "pre-rope" in key_modes else None
+    collector = _Collector(key_modes, rotations)
     run_windows(model, windows, collector, progress=progress)
-    if not collector.keys:
+    if not collector.values:
         raise RuntimeError("no attention call was observed while calibrating: the model does not use transformers' "
                            "attention interface, so kvpass cannot calibrate it")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     rates = {section_name(m): m for m in methods}
     tensors = {name: {} for name in rates}
-    for layer in _progress(sorted(collector.keys), progress, "layers", "k-means"):
-        key_weights, value_weights = torch.cat(collector.key_weights.pop(layer), 1), \
-            torch.cat(collector.value_weights.pop(layer), 1)
-        sources = {("keys", "post-rope"): (collector.keys, key_weights),
-                   ("keys", "pre-rope"): (collector.pre_rope_keys, key_weights),
-                   ("values", None): (collector.values, value_weights)}
-        for (part, keys), (store, w) in sources.items():
-            if layer not in store:
-                continue
-            vectors = torch.cat(store.pop(layer), dim=1)
+    for layer in _progress(sorted(collector.values), progress, "layers", "k-means"):
+        key_weights = torch.cat(collector.key_weights.pop(layer), 1)
+        value_weights = torch.cat(collector.value_weights.pop(layer), 1)
+        keys = {mode: torch.cat(store.pop(layer), 1) for mode, store in collector.keys.items()}
+        values = torch.cat(collector.values.pop(layer), 1)
+        for part, w in (("keys", key_weights), ("values", value_weights)):
             for name, method in rates.items():
-                if keys in (None, method.keys):
-                    tensors[name][f"layers.{layer}.{part}"] = _codebook(vectors, w, method.sub_vector,
-                                                                        method.codebook_size, device, generator)
+                vectors = keys[method.keys] if part == "keys" else values
+                tensors[name][f"layers.{layer}.{part}"] = _codebook(vectors, w, method.sub_vector,
+                                                                    method.codebook_size, device, generator)
         for name, method in rates.items():
             if method.keys == "pre-rope" and rotations[layer] is not None:
                 inv_freq, scaling = rotations[layer]

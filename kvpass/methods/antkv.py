@@ -193,7 +193,7 @@ class AnTKVStore(LayerStore):
         k, v, stats = self._window_k[:, :, :n], self._window_v[:, :, :n], self._stats[:, :, :, :n]
         rotation = self._rotation
         if rotation is not None:
-            positions = rotation.positions(start + n)[:, start:]
+            positions = rotation.positions(start, start + n)
             codes_k = pq.encode(rope_rotate(k, positions, rotation.inv_freq, rotation.scaling, inverse=True),
                                 self._book_k)
             decoded_k = rope_rotate(pq.decode(codes_k, self._book_k), positions, rotation.inv_freq,
