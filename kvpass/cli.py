@@ -10,7 +10,7 @@ import time
 import torch
 
 from .calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS
-from .config import ANCHOR_SCORES, ANTKV_KEYS, KIVI, AnTKV, Config, Dense, DenseFFN
+from .config import ANCHOR_SCORES, ANTKV_KEYS, KIVI, WAVE_SCORING, AnTKV, Config, Dense, DenseFFN, WaveIndex
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -26,6 +26,9 @@ def _attention_method(args, bits=None):
                          keys=args.keys)
         if args.attention == "kivi":
             return KIVI(bits=int(bits), group=args.group, residual=args.window)
+        if args.attention == "wave":
+            return WaveIndex(retrieval=args.retrieval, estimation=args.estimation, min_context=args.min_context,
+                             scoring=args.scoring, offload=args.offload, buffer=args.buffer)
         return Dense(dtype=args.kv_dtype)
     except ValueError as error:
         raise SystemExit(f"kvpass: {error}") from None
@@ -41,7 +44,10 @@ def _method_name(config: Config) -> str:
     name = {"antkv": lambda: (f"antkv-{m.bits:g}bit-{m.anchor_ratio:g}anchors"      # defaults unnamed
                               + ("" if m.score == "bound" else f"-{m.score}")
                               + ("" if m.keys == "pre-rope" else f"-{m.keys}")),
-            "kivi": lambda: f"kivi-{m.bits}bit"}.get(m.method, lambda: m.method)()
+            "kivi": lambda: f"kivi-{m.bits}bit",
+            "wave": lambda: (f"wave-{m.retrieval:g}r-{m.estimation:g}e" + ("" if m.scoring == "centroid" else
+                                                                          f"-{m.scoring}")
+                             + ("-offload" if m.offload else ""))}.get(m.method, lambda: m.method)()
     return name + ("" if config.ffn is None else f"+ffn-{config.ffn.method}")
 
 
@@ -85,7 +91,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model weights dtype")
     parser.add_argument("--kv-dtype", choices=sorted(_DTYPES), default=None, help="KV cache storage dtype")
     parser.add_argument("--ffn", choices=["none", "dense"], default="none", help="FFN method (none: Inductor keeps it)")
-    parser.add_argument("--attention", choices=["dense", "antkv", "kivi"], default="dense", help="KV-cache method")
+    parser.add_argument("--attention", choices=["dense", "antkv", "kivi", "wave"], default="dense",
+                        help="KV-cache method")
     parser.add_argument("--bits", type=float, default=None, help="antkv: bits/value (4, 2, 1, 0.75, 0.375; default "
                                                                   "1); kivi: 2, 4 or 8 (default 2)")
     parser.add_argument("--anchor-ratio", type=float, default=0.01, help="antkv: fraction of tokens kept exact")
@@ -94,6 +101,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keys", choices=ANTKV_KEYS, default="pre-rope", help="antkv: key codebooks before or "
                                                                                "after RoPE")
     parser.add_argument("--group", type=int, default=32, help="kivi: tokens per key scale")
+    wave = WaveIndex()
+    parser.add_argument("--retrieval", type=float, default=wave.retrieval, help="wave: share of clusters attended "
+                                                                                "exactly")
+    parser.add_argument("--estimation", type=float, default=wave.estimation, help="wave: share of clusters estimated "
+                                                                                  "by their centroid")
+    parser.add_argument("--min-context", type=int, default=wave.min_context, help="wave: tokens before the index is "
+                                                                                  "built")
+    parser.add_argument("--scoring", choices=WAVE_SCORING, default=wave.scoring, help="wave: how clusters are scored")
+    parser.add_argument("--offload", action="store_true", help="wave: clustered K/V in CPU memory, GPU wave buffer")
+    parser.add_argument("--buffer", type=float, default=wave.buffer, help="wave (offload): share of indexed tokens "
+                                                                          "cached on the GPU")
     parser.add_argument("--calibration", default=None, help="calibration artefact (default: calibrate "
                                                             "automatically on the default text, cached)")
 

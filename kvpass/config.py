@@ -119,6 +119,80 @@ class KIVI(AttentionMethod):
             raise ValueError(f"residual={self.residual!r} must be an int >= 0 (recent tokens kept exact)")
 
 
+# How the wave index scores its clusters against a query: by the dot product with their key centroid (RetroInfer).
+WAVE_SCORING = ("centroid",)
+
+
+def _fraction(name: str, value, low: float, high: float, meaning: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name}={value!r} must be a fraction in [{low}, {high}] ({meaning})")
+    return float(value)
+
+
+def _count(name: str, value, low: int, meaning: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an int >= {low} ({meaning})")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class WaveIndex(AttentionMethod):
+    """Retrieval attention over a clustered KV cache (RetroInfer's wave index, arXiv 2505.02922); docs/wave.md.
+
+    Decode attention is tripartite: exact over the steady zone (the first `sinks` and the last `recent` tokens),
+    exact over the tokens of the `retrieval` fraction of clusters that score highest against the query, and
+    estimated over the next `estimation` fraction (each cluster one pseudo-token: key = centroid, value = mean,
+    weight = size); the rest is skipped. Prompts attend exactly.
+
+    sinks, recent: steady-zone tokens; segment: tokens clustered together (segmented k-means); cluster_size:
+    mean tokens per cluster; iterations: k-means iterations; update_every: decode tokens collected past the
+    recent window before they are clustered into the index; min_context: tokens a sequence must hold before its
+    index is built (shorter ones attend exactly); retrieval, estimation: fractions of the clusters.
+    offload: keep the clusters' K/V in pinned CPU memory and a GPU cache of `page`-token pages (the wave buffer)
+    holding `buffer` of the indexed tokens; False keeps every page on the GPU.
+    """
+
+    method: ClassVar[str] = "wave"
+    sinks: int = 4
+    recent: int = 64
+    segment: int = 8192
+    cluster_size: int = 16
+    iterations: int = 10
+    update_every: int = 1024
+    min_context: int = 1024
+    retrieval: float = 0.018
+    estimation: float = 0.232
+    scoring: str = "centroid"
+    offload: bool = False
+    buffer: float = 0.1
+    page: int = 16
+
+    def __post_init__(self):
+        _count("sinks", self.sinks, 0, "first tokens always attended exactly")
+        _count("recent", self.recent, 1, "newest tokens always attended exactly")
+        _count("cluster_size", self.cluster_size, 1, "mean tokens per k-means cluster")
+        _count("segment", self.segment, self.cluster_size, "tokens clustered together; at least cluster_size")
+        _count("iterations", self.iterations, 1, "k-means iterations")
+        _count("update_every", self.update_every, self.cluster_size,
+               "decode tokens clustered into the index at once; at least cluster_size")
+        _count("min_context", self.min_context, self.sinks + self.recent + self.cluster_size,
+               "tokens before the index is built; at least sinks + recent + cluster_size")
+        _fraction("retrieval", self.retrieval, 0.0, 1.0, "clusters attended exactly")
+        _fraction("estimation", self.estimation, 0.0, 1.0, "clusters estimated by their centroid")
+        if self.retrieval + self.estimation > 1.0:
+            raise ValueError(f"retrieval + estimation = {self.retrieval} + {self.estimation} exceeds 1: they are "
+                             f"fractions of the same clusters")
+        if self.scoring not in WAVE_SCORING:
+            raise ValueError(f"scoring={self.scoring!r} is not a wave-index scoring; use one of {list(WAVE_SCORING)}")
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"offload={self.offload!r} must be True or False")
+        _fraction("buffer", self.buffer, 0.0, 1.0, "share of the indexed tokens the GPU wave buffer holds")
+        if self.buffer == 0.0:
+            raise ValueError("buffer=0.0 leaves the wave buffer no room; use a fraction in (0, 1]")
+        if isinstance(self.page, bool) or self.page not in (8, 16, 32, 64):
+            raise ValueError(f"page={self.page!r}: wave-buffer pages hold 8, 16, 32 or 64 tokens")
+
+
 @dataclasses.dataclass(frozen=True)
 class FFNMethod:
     """Base of the FFN method configs."""
@@ -133,7 +207,8 @@ class DenseFFN(FFNMethod):
     method: ClassVar[str] = "dense"
 
 
-ATTENTION_METHODS: dict[str, type[AttentionMethod]] = {"dense": Dense, "antkv": AnTKV, "kivi": KIVI}
+ATTENTION_METHODS: dict[str, type[AttentionMethod]] = {"dense": Dense, "antkv": AnTKV, "kivi": KIVI,
+                                                      "wave": WaveIndex}
 FFN_METHODS: dict[str, type[FFNMethod]] = {"dense": DenseFFN}
 
 
@@ -141,7 +216,7 @@ FFN_METHODS: dict[str, type[FFNMethod]] = {"dense": DenseFFN}
 class Config:
     """What kvpass does to a model.
 
-    attention: the KV-cache method of every attention site (`Dense()`; later AnTKV, WaveIndex).
+    attention: the KV-cache method of every attention site (`Dense()`, `AnTKV()`, `KIVI()`, `WaveIndex()`).
     ffn: the FFN method, or None to leave FFN sites to Inductor (they are still found and counted).
     calibration: path of a calibration artefact for methods that need one.
     """

@@ -14,13 +14,15 @@ def use_triton(t: torch.Tensor) -> bool:
     return choice == "triton" or (choice == "auto" and t.is_cuda)
 
 
-def attention(q, k, v, *, mask, is_causal, scale, softcap, window):
+def attention(q, k, v, *, mask, is_causal, scale, softcap, window, valid=None, return_lse=False):
     """q: (B, Hq, Lq, D) are the last Lq of the S keys in k, v: (B, Hkv, S, D|Dv); mask: None or bool
-    (Bm, Hm, Lq, S) over all keys. See kernels/attention for the full contract."""
+    (Bm, Hm, Lq, S) over all keys; valid: None or (B, S) bool (False: a padding slot). With return_lse also the
+    (B, Hq, Lq) fp32 log-sum-exp. See kernels/attention for the full contract."""
     from .kernels import attention as family
 
     fn = family.attention_over_store if use_triton(q) else family.attention_over_store_reference
-    return fn(q, k, v, scale=scale, causal=is_causal, window=window, softcap=softcap, mask=mask)
+    return fn(q, k, v, valid, scale=scale, causal=is_causal, window=window, softcap=softcap, mask=mask,
+              return_lse=return_lse)
 
 
 def coded_attention(q, kv, *, mask, is_causal, scale, softcap, window, return_lse=False):
@@ -40,3 +42,43 @@ def anchor_scores(q, k, v, lse, o, *, q_start, key_start, mask, is_causal, scale
     fn = family.anchor_scores if use_triton(q) else family.anchor_scores_reference
     return fn(q, k, v, lse, o, q_start=q_start, key_start=key_start, scale=scale, causal=is_causal, window=window,
               softcap=softcap, mask=mask)
+
+
+def kmeans(x, count, clusters, iterations, metric):
+    """Lloyd's k-means of x (G, N, D) with count[g] valid rows per group: (labels (G, N) int32, centroids
+    (G, clusters, D) fp32, sizes (G, clusters) int32); see kvpass.kernels.kmeans."""
+    from .kernels import kmeans as family
+
+    steps = (family.assign, family.update) if use_triton(x) else (family.assign_reference, family.update_reference)
+    return family.kmeans(x, count, clusters, iterations, metric, assign=steps[0], update=steps[1])
+
+
+def _wave(name: str, like: torch.Tensor):
+    from .kernels import wave_attention as family
+
+    return getattr(family, name if use_triton(like) else name + "_reference")
+
+
+def score_clusters(q, centroids, clusters, *, scale, softcap):
+    """(logits (B, Hq, C) fp32, scores (B, Hkv, C) fp32) of the decode queries q (B, Hq, 1, D) against the
+    first `clusters` centroids (B, Hkv, Ccap, D); see kvpass.kernels.wave_attention."""
+    return _wave("score_clusters", q)(q, centroids, clusters, scale=scale, softcap=softcap)
+
+
+def cluster_attention(q, keys, values, starts, sizes, selected, *, page_table, scale, softcap):
+    """Exact attention of q (B, Hq, 1, D) over the tokens of the selected clusters (B, Hkv, R), read directly
+    from cluster-contiguous keys/values or through page_table from a page pool: split partials (out (S, B, Hq,
+    Dv), lse (S, B, Hq)) fp32; see kvpass.kernels.wave_attention."""
+    return _wave("cluster_attention", q)(q, keys, values, starts, sizes, selected, page_table=page_table,
+                                         scale=scale, softcap=softcap)
+
+
+def estimate_clusters(logits, value_means, sizes, selected):
+    """Centroid estimation over the selected clusters (B, Hkv, E): split partials (out (S, B, Hq, Dv), lse
+    (S, B, Hq)) fp32."""
+    return _wave("estimate_clusters", logits)(logits, value_means, sizes, selected)
+
+
+def merge_partials(outs, lses, dtype):
+    """Combine partials outs[i] (S_i, B, Hq, Dv), lses[i] (S_i, B, Hq) by log-sum-exp into (B, Hq, 1, Dv)."""
+    return _wave("merge_partials", lses[0])(outs, lses, dtype)

@@ -39,6 +39,7 @@ def report(model) -> dict:
 
 def _runtime_part(runtime) -> dict:
     held = runtime.nbytes()
-    return {"kv_bytes": sum(held.values()), "kv_bytes_by_part": held, "tokens_held": runtime.tokens_held(),
+    part = {"layer_stats": stats} if (stats := runtime.layer_stats()) else {}
+    return {**part, "kv_bytes": sum(held.values()), "kv_bytes_by_part": held, "tokens_held": runtime.tokens_held(),
             "sequences": runtime.sequences_started,
             "attention_calls": {f"{mode}/{phase}": n for (mode, phase), n in sorted(runtime.calls.items())}}

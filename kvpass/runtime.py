@@ -110,8 +110,8 @@ class Runtime:
         store = self.store(layer)
         if store.needs_queries:
             raise NotImplementedError(
-                f"{self.config.attention.method} chooses what it keeps from attention scores, which the unfused kvpass "
-                f"cache path (layer {layer}: HF attends over materialized keys) never sees. Run the model compiled: "
+                f"{self.config.attention.method} chooses what it keeps or reads from attention scores, which the unfused "
+                f"kvpass cache path (layer {layer}: HF attends over materialized keys) never sees. Run the model compiled: "
                 f"kvpass.compile(model, config) (inner='eager' runs the rewritten graph without Inductor)")
         self.check_past(store, past)
         store.append(k, v)
@@ -125,6 +125,10 @@ class Runtime:
         for store in self._stores.values():
             total.update(store.nbytes())
         return dict(total)
+
+    def layer_stats(self) -> list[dict]:
+        """Each layer's method counters (e.g. the wave index's keys read), for layers that keep any."""
+        return [stats for _, store in sorted(self._stores.items()) if (stats := store.stats())]
 
     def tokens_held(self) -> int:
         return max((s.length for s in self._stores.values()), default=0)

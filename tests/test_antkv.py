@@ -203,7 +203,7 @@ def test_unfused_cache_path_refuses(llama, tmp_path):
     path = cal.save(tmp_path / "c.safetensors")
     kvpass.attach(model, kvpass.Config(attention=AnTKV(bits=1), calibration=str(path)))
     try:
-        with pytest.raises(NotImplementedError, match="chooses what it keeps from attention scores"):
+        with pytest.raises(NotImplementedError, match="chooses what it keeps or reads from attention scores"):
             model.generate(torch.randint(3, 100, (1, 12)), max_new_tokens=2, do_sample=False)
     finally:
         kvpass.detach(model)

@@ -115,13 +115,14 @@ def visibility_mask(valid, q_start, Lq, Hq, *, causal=True, window=0, mask=None)
 
 
 def attention_over_store_reference(q, k, v, valid=None, q_start=None, *, scale, causal=True,
-                                   window=0, softcap=0.0, mask=None, num_splits=None):
+                                   window=0, softcap=0.0, mask=None, num_splits=None, return_lse=False):
     """fp32 reference. Shapes as in :func:`kvpass.kernels.attention.attention_over_store`.
 
     q: (B, Hq, Lq, D); k: (B, Hkv, S, D); v: (B, Hkv, S, Dv); valid: (B, S) bool or None (all
     valid); q_start: int or None (``S - Lq``); mask: (1|B, 1|Hq, Lq, kv_len) bool or None.
-    Returns a contiguous (B, Hq, Lq, Dv) tensor of q's dtype. ``num_splits`` is accepted (and
-    ignored) so the two functions are call-compatible.
+    Returns a contiguous (B, Hq, Lq, Dv) tensor of q's dtype, and with return_lse also the
+    (B, Hq, Lq) fp32 natural-log logsumexp of each row's visible scores (-inf: nothing visible).
+    ``num_splits`` is accepted (and ignored) so the two functions are call-compatible.
     """
     del num_splits
     B, Hq, Hkv, Lq, S, D, Dv, q_start, kv_len = check_attention_inputs(
@@ -141,5 +142,5 @@ def attention_over_store_reference(q, k, v, valid=None, q_start=None, *, scale, 
     s = s.masked_fill(~vis, float("-inf"))
     p = torch.softmax(s, dim=-1)
     p = torch.where(vis.any(dim=-1, keepdim=True), p, torch.zeros_like(p))  # empty rows -> 0
-    out = torch.matmul(p, vf)
-    return out.to(q.dtype).contiguous()
+    out = torch.matmul(p, vf).to(q.dtype).contiguous()
+    return (out, torch.logsumexp(s, dim=-1)) if return_lse else out

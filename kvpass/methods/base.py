@@ -42,6 +42,8 @@ class LayerStore:
         self.method = method
         self.layer = layer
         self.capacity_hint = capacity  # tokens the sequence is expected to reach (None: unknown)
+        # False for a one-shot store (dropped after one call): methods skip work that only serves later steps.
+        self.persistent = True
 
     @property
     def length(self) -> int:
@@ -68,6 +70,10 @@ class LayerStore:
         """Bytes held, by component (e.g. {"keys": ..., "values": ...})."""
         raise NotImplementedError
 
+    def stats(self) -> dict:
+        """Per-layer counters for kvpass.report (empty for methods without any)."""
+        return {}
+
 
 class OneShot:
     """Runs a method statelessly over the k/v of one call: a fresh store, filled, attended, dropped.
@@ -82,6 +88,7 @@ class OneShot:
 
     def attend(self, q, k, v, mask, is_causal, spec: AttentionSpec, layer: int) -> torch.Tensor:
         store = make_store(self.method, layer, calibration=self.calibration)
+        store.persistent = False
         store.append(k, v)
         return store.attend(q, mask, is_causal, spec)
 
@@ -92,8 +99,9 @@ def make_store(method: AttentionMethod, layer: int, capacity: int | None = None,
     from .antkv import AnTKVStore
     from .dense import DenseStore
     from .kivi import KIVIStore
+    from .wave import WaveStore
 
     if method.method == "antkv":
         return AnTKVStore(method, layer, capacity, calibration=calibration)
-    stores = {"dense": DenseStore, "kivi": KIVIStore}
+    stores = {"dense": DenseStore, "kivi": KIVIStore, "wave": WaveStore}
     return stores[method.method](method, layer, capacity)

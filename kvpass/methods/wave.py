@@ -1,0 +1,277 @@
+"""Wave-index store: retrieval attention over a clustered KV cache (RetroInfer), with optional CPU offload.
+
+Slots of a sequence fall in three parts (the same boundaries for every row and KV head):
+
+    [0, prefix)                      left padding of the batch + `sinks` attention sinks  ┐ the steady zone:
+    [prefix, prefix + index.tokens)  clustered into the index (ClusterIndex)              │ exact, on the device
+    [.., length)                     the newest tokens, not indexed yet ("recent")        ┘
+
+Prompts attend exactly (everything is still in the steady buffer when a prompt runs). After the call that
+brings the sequence to `min_context` tokens, the index is built from everything but the sinks and the last
+`recent` tokens; from then on every `update_every` tokens that age out of the recent window are clustered into
+the index as a new run. A one-shot store (a forward without a cache) never builds one.
+A decode step is tripartite: exact attention over the steady zone, exact attention over the tokens of the top
+`retrieval` share of clusters (scored against the query, summed over its GQA group), centroid estimation over
+the next `estimation` share, merged by their log-sum-exps (kvpass.kernels.wave_attention).
+
+Layers whose attention hides more than left padding (sliding windows) are never indexed: they stay exact, and
+`stats()` says so. A multi-token call after the index exists (a second prompt chunk) attends exactly over the
+materialized cache.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import kernels_dispatch
+from ..config import WaveIndex
+from .base import AttentionSpec, LayerStore
+from .wave_buffer import WaveBuffer
+from .wave_index import ClusterIndex, _grow, cluster_run
+
+_MIN_CAPACITY = 256
+
+
+def budgets(method: WaveIndex, clusters: int) -> tuple[int, int]:
+    """(retrieved, estimated) clusters of an index of `clusters` clusters."""
+    retrieved = min(clusters, math.ceil(method.retrieval * clusters))
+    return retrieved, min(clusters - retrieved, math.ceil(method.estimation * clusters))
+
+
+class WaveStore(LayerStore):
+    method: WaveIndex
+    needs_queries = True   # what a step reads depends on its query: the unfused cache path cannot serve it
+
+    def __init__(self, method: WaveIndex, layer: int, capacity: int | None = None):
+        super().__init__(method, layer, capacity)
+        self._length = 0
+        self._prefix = 0            # slots [0, prefix) stay exact: padding + sinks (fixed when the index is built)
+        self._k = self._v = None    # steady buffer (B, H, cap, D|Dv): prefix slots, then the unindexed tokens
+        self._valid = None          # (B, cap) bool: False for left padding
+        self._steady = 0            # slots used in the steady buffer
+        self._index: ClusterIndex | None = None
+        self._buffer: WaveBuffer | None = None
+        self.exact_reason: str | None = None   # why this layer never builds an index (None: it does when long enough)
+        # Keys read per decode step, summed over steps, rows and KV heads: exact, estimated (cluster sizes), total.
+        self._read = None
+        self.decode_steps = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def index(self) -> ClusterIndex | None:
+        return self._index
+
+    # -- the LayerStore interface ------------------------------------------------------------------------
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        B, H, L, D = k.shape
+        if self._k is None:
+            cap = max(_MIN_CAPACITY, L, min(self.capacity_hint or 0, self.method.min_context + self.method.update_every))
+            self._k = k.new_empty(B, H, cap, D)
+            self._v = v.new_empty(B, H, cap, v.shape[-1])
+            self._valid = torch.ones(B, cap, dtype=torch.bool, device=k.device)
+            self._read = torch.zeros(3, dtype=torch.int64, device=k.device)
+        elif (B, H, D) != (self._k.shape[0], self._k.shape[1], self._k.shape[3]):
+            raise ValueError(f"layer {self.layer}: new keys of shape {tuple(k.shape)} do not fit the stored (batch, "
+                             f"kv heads, head dim); start a new sequence (kvpass.reset(model) or a new kvpass cache)")
+        self._k = _grow(self._k, 2, self._steady + L)
+        self._v = _grow(self._v, 2, self._steady + L)
+        self._valid = _grow(self._valid, 1, self._steady + L, fill=True)
+        # Copy, never alias: the caller's tensors may be buffers reused by the next step.
+        self._k[:, :, self._steady : self._steady + L] = k
+        self._v[:, :, self._steady : self._steady + L] = v
+        self._steady += L
+        self._length += L
+
+    def attend(self, q, mask, is_causal, spec: AttentionSpec):
+        Lq = q.shape[2]
+        if self._length == Lq:   # the sequence's first call: its mask tells the padding
+            self._read_padding(mask, spec)
+        if self._index is None:
+            out = kernels_dispatch.attention(q, self._k[:, :, : self._steady], self._v[:, :, : self._steady], mask=mask,
+                                             is_causal=is_causal, scale=spec.scale, softcap=spec.softcap,
+                                             window=spec.window)
+        elif Lq > 1:
+            k, v = self.materialize()
+            out = kernels_dispatch.attention(q, k, v, mask=mask, is_causal=is_causal, scale=spec.scale,
+                                             softcap=spec.softcap, window=spec.window)
+        else:
+            self._check_mask(mask)
+            out = self.tripartite(q, spec)
+        if self.persistent:
+            # After a prompt this builds the index, so an offloading store moves the prompt's K/V to the host
+            # before the next layer fills the GPU with its own.
+            self.maintain()
+        return out
+
+    def materialize(self):
+        if self._k is None:
+            raise RuntimeError(f"layer {self.layer}: the store is empty")
+        if self._index is None:
+            return self._k[:, :, : self._steady], self._v[:, :, : self._steady]
+        B, H, _, D = self._k.shape
+        k = self._k.new_zeros(B, H, self._length, D)
+        v = self._v.new_zeros(B, H, self._length, self._v.shape[-1])
+        k[:, :, : self._prefix] = self._k[:, :, : self._prefix]
+        v[:, :, : self._prefix] = self._v[:, :, : self._prefix]
+        tail = self._prefix + self._index.tokens
+        k[:, :, tail:] = self._k[:, :, self._prefix : self._steady]
+        v[:, :, tail:] = self._v[:, :, self._prefix : self._steady]
+        return self._index.materialize(self._length, k, v)
+
+    def nbytes(self):
+        if self._k is None:
+            return {"steady": 0}
+        parts = {"steady": self._k.nbytes + self._v.nbytes + self._valid.nbytes}
+        if self._index is not None:
+            parts.update(self._index.nbytes())
+        if self._buffer is not None:
+            parts.update(self._buffer.nbytes())
+        return parts
+
+    def stats(self) -> dict:
+        """Per-layer counters for kvpass.report: keys read exactly / estimated / skipped per decode step."""
+        row = {"layer": self.layer, "decode_steps": self.decode_steps, "exact_only": self.exact_reason,
+               "indexed_tokens": 0 if self._index is None else self._index.tokens,
+               "clusters": 0 if self._index is None else self._index.clusters}
+        if self.decode_steps and self._read is not None:
+            exact, estimated, total = self._read.tolist()
+            row.update(keys_exact=exact / total, keys_estimated=estimated / total,
+                       keys_skipped=(total - exact - estimated) / total)
+        if self._buffer is not None:
+            row.update(self._buffer.stats())
+        return row
+
+    # -- decode ----------------------------------------------------------------------------------------------
+    def tripartite(self, q: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+        """One decode step's attention over the stored state (the query's own token already appended):
+        q (B, Hq, 1, D) over the steady zone + retrieved clusters + estimated clusters; returns (B, Hq, 1, Dv)."""
+        index = self._index
+        C = index.clusters
+        scoring = dict(scale=spec.scale, softcap=spec.softcap)
+        logits, scores = kernels_dispatch.score_clusters(q, index.centroids, C, **scoring)
+        # Empty clusters (k-means can leave some) must not take a place in the budget.
+        scores = scores.masked_fill(index.sizes[:, :, :C] == 0, -1.0)
+        retrieved, estimated = budgets(self.method, C)
+        top = scores.topk(retrieved + estimated, dim=-1, sorted=True).indices.to(torch.int32)
+        chosen, rest = top[..., :retrieved], top[..., retrieved:]
+        ready = None
+        if self._buffer is not None:
+            host = chosen.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event() if q.is_cuda else None
+            if ready is not None:
+                ready.record()
+        # The steady zone and the estimation do not need the retrieved pages: they run while those are copied.
+        n = self._steady
+        steady_out, steady_lse = kernels_dispatch.attention(
+            q, self._k[:, :, :n], self._v[:, :, :n], mask=None, is_causal=False, window=0,
+            valid=self._valid[:, :n], return_lse=True, **scoring)
+        est_out, est_lse = kernels_dispatch.estimate_clusters(logits, index.value_means, index.sizes, rest)
+        if self._buffer is None:
+            keys, values, table = index.keys, index.values, None
+        else:
+            if ready is not None:
+                ready.synchronize()
+            copied = self._buffer.fetch(host.numpy(), ready)
+            if copied is not None:
+                torch.cuda.current_stream().wait_event(copied)
+            keys, values, table = self._buffer.pool_k, self._buffer.pool_v, self._buffer.page_table
+        ret_out, ret_lse = kernels_dispatch.cluster_attention(q, keys, values, index.starts, index.sizes, chosen,
+                                                              page_table=table, **scoring)
+        out = kernels_dispatch.merge_partials([steady_out.float().permute(2, 0, 1, 3), ret_out, est_out],
+                                              [steady_lse.permute(2, 0, 1), ret_lse, est_lse], q.dtype)
+        self._count(top, retrieved, n)
+        return out
+
+    def _count(self, top: torch.Tensor, retrieved: int, steady: int) -> None:
+        """Accumulate the keys this step read exactly / estimated / held (device counters: no host sync)."""
+        B, H = top.shape[:2]
+        sizes = self._index.sizes.gather(-1, top.long())
+        steady_keys = self._valid[:, :steady].sum() * H
+        exact = sizes[..., :retrieved].sum() + steady_keys
+        total = steady_keys + self._index.tokens * B * H
+        self._read += torch.stack((exact, sizes[..., retrieved:].sum(), total))
+        self.decode_steps += 1
+
+    # -- index maintenance --------------------------------------------------------------------------------------
+    def _read_padding(self, mask, spec: AttentionSpec) -> None:
+        """From the sequence's first call: which slots are left padding, and whether this layer can be indexed."""
+        if spec.window:
+            self.exact_reason = f"sliding window of {spec.window} tokens"
+            return
+        if mask is None:
+            return
+        seen = mask[:, 0, -1, : self._length].expand(self._k.shape[0], -1)   # what the last query sees
+        first = seen.float().argmax(dim=-1)                                    # first visible slot per row
+        slots = torch.arange(self._length, device=seen.device)
+        if not bool((seen == (slots >= first[:, None])).all()):
+            self.exact_reason = "the mask hides more than left padding (a sliding window or packed sequences)"
+            return
+        self._valid[:, : self._length] = seen
+
+    def _check_mask(self, mask) -> None:
+        """A decode mask must show exactly the non-padding slots (checked where it is free: on the CPU)."""
+        if mask is None or mask.is_cuda:
+            return
+        if not bool((mask[:, 0, -1, : self._length] == self._slot_valid()).all()):
+            raise RuntimeError(f"layer {self.layer}: the decode mask hides slots other than the prompt's left padding; "
+                               f"the wave index cannot serve it (sliding window or a changed padding)")
+
+    def _slot_valid(self) -> torch.Tensor:
+        """(B, length) bool validity of every slot of the sequence."""
+        valid = torch.ones(self._valid.shape[0], self._length, dtype=torch.bool, device=self._valid.device)
+        valid[:, : self._prefix] = self._valid[:, : self._prefix]
+        if self._index is None:
+            valid[:, : self._steady] = self._valid[:, : self._steady]
+        return valid
+
+    def maintain(self) -> None:
+        """Build the index once the sequence is long enough; cluster tokens that aged out of the recent window.
+        Every call of a sequence's store runs it after attending; a bulk loader (benchmarks) calls it after
+        append()."""
+        method = self.method
+        if self.exact_reason is not None:
+            return
+        if self._index is None:
+            if self._length < method.min_context:
+                return
+            padding = int((~self._valid[:, : self._steady]).sum(-1).max())
+            self._prefix = padding + method.sinks
+            if self._steady - self._prefix - method.recent < method.cluster_size:
+                return
+            self._index = ClusterIndex(method, self._k, self._v, self._index_capacity(), host=method.offload)
+            self._index_run(self._steady - self._prefix - method.recent)
+            if method.offload:
+                self._buffer = WaveBuffer(self._index, self._buffer_slots(), self._k.device)
+        elif self._steady - self._prefix - method.recent >= method.update_every:
+            self._index_run(method.update_every)
+
+    def _index_run(self, n: int) -> None:
+        """Cluster the n oldest unindexed tokens into the index and drop them from the steady buffer."""
+        start = self._prefix
+        k, v = self._k[:, :, start : start + n], self._v[:, :, start : start + n]
+        first_slot = self._prefix + self._index.tokens
+        self._index.add(cluster_run(k, v, self.method), k, v, first_slot)
+        keep = self._steady - start - n
+        self._k[:, :, start : start + keep] = self._k[:, :, start + n : self._steady].clone()
+        self._v[:, :, start : start + keep] = self._v[:, :, start + n : self._steady].clone()
+        self._steady = start + keep
+        room = self._steady + self.method.update_every + _MIN_CAPACITY
+        if self._k.shape[2] > 2 * room:   # the prompt has moved into the index: give its steady room back
+            self._k, self._v = self._k[:, :, :room].clone(), self._v[:, :, :room].clone()
+            self._valid = self._valid[:, :room].clone()
+
+    def _index_capacity(self) -> int:
+        expected = max(self._length, self.capacity_hint or 0)
+        return expected - self.method.sinks
+
+    def _buffer_slots(self) -> int:
+        """Pages of the GPU wave buffer: `buffer` of the indexed rows, at least one step's worth of retrieval."""
+        index = self._index
+        B, H = index.keys.shape[:2]
+        pages = B * H * math.ceil(self._index_capacity() / index.page)
+        retrieved, _ = budgets(self.method, max(1, math.ceil(self._index_capacity() / self.method.cluster_size)))
+        return max(math.ceil(self.method.buffer * pages), 2 * B * H * retrieved)
