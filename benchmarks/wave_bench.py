@@ -12,7 +12,7 @@ eagerly and replayed as a CUDA graph (the device path has no host sync, so it ca
 torch SDPA over the dense fp16 cache (enable_gqa) in the same process.
 
     python benchmarks/wave_bench.py --contexts 32768 131072 524288 --out benchmarks/results
-    python benchmarks/wave_bench.py --longest 655360 --layers 32 --out benchmarks/results
+    python benchmarks/wave_bench.py --contexts --longest 262144 --gpu-memory-gib 24 --out benchmarks/results
 """
 from __future__ import annotations
 
@@ -99,6 +99,7 @@ def per_layer(length: int, steps: int) -> dict:
     store, row["index_build_s"] = loaded_store(WaveIndex(), k, v)
     row["wave_ms"] = triton.testing.do_bench(lambda store=store: store.tripartite(q, spec), warmup=25, rep=200)
     row["wave_graph_ms"] = graph_time(lambda store=store: store.tripartite(q, spec))
+    store.reset_stats()             # graph replays add to the device counters only
     for query in queries:
         store.tripartite(query, spec)
     stats = store.stats()
@@ -131,6 +132,11 @@ def longest(length: int, layers: int, steps: int) -> dict:
     from kvpass.methods.base import AttentionSpec
 
     spec = AttentionSpec(scale=D ** -0.5)
+    try:        # does the dense fp16 cache of this context fit in the GPU memory this process may use?
+        dense_fits = len([torch.empty(2, HKV, length, D, dtype=torch.float16, device="cuda") for _ in range(layers)]) > 0
+    except torch.cuda.OutOfMemoryError:
+        dense_fits = False
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     stores, build = [], 0.0
     for layer in range(layers):
@@ -155,7 +161,7 @@ def longest(length: int, layers: int, steps: int) -> dict:
             "host_bytes": host, "dense_fp16_bytes": layers * 2 * HKV * D * 2 * length,
             "gpu_total_bytes": torch.cuda.get_device_properties(0).total_memory,
             "gpu_peak_bytes": torch.cuda.max_memory_allocated(),
-            "hit_rate": sum(s.stats()["hit_rate"] for s in stores) / layers}
+            "hit_rate": sum(s.stats()["hit_rate"] for s in stores) / layers, "dense_fits": dense_fits}
 
 
 def main() -> None:
@@ -166,9 +172,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="decode steps of drifting queries per context")
     parser.add_argument("--longest", type=int, default=0, help="context of the offloaded multi-layer run (0: skip)")
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--gpu-memory-gib", type=float, default=0.0,
+                        help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction; 0: all)")
     parser.add_argument("--out", default="runs/bench")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.gpu_memory_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gib * 2**30 / total))
     rows = []
     print(f"{'context':>8} {'SDPA ms':>8} {'wave ms':>8} {'graph ms':>8} {'x SDPA':>7} {'offload ms':>10} "
           f"{'hit':>5} {'exact %':>8} {'est %':>6} {'dev GB':>7} {'dense GB':>8} {'build s':>7}")
@@ -183,11 +194,13 @@ def main() -> None:
     extra = {}
     if args.longest:
         result = longest(args.longest, args.layers, steps=8)
-        extra["longest"] = result
+        extra["longest"] = {**result, "gpu_memory_cap_gib": args.gpu_memory_gib or None}
         print(f"longest: {result['context']} tokens x {result['layers']} layers ran with offload: "
               f"{result['decode_step_s'] * 1e3:.1f} ms/step (attention only), host {result['host_bytes'] / 2**30:.1f} GiB, "
-              f"GPU peak {result['gpu_peak_bytes'] / 2**30:.1f} of {result['gpu_total_bytes'] / 2**30:.1f} GiB; dense "
-              f"fp16 KV would need {result['dense_fp16_bytes'] / 2**30:.1f} GiB; hit rate {result['hit_rate']:.2f}")
+              f"GPU peak {result['gpu_peak_bytes'] / 2**30:.1f} GiB (cap {args.gpu_memory_gib or 'none'}, device "
+              f"{result['gpu_total_bytes'] / 2**30:.1f} GiB); dense "
+              f"fp16 KV would need {result['dense_fp16_bytes'] / 2**30:.1f} GiB (fits: {result['dense_fits']}); hit rate "
+              f"{result['hit_rate']:.2f}")
     path = write_record(args.out, "bench wave", rows, config=None, model="llama-3-8b shape, synthetic K/V", **extra)
     print(f"record: {path}")
 

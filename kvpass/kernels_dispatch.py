@@ -53,6 +53,14 @@ def kmeans(x, count, clusters, iterations, metric):
     return family.kmeans(x, count, clusters, iterations, metric, assign=steps[0], update=steps[1])
 
 
+def cluster_sums(x, labels, clusters):
+    """Per-cluster sums (G, clusters, D) fp32 and sizes (G, clusters) int32 of the rows of x (G, N, D) by
+    labels (G, N) (-1: skipped); deterministic on every device (kvpass.kernels.kmeans update step)."""
+    from .kernels import kmeans as family
+
+    return (family.update if use_triton(x) else family.update_reference)(x, labels, clusters)
+
+
 def _wave(name: str, like: torch.Tensor):
     from .kernels import wave_attention as family
 

@@ -139,6 +139,8 @@ def test_update_matches_reference(case):
     assert torch.isfinite(sums).all()
     assert ((sums - ref_sums).norm() / ref_sums.norm().clamp_min(1e-30)).item() <= 1e-5
     assert (sums[sizes == 0] == 0).all()
+    again, _ = update(x, labels, C)     # deterministic: the same index for the same keys, on any device
+    assert torch.equal(again, sums)
 
 
 def blobs(g, G, N, D, k, counts):

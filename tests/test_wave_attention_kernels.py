@@ -295,14 +295,14 @@ def test_paged_path_is_bit_identical_to_direct_path(P, dtype, softcap):
 
 def test_cluster_auto_split_on_a_long_list():
     # One (batch, kv head) and 128 selected clusters (counted as 16 tokens each): the automatic rule cuts
-    # the list in 4.
+    # the list in 32.
     c = ClusterCase(11, Hkv=1, group=4, clusters=140, R=128, dtype=F16, num_splits=None)
-    assert choose_num_splits(1, 128 * 16, 128) == 4
+    assert choose_num_splits(1, 128 * 16, 128) == 32
     q, keys, values, starts, sizes, selected, _ = make_clusters(c, torch.Generator().manual_seed(c.seed))
     args = (q, keys, values, starts, sizes, selected)
     out, lse = cluster_attention(*args, scale=0.125)
     ref, ref_lse = cluster_attention_reference(*args, scale=0.125)
-    assert out.shape == (4, 1, 4, 64)
+    assert out.shape == (32, 1, 4, 64)
     check_partials(out, lse, ref, ref_lse, F16)
     whole, whole_lse = cluster_attention(*args, scale=0.125, num_splits=1)
     merged, merged_lse = merge_partials([out], [lse], F32, return_lse=True)
@@ -551,7 +551,8 @@ def test_split_bounds_cover_each_list_once():
         # Non-empty splits are consecutive: each starts where the splits before it end.
         assert torch.equal(torch.where(sizes > 0, lo, 0), torch.where(sizes > 0, sizes.cumsum(0) - sizes, 0))
     assert choose_num_splits(64, 10**6, 10**5) == 5            # 64 programs: 264 / 64 -> 5 splits
-    assert choose_num_splits(8, 1000, 100) == 1                 # too short to split
+    assert choose_num_splits(8, 200, 100) == 1                  # too short to split
+    assert choose_num_splits(8, 1900, 1900) == 29               # decode at batch 1: 8 lists of 1900 clusters
     assert choose_num_splits(1, 10**6, 10**5) == 64             # capped
     assert choose_num_splits(1, 10**6, 10) == 10                # no more splits than entries
     assert choose_num_splits(300, 10**6, 10**5) == 1            # the grid is full already

@@ -12,14 +12,16 @@ Design
   centroids): the labels must be those of the fp32 reference, as a near-tie flipped by rounding
   would move a key to another cluster. Ties go to the lowest index: the smallest index of the
   block maximum within a block, and a later block must beat the running best strictly.
-* **update**: one program per block of ``BLOCK_N`` rows; each labelled row is atomically added
-  (fp32) into its cluster's sum, and 1 into its size. The order of the additions is not fixed on
-  a GPU, so sums may differ from run to run in the last bits; sizes are exact.
+* **update**: deterministic, so that the same keys always give the same index (an offloaded and an
+  on-GPU index of one sequence must be identical, and runs reproducible; atomic additions land in
+  no fixed order on a GPU). The rows are sorted by label (a stable torch sort) and counted; one
+  program per (group, cluster) then sums its cluster's rows in blocks of ``BLOCK_R``, in order.
 
 Speed (one H100): the fp32 FMA dots make assign the slow step, ~7.5 TFLOP/s: 64 groups of 8192
 bf16 rows, 512 centroids, D = 128 took 9.6 ms, 3x torch's fp32 matmul of the reference (3.2 ms,
-which materializes the (G, N, C) scores); update took 0.14 ms (reference 1.7 ms). Launch
-parameters: :func:`_launch_config`.
+which materializes the (G, N, C) scores). The atomic update this module had before took 0.14 ms
+(reference 1.7 ms); the sorted segment sum is not measured yet. Launch parameters:
+:func:`_launch_config`.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ __all__ = ["assign", "update"]
 
 
 def _launch_config(block_d: int):
-    """(BLOCK_N, BLOCK_C, num_warps) shared by both kernels (update ignores BLOCK_C).
+    """(BLOCK_N, BLOCK_C, num_warps) of the assign kernel.
 
     From one sweep of assign on an H100 (Triton 3.6; bf16 x, 512 centroids, 8192 rows; BLOCK_N
     32-256, BLOCK_C 16-128, 2-8 warps): the fp32 FMA dots bound it and the blocks barely matter
@@ -98,32 +100,32 @@ def _assign_kernel(
 
 @triton.jit
 def _update_kernel(
-    X, LABELS, SUMS, COUNTS,
-    sxg, sxn, sxd,
-    slg, sln,
-    ssg, ssc, ssd,
-    scg, scc,
-    N, D, clusters,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    X, ORDER, STARTS, COUNTS, SUMS,
+    sxg, sxn, sxd, sog, son, stg, stc, scg, scc, ssg, ssc, ssd,
+    D, clusters,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program: adds rows [pid_n * BLOCK_N, +BLOCK_N) of group pid_g into their clusters.
+    """One program: the sum of the rows of cluster pid_c of group pid_g, in sorted order.
 
-    Grid: (G, cdiv(N, BLOCK_N)). X (G, N, D) any float dtype; LABELS (G, N) int; accumulates into
-    SUMS (G, clusters, D) fp32 and COUNTS (G, clusters) int32, which must start at zero.
+    Grid: (G, clusters). X (G, N, D) any float dtype; ORDER (G, N) int64: row indices sorted by label;
+    STARTS, COUNTS (G, clusters) int64: cluster c's rows are ORDER[g, STARTS : STARTS + COUNTS]. Writes SUMS
+    (G, clusters, D) fp32.
     """
     g = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    lab = tl.load(LABELS + g * slg + offs_n * sln, mask=offs_n < N, other=-1)
-    # Out-of-range labels are skipped, not written out of bounds; -1 marks a padding row.
-    ok = (lab >= 0) & (lab < clusters)
+    c = tl.program_id(1).to(tl.int64)
+    start = tl.load(STARTS + g * stg + c * stc)
+    count = tl.load(COUNTS + g * scg + c * scc)
+    offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
-    tile_ok = ok[:, None] & (offs_d < D)[None, :]
-    x = tl.load(X + g * sxg + offs_n.to(tl.int64)[:, None] * sxn + offs_d[None, :] * sxd,
-                mask=tile_ok, other=0.0).to(tl.float32)
-    # relaxed: the additions only have to land, in any order.
-    tl.atomic_add(SUMS + g * ssg + lab[:, None] * ssc + offs_d[None, :] * ssd, x, mask=tile_ok, sem="relaxed")
-    tl.atomic_add(COUNTS + g * scg + lab * scc, tl.full([BLOCK_N], 1, tl.int32), mask=ok, sem="relaxed")
+    d_ok = offs_d < D
+    total = tl.zeros([BLOCK_D], tl.float32)
+    for r0 in range(0, count, BLOCK_R):
+        r_ok = r0 + offs_r < count
+        row = tl.load(ORDER + g * sog + (start + r0 + offs_r) * son, mask=r_ok, other=0)
+        x = tl.load(X + g * sxg + row[:, None] * sxn + offs_d[None, :] * sxd, mask=r_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)
+        total += tl.sum(x, 0)
+    tl.store(SUMS + g * ssg + c * ssc + offs_d * ssd, total, mask=d_ok)
 
 
 def assign(x, centroids, bias, count):
@@ -151,25 +153,29 @@ def assign(x, centroids, bias, count):
 
 
 def update(x, labels, clusters):
-    """Per-cluster sums and sizes of the labelled rows (Triton).
+    """Per-cluster sums and sizes of the labelled rows (Triton; deterministic).
 
     x: (G, N, D) float16/bfloat16/float32, any strides; labels: (G, N) int32/int64, rows with a
     label outside [0, clusters) (-1: padding) are skipped and may be garbage in x; clusters: int.
-    Returns new (sums (G, clusters, D) float32, counts (G, clusters) int32); the fp32 additions
-    come in no fixed order (see the module doc).
+    Returns new (sums (G, clusters, D) float32, counts (G, clusters) int32).
     """
     G, N, D = check_kmeans_inputs(x, labels=labels, clusters=clusters)
     _check_device("update", {"x": x, "labels": labels})
-    sums = torch.zeros((G, clusters, D), dtype=torch.float32, device=x.device)
-    counts = torch.zeros((G, clusters), dtype=torch.int32, device=x.device)
+    sums = torch.empty((G, clusters, D), dtype=torch.float32, device=x.device)
     if G * N == 0:
-        return sums, counts
+        return sums.zero_(), torch.zeros((G, clusters), dtype=torch.int32, device=x.device)
+    # Rows of skipped labels sort under the key `clusters`, after every real cluster.
+    key = torch.where((labels >= 0) & (labels < clusters), labels.long(), clusters)
+    order = torch.argsort(key, dim=1, stable=True)
+    counts = torch.zeros((G, clusters + 1), dtype=torch.int64, device=x.device)
+    counts.scatter_add_(1, key, torch.ones_like(key))
+    counts = counts[:, :clusters]
+    starts = torch.cumsum(counts, dim=1) - counts
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_N, _, num_warps = _launch_config(BLOCK_D)
-    _update_kernel[(G, triton.cdiv(N, BLOCK_N))](
-        x, labels, sums, counts,
-        *x.stride(), *labels.stride(), *sums.stride(), *counts.stride(),
-        N, D, clusters,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps,
+    _update_kernel[(G, clusters)](
+        x, order, starts, counts, sums,
+        *x.stride(), *order.stride(), *starts.stride(), *counts.stride(), *sums.stride(),
+        D, clusters,
+        BLOCK_R=16, BLOCK_D=BLOCK_D, num_warps=4,
     )
-    return sums, counts
+    return sums, counts.to(torch.int32)

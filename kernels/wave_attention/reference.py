@@ -60,20 +60,24 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_PAGE_SIZE = 128
 
 # --- automatic split rule (NOT TUNED on a GPU: the thresholds of the dense kernel's split-KV) ----
-_SPLIT_MIN_ITEMS = 2048           # below this many tokens (clusters) per list, never split
-_SPLIT_MIN_ITEMS_PER_SPLIT = 512  # each split gets at least this many
+# A split's program walks its list serially (a cluster at a time): at batch 1 a decode step has only Hkv lists,
+# so even short lists are cut, into pieces of 64 items (H100, 128K tokens: 4 splits of the retrieved clusters
+# took 75 us and 1 split of the estimated ones 112 us; with these thresholds ~30 splits each).
+_SPLIT_MIN_ITEMS = 256            # below this many tokens (clusters) per list, never split
+_SPLIT_MIN_ITEMS_PER_SPLIT = 64   # each split gets at least this many
 _SPLIT_MAX = 64                   # bounds the partials merge_partials reads
 _PROGRAMS_PER_SM = 2              # aim for this many programs per SM
 DEFAULT_SM_COUNT = 132            # H100 SXM; used off CUDA (the CPU interpreter)
 
 
 def choose_num_splits(programs: int, items: int, units: int, sm_count: int = DEFAULT_SM_COUNT) -> int:
-    """How many splits a list gets when ``num_splits`` is None (at least 1). NOT TUNED on a GPU.
+    """How many splits a list gets when ``num_splits`` is None (at least 1); thresholds from one H100
+    profile (see the constants above).
 
-    programs: programs of one split (B * Hkv); items: the longest list's work in tokens (gather:
-    Pmax * page size) or clusters (estimate: E); units: its entries (Pmax pages, E clusters), the
-    finest a list can be cut. Split when programs fill fewer than ``2 * sm_count`` slots and
-    ``items >= 2048``, into enough splits to fill them, but never fewer than 512 items per split,
+    programs: programs of one split (B * Hkv); items: the longest list's work in tokens (cluster
+    attention: TOKENS_PER_CLUSTER per cluster) or clusters (estimate: E); units: its entries (clusters),
+    the finest a list can be cut. Split when programs fill fewer than ``2 * sm_count`` slots and
+    ``items >= 256``, into enough splits to fill them, but never fewer than 64 items per split,
     more than 64 splits or more splits than units.
     """
     target = _PROGRAMS_PER_SM * sm_count

@@ -53,8 +53,11 @@ class WaveStore(LayerStore):
         self._index: ClusterIndex | None = None
         self._buffer: WaveBuffer | None = None
         self.exact_reason: str | None = None   # why this layer never builds an index (None: it does when long enough)
-        # Keys read per decode step, summed over steps, rows and KV heads: exact, estimated (cluster sizes), total.
-        self._read = None
+        # Keys read by decode steps, summed over steps, rows and KV heads (host totals; the selected clusters'
+        # sizes accumulate on the device in _selected, split at _split into retrieved | estimated).
+        self._padding = 0           # padding slots of the batch (prefix), summed over rows
+        self._steady_read = self._retrieved_read = self._estimated_read = self._total_read = 0
+        self._selected, self._split = None, 0
         self.decode_steps = 0
 
     @property
@@ -73,7 +76,6 @@ class WaveStore(LayerStore):
             self._k = k.new_empty(B, H, cap, D)
             self._v = v.new_empty(B, H, cap, v.shape[-1])
             self._valid = torch.ones(B, cap, dtype=torch.bool, device=k.device)
-            self._read = torch.zeros(3, dtype=torch.int64, device=k.device)
         elif (B, H, D) != (self._k.shape[0], self._k.shape[1], self._k.shape[3]):
             raise ValueError(f"layer {self.layer}: new keys of shape {tuple(k.shape)} do not fit the stored (batch, "
                              f"kv heads, head dim); start a new sequence (kvpass.reset(model) or a new kvpass cache)")
@@ -132,15 +134,22 @@ class WaveStore(LayerStore):
             parts.update(self._buffer.nbytes())
         return parts
 
+    def reset_stats(self) -> None:
+        """Zero the keys-read counters (benchmarks time a step many times, then count a fresh sequence of steps)."""
+        self._flush_selected()
+        self._steady_read = self._retrieved_read = self._estimated_read = self._total_read = 0
+        self.decode_steps = 0
+
     def stats(self) -> dict:
         """Per-layer counters for kvpass.report: keys read exactly / estimated / skipped per decode step."""
         row = {"layer": self.layer, "decode_steps": self.decode_steps, "exact_only": self.exact_reason,
                "indexed_tokens": 0 if self._index is None else self._index.tokens,
                "clusters": 0 if self._index is None else self._index.clusters}
-        if self.decode_steps and self._read is not None:
-            exact, estimated, total = self._read.tolist()
-            row.update(keys_exact=exact / total, keys_estimated=estimated / total,
-                       keys_skipped=(total - exact - estimated) / total)
+        if self.decode_steps:
+            self._flush_selected()
+            exact, total = self._steady_read + self._retrieved_read, self._total_read
+            row.update(keys_exact=exact / total, keys_estimated=self._estimated_read / total,
+                       keys_skipped=(total - exact - self._estimated_read) / total)
         if self._buffer is not None:
             row.update(self._buffer.stats())
         return row
@@ -187,14 +196,26 @@ class WaveStore(LayerStore):
         return out
 
     def _count(self, top: torch.Tensor, retrieved: int, steady: int) -> None:
-        """Accumulate the keys this step read exactly / estimated / held (device counters: no host sync)."""
+        """Accumulate the keys this step read exactly / estimated / held. The steady zone's and the index's
+        token counts are host numbers; the selected clusters' sizes are summed on the device (no sync)."""
         B, H = top.shape[:2]
-        sizes = self._index.sizes.gather(-1, top.long())
-        steady_keys = self._valid[:, :steady].sum() * H
-        exact = sizes[..., :retrieved].sum() + steady_keys
-        total = steady_keys + self._index.tokens * B * H
-        self._read += torch.stack((exact, sizes[..., retrieved:].sum(), total))
+        sizes = self._index.sizes.gather(-1, top.long()).sum(dim=(0, 1))        # (retrieved + estimated,)
+        if self._selected is None or self._selected.shape[0] != sizes.shape[0] or self._split != retrieved:
+            self._flush_selected()
+            self._selected, self._split = torch.zeros_like(sizes), retrieved
+        self._selected += sizes
+        steady_keys = H * (B * steady - self._padding)
+        self._steady_read += steady_keys
+        self._total_read += steady_keys + B * H * self._index.tokens
         self.decode_steps += 1
+
+    def _flush_selected(self) -> None:
+        """Fold the device accumulator of selected cluster sizes into the host totals (a sync: only when the
+        budgets change, i.e. when the index grows, and for stats())."""
+        if self._selected is not None:
+            self._retrieved_read += int(self._selected[: self._split].sum())
+            self._estimated_read += int(self._selected[self._split :].sum())
+            self._selected.zero_()
 
     # -- index maintenance --------------------------------------------------------------------------------------
     def _read_padding(self, mask, spec: AttentionSpec) -> None:
@@ -238,8 +259,9 @@ class WaveStore(LayerStore):
         if self._index is None:
             if self._length < method.min_context:
                 return
-            padding = int((~self._valid[:, : self._steady]).sum(-1).max())
-            self._prefix = padding + method.sinks
+            padding = (~self._valid[:, : self._steady]).sum(-1)
+            self._padding = int(padding.sum())
+            self._prefix = int(padding.max()) + method.sinks
             if self._steady - self._prefix - method.recent < method.cluster_size:
                 return
             self._index = ClusterIndex(method, self._k, self._v, self._index_capacity(), host=method.offload)

@@ -58,18 +58,17 @@ def cluster_run(k: torch.Tensor, v: torch.Tensor, method: WaveIndex) -> Clustere
     labels = (labels.view(B, H, count, length).long() + offsets).view(B, H, count * length)[:, :, :n]
     C = count * per_segment
     order = torch.argsort(labels, dim=-1, stable=True)
-    sizes = torch.zeros(B, H, C, dtype=torch.int64, device=k.device).scatter_add_(2, labels,
-                                                                                  torch.ones_like(labels))
-    starts = torch.cumsum(sizes, dim=-1) - sizes
+    # Means through the deterministic sums of the k-means update step: the same keys always give the same
+    # index (torch's scatter_add on a GPU adds in no fixed order).
+    flat = labels.view(B * H, n)
+    key_sums, sizes = kernels_dispatch.cluster_sums(k.reshape(B * H, n, D), flat, C)
+    value_sums, _ = kernels_dispatch.cluster_sums(v.reshape(B * H, n, v.shape[-1]), flat, C)
     denominator = sizes.clamp_min(1)[..., None].float()
-
-    def means(x):
-        sums = x.new_zeros(B, H, C, x.shape[-1], dtype=torch.float32)
-        sums.scatter_add_(2, labels[..., None].expand(B, H, n, x.shape[-1]), x.float())
-        return (sums / denominator).to(x.dtype)
-
-    return ClusteredRun(centroids=means(k), value_means=means(v), sizes=sizes.to(torch.int32),
-                        starts=starts.to(torch.int32), order=order)
+    sizes = sizes.view(B, H, C)
+    starts = torch.cumsum(sizes, dim=-1, dtype=torch.int32) - sizes
+    return ClusteredRun(centroids=(key_sums / denominator).view(B, H, C, D).to(k.dtype),
+                        value_means=(value_sums / denominator).view(B, H, C, -1).to(v.dtype),
+                        sizes=sizes, starts=starts, order=order)
 
 
 def _grow(tensor: torch.Tensor | None, dim: int, needed: int, *, fill=None, pin: bool = False) -> torch.Tensor:
