@@ -58,10 +58,9 @@ def loaded_store(method, k, v, layer=0):
     from kvpass.methods.wave import WaveStore
 
     store = WaveStore(method, layer=layer, capacity=k.shape[2] + 4096)
-    store.append(k, v)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    store.maintain()
+    store.load(k, v)
     torch.cuda.synchronize()
     return store, time.perf_counter() - start
 

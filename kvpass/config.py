@@ -119,8 +119,10 @@ class KIVI(AttentionMethod):
             raise ValueError(f"residual={self.residual!r} must be an int >= 0 (recent tokens kept exact)")
 
 
-# How the wave index scores its clusters against a query: by the dot product with their key centroid (RetroInfer).
-WAVE_SCORING = ("centroid",)
+# How the wave index builds the clusters it scores: "centroid" (RetroInfer: spherical k-means of the centred keys)
+# or "whitened" (query-aware: Euclidean k-means in the key space whitened by the second moment of the prompt's
+# queries, A2ATS's metric fed by the query distribution RetrievalAttention builds its index for; docs/wave.md).
+WAVE_SCORING = ("centroid", "whitened")
 
 
 def _fraction(name: str, value, low: float, high: float, meaning: str) -> float:
@@ -147,7 +149,9 @@ class WaveIndex(AttentionMethod):
     sinks, recent: steady-zone tokens; segment: tokens clustered together (segmented k-means); cluster_size:
     mean tokens per cluster; iterations: k-means iterations; update_every: decode tokens collected past the
     recent window before they are clustered into the index; min_context: tokens a sequence must hold before its
-    index is built (shorter ones attend exactly); retrieval, estimation: fractions of the clusters.
+    index is built (shorter ones attend exactly); retrieval, estimation: fractions of the clusters; scoring: how
+    the clusters are built (WAVE_SCORING); either way a cluster is scored by the query's dot product with the
+    mean of its keys.
     offload: keep the clusters' K/V in pinned CPU memory and a GPU cache of `page`-token pages (the wave buffer)
     holding `buffer` of the indexed tokens; False keeps every page on the GPU.
     """

@@ -118,18 +118,42 @@ def test_cluster_run_is_segmented_spherical_kmeans_of_centred_keys():
             torch.testing.assert_close(run.value_means[0, h, c], v[0, h, labels == c].mean(0))
 
 
+def test_whitening_measures_the_expected_score_error():
+    """||(k - c) W||^2 = sum over the queries of (q . (k - c))^2 (up to the 1e-3 ridge), and whitened clusters
+    are Euclidean k-means of the keys times W."""
+    from kvpass.methods.wave_index import whitening
+
+    g = torch.Generator().manual_seed(11)
+    queries = torch.randn(1, 1, 300, 8, generator=g) * torch.linspace(0.1, 3.0, 8)   # anisotropic queries
+    W = whitening(queries.transpose(-1, -2) @ queries)
+    diff = torch.randn(1, 1, 20, 8, generator=g)
+    expected = ((diff @ queries.transpose(-1, -2)) ** 2).sum(-1)
+    torch.testing.assert_close(((diff @ W) ** 2).sum(-1), expected, rtol=1e-2, atol=0)
+    k, v = _tokens(1, 1, 64, D=8, seed=12)
+    run = cluster_run(k, v, WaveIndex(**SMALL), whiten=W)
+    labels = torch.empty(64, dtype=torch.long)
+    for c in range(run.sizes.shape[-1]):
+        labels[run.order[0, 0, run.starts[0, 0, c] : run.starts[0, 0, c] + run.sizes[0, 0, c]]] = c
+    points = (k[0, 0] @ W[0, 0])
+    means = torch.stack([points[labels == c].mean(0) for c in range(run.sizes.shape[-1]) if (labels == c).any()])
+    nonempty = [c for c in range(run.sizes.shape[-1]) if (labels == c).any()]
+    nearest = torch.cdist(points, means).argmin(-1)
+    assert torch.equal(torch.tensor(nonempty)[nearest], labels)      # a fixed point of Lloyd's iteration
+
+
 # -- decode ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("group", [1, 3])
-def test_full_retrieval_budget_is_exact_attention_with_padding(group):
+@pytest.mark.parametrize("group, scoring", [(1, "centroid"), (3, "centroid"), (3, "whitened")])
+def test_full_retrieval_budget_is_exact_attention_with_padding(group, scoring):
     """retrieval = 100 %: every cluster is attended exactly, so a padded batch decodes like the dense cache,
     across the initial build and two later runs."""
-    B, H, L, prompt = 3, 2, 90, 30
+    B, H, L, prompt = 3, 2, 90, 50
     k, v = _tokens(B, H, L, seed=1)
     mask = _padding_mask(B, L, (0, 5, 11)).expand(B, 1, L, L)
-    wave = WaveStore(WaveIndex(**SMALL, retrieval=1.0, estimation=0.0), layer=0)
+    wave = WaveStore(WaveIndex(**SMALL, retrieval=1.0, estimation=0.0, scoring=scoring), layer=0)
     dense = DenseStore(kvpass.Dense(), layer=0)
     outs = _decode([wave, dense], k, v, prompt, mask, Hq=H * group)
     assert wave.index is not None and wave.index.clusters > 0 and wave._prefix == 11 + SMALL["sinks"]
+    assert (wave._moment is not None) == (scoring == "whitened")
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     stats = wave.stats()

@@ -51,6 +51,7 @@ class WaveStore(LayerStore):
         self._valid = None          # (B, cap) bool: False for left padding
         self._steady = 0            # slots used in the steady buffer
         self._index: ClusterIndex | None = None
+        self._moment = None         # scoring "whitened": (B, H, D, D) fp32 sum of the prompt's q q^T per KV head
         self._buffer: WaveBuffer | None = None
         self.exact_reason: str | None = None   # why this layer never builds an index (None: it does when long enough)
         # Keys read by decode steps, summed over steps, rows and KV heads (host totals; the selected clusters'
@@ -92,6 +93,8 @@ class WaveStore(LayerStore):
         Lq = q.shape[2]
         if self._length == Lq:   # the sequence's first call: its mask tells the padding
             self._read_padding(mask, spec)
+        if Lq > 1 and self.method.scoring == "whitened" and self.persistent:
+            self._observe_queries(q)
         if self._index is None:
             out = kernels_dispatch.attention(q, self._k[:, :, : self._steady], self._v[:, :, : self._steady], mask=mask,
                                              is_causal=is_causal, scale=spec.scale, softcap=spec.softcap,
@@ -108,6 +111,14 @@ class WaveStore(LayerStore):
             # before the next layer fills the GPU with its own.
             self.maintain()
         return out
+
+    def load(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> None:
+        """Bulk-load a prompt without attending (benchmarks, probes): append k, v (B, H, L, D|Dv) of real tokens,
+        take the second moment of its queries q (B, Hq, L, D) if given, and build the index when due."""
+        self.append(k, v)
+        if q is not None and self.method.scoring == "whitened":
+            self._observe_queries(q)
+        self.maintain()
 
     def materialize(self):
         if self._k is None:
@@ -218,6 +229,20 @@ class WaveStore(LayerStore):
             self._selected.zero_()
 
     # -- index maintenance --------------------------------------------------------------------------------------
+    def _observe_queries(self, q: torch.Tensor) -> None:
+        """Add the second moment of a prompt's queries (B, Hq, Lq, D) (real slots only) to each KV head's."""
+        B, Hq, Lq, D = q.shape
+        H = self._k.shape[1]
+        real = self._valid[:, self._length - Lq : self._length].to(torch.float32)        # (B, Lq)
+        x = (q.float() * real[:, None, :, None]).reshape(B, H, Hq // H * Lq, D)
+        moment = x.transpose(-1, -2) @ x
+        self._moment = moment if self._moment is None else self._moment + moment
+
+    def _whitening(self):
+        from .wave_index import whitening
+
+        return None if self._moment is None else whitening(self._moment)
+
     def _read_padding(self, mask, spec: AttentionSpec) -> None:
         """From the sequence's first call: which slots are left padding, and whether this layer can be indexed."""
         if spec.window:
@@ -276,7 +301,7 @@ class WaveStore(LayerStore):
         start = self._prefix
         k, v = self._k[:, :, start : start + n], self._v[:, :, start : start + n]
         first_slot = self._prefix + self._index.tokens
-        self._index.add(cluster_run(k, v, self.method), k, v, first_slot)
+        self._index.add(cluster_run(k, v, self.method, self._whitening()), k, v, first_slot)
         keep = self._steady - start - n
         self._k[:, :, start : start + keep] = self._k[:, :, start + n : self._steady].clone()
         self._v[:, :, start : start + keep] = self._v[:, :, start + n : self._steady].clone()

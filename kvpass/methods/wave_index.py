@@ -5,8 +5,9 @@ A run of n tokens per (row, KV head) is cut into near-equal segments of at most 
 is clustered on its own (k-means cost grows with tokens x clusters, so segments keep it linear in the context)
 into about `cluster_size` tokens per cluster, by inner product against normalized centroids on keys centred by
 the run's mean key (RetroInfer: centring removes the component every key shares, which would otherwise pull
-every key toward the same cluster). Only the assignment uses the centred keys: the stored centroid is the
-mean of the cluster's real keys, which is what scoring and estimation need.
+every key toward the same cluster), or with `scoring="whitened"` by Euclidean distance after whitening by the
+queries' second moment. Only the assignment uses the transformed keys: the stored centroid is the mean of the
+cluster's real keys, which is what scoring and estimation need.
 """
 from __future__ import annotations
 
@@ -42,17 +43,33 @@ def segments(n: int, method: WaveIndex) -> tuple[int, int, int]:
     return count, length, max(1, round(length / method.cluster_size))
 
 
-def cluster_run(k: torch.Tensor, v: torch.Tensor, method: WaveIndex) -> ClusteredRun:
-    """Cluster the tokens k (B, H, n, D), v (B, H, n, Dv) (all real tokens, no padding) by segmented k-means."""
+def whitening(moment: torch.Tensor) -> torch.Tensor:
+    """W (B, H, D, D) with ||(k - c) W||^2 = (k - c)^T M (k - c) = E_q[(q . (k - c))^2] for the queries' second
+    moment M (B, H, D, D): the Cholesky factor of M, regularized so that directions no query used still count
+    a little (1e-3 of the mean eigenvalue)."""
+    D = moment.shape[-1]
+    ridge = 1e-3 * moment.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[..., None, None]
+    return torch.linalg.cholesky(moment + ridge * torch.eye(D, device=moment.device))
+
+
+def cluster_run(k: torch.Tensor, v: torch.Tensor, method: WaveIndex,
+                whiten: torch.Tensor | None = None) -> ClusteredRun:
+    """Cluster the tokens k (B, H, n, D), v (B, H, n, Dv) (all real tokens, no padding) by segmented k-means.
+
+    whiten: None (RetroInfer: spherical k-means of the centred keys) or W (B, H, D, D) from `whitening`:
+    Euclidean k-means of the keys times W, so a cluster gathers keys that the queries score alike."""
     B, H, n, D = k.shape
     count, length, per_segment = segments(n, method)
     keys = k.float()
-    centred = keys - keys.mean(dim=2, keepdim=True)
+    if whiten is None:
+        points, metric = keys - keys.mean(dim=2, keepdim=True), "ip"
+    else:
+        points, metric = keys @ whiten, "l2"
     # (B * H * count, length, D) groups; the last segment's missing rows are zeros beyond its valid count.
-    padded = torch.nn.functional.pad(centred, (0, 0, 0, count * length - n)).view(B * H * count, length, D)
+    padded = torch.nn.functional.pad(points, (0, 0, 0, count * length - n)).view(B * H * count, length, D)
     valid = torch.full((count,), length, dtype=torch.int32, device=k.device)
     valid[-1] = n - (count - 1) * length
-    labels, _, _ = kernels_dispatch.kmeans(padded, valid.repeat(B * H), per_segment, method.iterations, "ip")
+    labels, _, _ = kernels_dispatch.kmeans(padded, valid.repeat(B * H), per_segment, method.iterations, metric)
     # Cluster ids across the run: segment s owns clusters [s * per_segment, (s + 1) * per_segment).
     offsets = torch.arange(count, device=k.device, dtype=torch.int64)[:, None] * per_segment
     labels = (labels.view(B, H, count, length).long() + offsets).view(B, H, count * length)[:, :, :n]
