@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import torch
 
@@ -88,6 +89,23 @@ def cluster_run(k: torch.Tensor, v: torch.Tensor, method: WaveIndex,
                         sizes=sizes, starts=starts, order=order)
 
 
+def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor in page-locked memory, registered with CUDA in place (cudaHostRegister).
+
+    torch.empty(pin_memory=True) goes through PyTorch's caching host allocator, which rounds every block up to a
+    power of two: 2.7 GB of one layer's K/V took 4 GB, and a 655K-token, 32-layer cache ran the host out of
+    memory. The registration is undone when the returned tensor is collected (the index keeps it whole and only
+    takes short-lived views of it)."""
+    tensor = torch.empty(shape, dtype=dtype)
+    if tensor.numel():
+        cudart = torch.cuda.cudart()
+        status = cudart.cudaHostRegister(tensor.data_ptr(), tensor.nbytes, 0)
+        if int(status) != 0:
+            raise RuntimeError(f"cudaHostRegister of {tensor.nbytes / 2**30:.2f} GiB failed ({status})")
+        weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr())
+    return tensor
+
+
 def _grow(tensor: torch.Tensor | None, dim: int, needed: int, *, fill=None, pin: bool = False) -> torch.Tensor:
     """`tensor` with room for `needed` entries along `dim` (contents kept), grown to at least twice its size
     so a sequence that keeps growing pays O(log n) copies."""
@@ -95,7 +113,7 @@ def _grow(tensor: torch.Tensor | None, dim: int, needed: int, *, fill=None, pin:
         return tensor
     shape = list(tensor.shape)
     shape[dim] = max(needed, 2 * shape[dim])
-    new = torch.empty(shape, dtype=tensor.dtype, device=tensor.device, pin_memory=pin)
+    new = pinned_empty(shape, tensor.dtype) if pin else torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
     if fill is not None:
         new.fill_(fill)
     new.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
@@ -131,9 +149,12 @@ class ClusterIndex:
         self.starts = torch.zeros(B, H, clusters, dtype=torch.int32, device=device)
         self.slots = torch.zeros(B, H, pages * self.page, dtype=torch.int64, device=device)
         try:
-            self.keys = torch.empty(B, H, pages * self.page, D, dtype=dtype, device=store, pin_memory=self._pin)
-            self.values = torch.empty(B, H, pages * self.page, like_v.shape[-1], dtype=like_v.dtype, device=store,
-                                      pin_memory=self._pin)
+            shapes = ((B, H, pages * self.page, D), (B, H, pages * self.page, like_v.shape[-1]))
+            if self._pin:
+                self.keys, self.values = (pinned_empty(shape, t.dtype) for shape, t in zip(shapes, (like_k, like_v)))
+            else:
+                self.keys, self.values = (torch.empty(shape, dtype=t.dtype, device=store)
+                                          for shape, t in zip(shapes, (like_k, like_v)))
         except RuntimeError as error:
             size = B * H * pages * self.page * (D + like_v.shape[-1]) * like_k.element_size()
             raise RuntimeError(f"the wave index could not allocate {size / 2**30:.2f} GiB of "
