@@ -6,7 +6,7 @@ a few hundred random directions (so k-means has structure to find) and queries t
 step (so consecutive steps want overlapping clusters, as real decoding does). Speed does not depend on the
 values; hit rates and keys read do, and are reported for the real model by `kvpass eval` (docs/wave.md).
 
-Times are CUDA-event medians (triton.testing.do_bench) of one layer's decode attention: the store's whole
+Times are CUDA-event means (triton.testing.do_bench's default) of one layer's decode attention: the store's whole
 tripartite step (scoring, top-k, steady zone, retrieved clusters, estimation, merge, counters), launched
 eagerly and replayed as a CUDA graph (the device path has no host sync, so it captures), against
 torch SDPA over the dense fp16 cache (enable_gqa) in the same process.
@@ -66,7 +66,7 @@ def loaded_store(method, k, v, layer=0):
 
 
 def graph_time(fn) -> float:
-    """Median ms of a CUDA-graph replay of fn (captured after a warm-up on a side stream)."""
+    """Mean ms of a CUDA-graph replay of fn (captured after a warm-up on a side stream)."""
     import triton
 
     stream = torch.cuda.Stream()

@@ -255,13 +255,10 @@ def test_failed_host_allocation_names_the_knob(monkeypatch):
 
 def test_sliding_window_layer_stays_exact():
     k, v = _tokens(1, 2, 70, seed=8)
-    wave = WaveStore(WaveIndex(**SMALL), layer=0)
-    out = _decode([wave], k, v, 50)
-    window = AttentionSpec(scale=0.125, window=16)
     windowed = WaveStore(WaveIndex(**SMALL), layer=1)
     windowed.append(k, v)
-    windowed.attend(_query(1, 4, L=70), None, True, window)
-    assert out and windowed.index is None and "sliding window" in windowed.stats()["exact_only"]
+    windowed.attend(_query(1, 4, L=70), None, True, AttentionSpec(scale=0.125, window=16))
+    assert windowed.index is None and "sliding window" in windowed.stats()["exact_only"]
 
 
 # -- compiled models -------------------------------------------------------------------------------------------------

@@ -181,19 +181,25 @@ def keys_ok(VALID, valid_row, svals, offs_n, hi, HAS_VALID: tl.constexpr):
 
 
 @triton.jit
-def scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) fp32 scores of q (BLOCK_M, BLOCK_D) and k (BLOCK_N, BLOCK_D), scaled,
-    soft-capped if HAS_SOFTCAP, in the log2 domain (times log2(e))."""
-    qk = _mma(q, tl.trans(k), UPCAST_DOT)
+def soft_capped(qk, qk_scale, softcap_scale, HAS_SOFTCAP: tl.constexpr):
+    """Raw dot products qk scaled: ``qk * qk_scale``, or with HAS_SOFTCAP ``softcap_scale * tanh(x)``
+    where qk_scale = 2 log2(e) scale / softcap folds x = qk * scale / softcap into t = 2 x log2(e):
+    tanh|x| = (1 - 2^-|t|) / (1 + 2^-|t|), which never overflows. softcap_scale = softcap (natural-log
+    scores) or softcap * log2(e) (log2-domain scores)."""
     if HAS_SOFTCAP:
-        # softcap * tanh(x), x = qk * scale / softcap, with t = 2 x log2(e) (folded into
-        # qk_scale): tanh|x| = (1 - 2^-|t|) / (1 + 2^-|t|), never overflows.
         t = qk * qk_scale
         e = tl.exp2(-tl.abs(t))
         th = (1.0 - e) / (1.0 + e)
-        return tl.where(t < 0, -th, th) * softcap_log2
+        return tl.where(t < 0, -th, th) * softcap_scale
     else:
         return qk * qk_scale
+
+
+@triton.jit
+def scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32 scores of q (BLOCK_M, BLOCK_D) and k (BLOCK_N, BLOCK_D), scaled,
+    soft-capped if HAS_SOFTCAP, in the log2 domain (times log2(e))."""
+    return soft_capped(_mma(q, tl.trans(k), UPCAST_DOT), qk_scale, softcap_log2, HAS_SOFTCAP)
 
 
 @triton.jit

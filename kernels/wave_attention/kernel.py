@@ -57,8 +57,9 @@ One measurement on an H100 (Triton 3.6, B = 1, Hkv = 8, group = 4, D = Dv = 128,
 and value sums at the time, kernel times from the profiler): score_clusters 21 us at 8K clusters
 and 78 us at 32K (fp32 centroids read at ~1.9 TB/s); estimate_clusters over 8K clusters 39 us (16
 splits), over 2K 36 us (4 splits); merge_partials 5 us (+ 3 us for torch.cat). No kernel spilled
-registers there. cluster_attention (which replaced a page-list gather kernel) is **not measured yet**;
-an offline sm_90a compile with Triton 3.9 (no GPU) shows small spills (<= 40 bytes) in a few
+registers there. In the store's decode step at 128K (benchmarks/probes/wave_profile.py, fp16, 148
+retrieved and ~1,900 estimated clusters per kv head, automatic splits) the profiler showed
+cluster_attention 15 us, estimate_clusters 12 us, the centroid logits 13 us and the scores 3 us. An offline sm_90a compile with Triton 3.9 (no GPU) shows small spills (<= 40 bytes) in a few
 configurations of it (fp32 or paged 16-bit operands) and of estimate_clusters (its pre-change version
 too), not investigated.
 """
@@ -68,7 +69,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention.dense import _check_device, _launch_config, _store_rows, load_q, program_rows, scores, softmax_step
+from ..attention.dense import (
+    _check_device,
+    _launch_config,
+    _store_rows,
+    load_q,
+    program_rows,
+    scores,
+    soft_capped,
+    softmax_step,
+)
 from .reference import (
     TOKENS_PER_CLUSTER,
     check_cluster_inputs,
@@ -94,7 +104,7 @@ _CLUSTER_BLOCK_N = 16
 
 
 def _score_scales(scale, softcap, log2_domain):
-    """(qk_scale, softcap factor) for dense.scores and :func:`_capped`: scores come out in the log2
+    """(qk_scale, softcap factor) for dense.scores and dense.soft_capped: scores come out in the log2
     domain (times log2(e)) if log2_domain, else in the natural-log domain. With soft-capping,
     qk_scale = 2 log2(e) scale / softcap either way (the tanh is computed with exp2)."""
     unit = _LOG2E.value if log2_domain else 1.0
@@ -121,20 +131,6 @@ def _split_range(n, pid_s, num_splits):
 
 
 # --- score_clusters ----------------------------------------------------------------------------
-
-@triton.jit
-def _capped(qk, qk_scale, softcap_scale, HAS_SOFTCAP: tl.constexpr):
-    """Natural-log-domain scores of raw dot products qk: ``qk * scale``, or with soft-capping
-    ``softcap * tanh(qk * scale / softcap)``, computed as dense.scores does (qk_scale, softcap_scale
-    from :func:`_score_scales` with log2_domain=False)."""
-    if HAS_SOFTCAP:
-        t = qk * qk_scale
-        e = tl.exp2(-tl.abs(t))
-        th = (1.0 - e) / (1.0 + e)
-        return tl.where(t < 0, -th, th) * softcap_scale
-    else:
-        return qk * qk_scale
-
 
 @triton.jit
 def _centroid_logits_kernel(
@@ -165,7 +161,7 @@ def _centroid_logits_kernel(
     for g in range(group):
         head = hkv * group + g
         q = tl.load(Q + b * sqb + head * sqh + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)
-        logit = _capped(tl.sum(cent * q[None, :], 1), qk_scale, softcap_scale, HAS_SOFTCAP)
+        logit = soft_capped(tl.sum(cent * q[None, :], 1), qk_scale, softcap_scale, HAS_SOFTCAP)
         tl.store(LOGITS + b * slb + head * slh + offs_c * slc, logit, mask=c_ok)
         logit = tl.where(c_ok, logit, float("-inf"))
         m = tl.max(logit, 0)

@@ -28,7 +28,7 @@ from .. import kernels_dispatch
 from ..config import WaveIndex
 from .base import AttentionSpec, LayerStore
 from .wave_buffer import WaveBuffer
-from .wave_index import ClusterIndex, _grow, cluster_run
+from .wave_index import ClusterIndex, cluster_run, grow, whitening
 
 _MIN_CAPACITY = 256
 
@@ -57,9 +57,8 @@ class WaveStore(LayerStore):
         # Keys read by decode steps, summed over steps, rows and KV heads (host totals; the selected clusters'
         # sizes accumulate on the device in _selected, split at _split into retrieved | estimated).
         self._padding = 0           # padding slots of the batch (prefix), summed over rows
-        self._steady_read = self._retrieved_read = self._estimated_read = self._total_read = 0
         self._selected, self._split = None, 0
-        self.decode_steps = 0
+        self.reset_stats()
 
     @property
     def length(self) -> int:
@@ -80,9 +79,9 @@ class WaveStore(LayerStore):
         elif (B, H, D) != (self._k.shape[0], self._k.shape[1], self._k.shape[3]):
             raise ValueError(f"layer {self.layer}: new keys of shape {tuple(k.shape)} do not fit the stored (batch, "
                              f"kv heads, head dim); start a new sequence (kvpass.reset(model) or a new kvpass cache)")
-        self._k = _grow(self._k, 2, self._steady + L)
-        self._v = _grow(self._v, 2, self._steady + L)
-        self._valid = _grow(self._valid, 1, self._steady + L, fill=True)
+        self._k = grow(self._k, 2, self._steady + L)
+        self._v = grow(self._v, 2, self._steady + L)
+        self._valid = grow(self._valid, 1, self._steady + L, fill=True)
         # Copy, never alias: the caller's tensors may be buffers reused by the next step.
         self._k[:, :, self._steady : self._steady + L] = k
         self._v[:, :, self._steady : self._steady + L] = v
@@ -133,7 +132,8 @@ class WaveStore(LayerStore):
         tail = self._prefix + self._index.tokens
         k[:, :, tail:] = self._k[:, :, self._prefix : self._steady]
         v[:, :, tail:] = self._v[:, :, self._prefix : self._steady]
-        return self._index.materialize(self._length, k, v)
+        self._index.scatter_into(k, v)
+        return k, v
 
     def nbytes(self):
         if self._k is None:
@@ -239,8 +239,7 @@ class WaveStore(LayerStore):
         self._moment = moment if self._moment is None else self._moment + moment
 
     def _whitening(self):
-        from .wave_index import whitening
-
+        """W of the prompt queries seen so far; None before any prompt (the run is then clustered as "centroid")."""
         return None if self._moment is None else whitening(self._moment)
 
     def _read_padding(self, mask, spec: AttentionSpec) -> None:

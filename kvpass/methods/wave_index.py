@@ -77,15 +77,14 @@ def cluster_run(k: torch.Tensor, v: torch.Tensor, method: WaveIndex,
     C = count * per_segment
     order = torch.argsort(labels, dim=-1, stable=True)
     # Means through the deterministic sums of the k-means update step: the same keys always give the same
-    # index (torch's scatter_add on a GPU adds in no fixed order).
-    flat = labels.view(B * H, n)
-    key_sums, sizes = kernels_dispatch.cluster_sums(k.reshape(B * H, n, D), flat, C)
-    value_sums, _ = kernels_dispatch.cluster_sums(v.reshape(B * H, n, v.shape[-1]), flat, C)
-    denominator = sizes.clamp_min(1)[..., None].float()
+    # index (torch's scatter_add on a GPU adds in no fixed order). Keys and values share one sort.
+    rows = torch.cat([k, v.to(k.dtype)], dim=-1).reshape(B * H, n, -1)
+    sums, sizes = kernels_dispatch.cluster_sums(rows, labels.view(B * H, n), C)
+    means = sums / sizes.clamp_min(1)[..., None].float()
     sizes = sizes.view(B, H, C)
     starts = torch.cumsum(sizes, dim=-1, dtype=torch.int32) - sizes
-    return ClusteredRun(centroids=(key_sums / denominator).view(B, H, C, D).to(k.dtype),
-                        value_means=(value_sums / denominator).view(B, H, C, -1).to(v.dtype),
+    return ClusteredRun(centroids=means[..., :D].reshape(B, H, C, D).to(k.dtype),
+                        value_means=means[..., D:].reshape(B, H, C, -1).to(v.dtype),
                         sizes=sizes, starts=starts, order=order)
 
 
@@ -106,7 +105,7 @@ def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     return tensor
 
 
-def _grow(tensor: torch.Tensor | None, dim: int, needed: int, *, fill=None, pin: bool = False) -> torch.Tensor:
+def grow(tensor: torch.Tensor | None, dim: int, needed: int, *, fill=None, pin: bool = False) -> torch.Tensor:
     """`tensor` with room for `needed` entries along `dim` (contents kept), grown to at least twice its size
     so a sequence that keeps growing pays O(log n) copies."""
     if needed <= tensor.shape[dim]:
@@ -173,11 +172,11 @@ class ClusterIndex:
         """Append a clustered run of the tokens k (B, H, n, D), v at sequence slots first_slot .. first_slot + n."""
         n, c = k.shape[2], run.sizes.shape[-1]
         base, rows = self.rows, math.ceil(n / self.page) * self.page
-        self.keys = _grow(self.keys, 2, base + rows, pin=self._pin)
-        self.values = _grow(self.values, 2, base + rows, pin=self._pin)
-        self.slots = _grow(self.slots, 2, base + rows)
+        self.keys = grow(self.keys, 2, base + rows, pin=self._pin)
+        self.values = grow(self.values, 2, base + rows, pin=self._pin)
+        self.slots = grow(self.slots, 2, base + rows)
         for name in ("centroids", "value_means", "sizes", "starts"):
-            setattr(self, name, _grow(getattr(self, name), 2, self.clusters + c, fill=0))
+            setattr(self, name, grow(getattr(self, name), 2, self.clusters + c, fill=0))
         order = run.order
         self.keys[:, :, base : base + n] = k.gather(2, order[..., None].expand_as(k)).to(self.keys.device)
         self.values[:, :, base : base + n] = v.gather(2, order[..., None].expand_as(v)).to(self.values.device)
@@ -195,9 +194,8 @@ class ClusterIndex:
             self.host_starts = self.starts[:, :, : self.clusters].cpu().numpy()
             self.host_sizes = self.sizes[:, :, : self.clusters].cpu().numpy()
 
-    def materialize(self, length: int, like_k: torch.Tensor, like_v: torch.Tensor):
-        """Write the indexed tokens back to their slots of dense (B, H, length, D|Dv) copies of like_k, like_v."""
-        k, v = like_k.clone(), like_v.clone()
+    def scatter_into(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the indexed tokens into their sequence slots of the dense k (B, H, length, D), v (in place)."""
         slots = self.slots[:, :, : self.rows]
         # Rows past a run's last token are page padding (the same rows for every row and head).
         used = torch.zeros(self.rows, dtype=torch.bool)
@@ -208,7 +206,6 @@ class ClusterIndex:
         index = slots[:, :, used.to(slots.device)]
         k.scatter_(2, index[..., None].expand(*index.shape, k.shape[-1]), keys.to(k.dtype))
         v.scatter_(2, index[..., None].expand(*index.shape, v.shape[-1]), values.to(v.dtype))
-        return k, v
 
     def nbytes(self) -> dict[str, int]:
         device = sum(t.nbytes for t in (self.centroids, self.value_means, self.sizes, self.starts, self.slots))
