@@ -6,7 +6,7 @@ lives in a runtime (dense, quantized, retrieved or offloaded), without touching 
 """
 from .attach import attach, compile, detach, reset, sequence
 from .backend import Backend, KvpassMatchError, backend
-from .config import KIVI, AnTKV, Config, Dense, DenseFFN, WaveIndex
+from .config import KIVI, AnTKV, Chess, Config, Dense, DenseFFN, WaveIndex
 from .report import report
 
 __version__ = "0.1.0"
@@ -21,5 +21,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'kvpass' has no attribute {name!r}")
 
 
-__all__ = ["Config", "Dense", "AnTKV", "KIVI", "WaveIndex", "DenseFFN", "backend", "Backend", "KvpassMatchError", "compile", "attach", "detach",
+__all__ = ["Config", "Dense", "AnTKV", "KIVI", "WaveIndex", "DenseFFN", "Chess", "backend", "Backend", "KvpassMatchError", "compile", "attach", "detach",
            "report", "reset", "sequence", "KVCache"]

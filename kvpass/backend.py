@@ -83,7 +83,8 @@ class Backend:
         if root is not None and self.model is None and backend_of(root) is None:
             attach(root, self)  # model.compile(backend=...) used directly: bind now so report(model) works
         record, misses = rewrite(gm, self.runtime.id, rewrite_ffn_sites=self.config.ffn is not None,
-                                 root=root, explain=explained_nodes())
+                                 root=root, explain=explained_nodes(), plan=self.runtime.chess_plan(),
+                                 example_inputs=example_inputs)
         self.records.append(record)
         logger.info("compile %d (%d nodes):\n%s", len(self.records), record.nodes, record.table())
         self._check(record, misses)

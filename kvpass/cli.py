@@ -10,7 +10,19 @@ import time
 import torch
 
 from .calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS
-from .config import ANCHOR_SCORES, ANTKV_KEYS, KIVI, WAVE_SCORING, AnTKV, Config, Dense, DenseFFN, WaveIndex
+from .config import (
+    ANCHOR_SCORES,
+    ANTKV_KEYS,
+    CHESS_RULES,
+    KIVI,
+    WAVE_SCORING,
+    AnTKV,
+    Chess,
+    Config,
+    Dense,
+    DenseFFN,
+    WaveIndex,
+)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -34,9 +46,20 @@ def _attention_method(args, bits=None):
         raise SystemExit(f"kvpass: {error}") from None
 
 
+def _ffn_method(args, sparsity=None):
+    """The FFN method the flags describe (None: FFN sites left to Inductor), CHESS at `sparsity` (default
+    --sparsity)."""
+    try:
+        if args.ffn == "chess":
+            return Chess(sparsity=args.sparsity if sparsity is None else sparsity, selective=args.selective,
+                         rule=args.rule)
+    except ValueError as error:
+        raise SystemExit(f"kvpass: {error}") from None
+    return DenseFFN() if args.ffn == "dense" else None
+
+
 def _config(args) -> Config:
-    return Config(attention=_attention_method(args), ffn=DenseFFN() if args.ffn == "dense" else None,
-                  calibration=args.calibration)
+    return Config(attention=_attention_method(args), ffn=_ffn_method(args), calibration=args.calibration)
 
 
 def _method_name(config: Config) -> str:
@@ -48,7 +71,10 @@ def _method_name(config: Config) -> str:
             "wave": lambda: (f"wave-{m.retrieval:g}r-{m.estimation:g}e" + ("" if m.scoring == "centroid" else
                                                                           f"-{m.scoring}")
                              + ("-offload" if m.offload else ""))}.get(m.method, lambda: m.method)()
-    return name + ("" if config.ffn is None else f"+ffn-{config.ffn.method}")
+    f = config.ffn
+    if f is not None and f.method == "chess":
+        return name + f"+{f.rule}-{f.sparsity:g}" + ("-selective" if f.selective else "")
+    return name + ("" if f is None else f"+ffn-{f.method}")
 
 
 def _check_calibration_text(config: Config, evaluation) -> None:
@@ -58,7 +84,7 @@ def _check_calibration_text(config: Config, evaluation) -> None:
     from .calibration.artefact import Calibration
     from .eval.texts import DEFAULT_CALIBRATION, check_distinct
 
-    if not needs_calibration(config.attention):
+    if not (needs_calibration(config.attention) or needs_calibration(config.ffn)):
         return
     text = DEFAULT_CALIBRATION if config.calibration is None else Calibration.load(config.calibration).meta["text"]
     if isinstance(text, dict) and text.get("sha256") is None:
@@ -90,7 +116,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model weights dtype")
     parser.add_argument("--kv-dtype", choices=sorted(_DTYPES), default=None, help="KV cache storage dtype")
-    parser.add_argument("--ffn", choices=["none", "dense"], default="none", help="FFN method (none: Inductor keeps it)")
+    parser.add_argument("--ffn", choices=["none", "dense", "chess"], default="none",
+                        help="FFN method (none: Inductor keeps it; chess: calibrated activation sparsity)")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="chess: fraction of FFN activations zeroed")
+    parser.add_argument("--selective", action="store_true", help="chess: also sparsify query/output projection "
+                                                                 "inputs (CHESS+)")
+    parser.add_argument("--rule", choices=CHESS_RULES, default="chess", help="chess: per-channel thresholds (chess) "
+                                                                           "or one per layer (cats)")
     parser.add_argument("--attention", choices=["dense", "antkv", "kivi", "wave"], default="dense",
                         help="KV-cache method")
     parser.add_argument("--bits", type=float, default=None, help="antkv: bits/value (4, 2, 1, 0.75, 0.375; default "
@@ -175,11 +207,18 @@ def cmd_generate(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibration import calibrate, needs_calibration
+    from .calibration import calibrate
 
-    methods = [_attention_method(args, bits) for bits in args.bits or [None]]   # one model run for all rates
-    if not needs_calibration(methods[0]):
-        raise SystemExit(f"kvpass: --attention {args.attention} needs no calibration (antkv does)")
+    if args.attention is None:  # `kvpass calibrate` alone calibrates AnTKV, as it always has
+        args.attention = "dense" if args.ffn == "chess" else "antkv"
+    methods = []                # one model run per calibrator for all its settings
+    if args.attention == "antkv":
+        methods += [_attention_method(args, bits) for bits in args.bits or [None]]
+    if args.ffn == "chess":
+        methods += [_ffn_method(args, sparsity) for sparsity in args.sparsity]
+    if not methods:
+        raise SystemExit(f"kvpass: --attention {args.attention} --ffn {args.ffn} needs no calibration "
+                         f"(--attention antkv and --ffn chess do)")
     model, tokenizer = _load(args)
     start = time.perf_counter()
     calibration = calibrate(model, methods, tokenizer=tokenizer, text=args.text, tokens=args.tokens,
@@ -344,11 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--inner", choices=["inductor", "aot_eager", "eager"], default="inductor")
     gen.add_argument("--json", action="store_true", help="also print the report as JSON")
     gen.set_defaults(run=cmd_generate)
-    cal = sub.add_parser("calibrate", help="learn a method's calibration (AnTKV codebooks) into an artefact",
-                         conflict_handler="resolve")  # --bits takes several rates here
+    cal = sub.add_parser("calibrate", help="learn a method's calibration (AnTKV codebooks, CHESS thresholds) into "
+                                           "an artefact", conflict_handler="resolve")  # --bits takes several rates
     _add_model_args(cal)
-    cal.set_defaults(attention="antkv", run=cmd_calibrate)
-    cal.add_argument("--bits", type=float, nargs="+", default=None, help="one or more rates (one section each)")
+    cal.set_defaults(attention=None, run=cmd_calibrate)
+    cal.add_argument("--bits", type=float, nargs="+", default=None, help="antkv: one or more rates (one section "
+                                                                        "each)")
+    cal.add_argument("--sparsity", type=float, nargs="+", default=[0.5],
+                     help="chess: one or more sparsities (one section each)")
     cal.add_argument("--text", default=None, help="calibration text (default: the default calibration text)")
     cal.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens")
     cal.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per calibration window")

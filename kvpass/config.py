@@ -211,9 +211,41 @@ class DenseFFN(FFNMethod):
     method: ClassVar[str] = "dense"
 
 
+# How CHESS-style thresholds are set (docs/chess.md): "chess" per channel (tau / E|up_i|, EMNLP 2024) or "cats" one
+# scalar per layer on |act(gate)| (the CATS baseline, arXiv 2404.08763).
+CHESS_RULES = ("chess", "cats")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chess(FFNMethod):
+    """Calibrated activation sparsity of every FFN (CHESS, EMNLP 2024); see docs/chess.md.
+
+    The activation feeding the down projection is zeroed where it is below a calibrated threshold, and decode
+    kernels skip the weight rows of zeroed channels. sparsity: the fraction of activations zeroed on the
+    calibration text; rule: CHESS_RULES; selective: also zero the small inputs of each attention's query and
+    output projections (CHESS+; key and value projections are never touched).
+    """
+
+    method: ClassVar[str] = "chess"
+    sparsity: float = 0.5
+    selective: bool = False
+    rule: str = "chess"
+
+    def __post_init__(self):
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
+                or not 0.0 < self.sparsity < 1.0:
+            raise ValueError(f"sparsity={self.sparsity!r} must be a fraction in (0, 1) (0.5 zeroes half the FFN "
+                             f"activations)")
+        object.__setattr__(self, "sparsity", float(self.sparsity))
+        if not isinstance(self.selective, bool):
+            raise ValueError(f"selective={self.selective!r} must be True or False")
+        if self.rule not in CHESS_RULES:
+            raise ValueError(f"rule={self.rule!r} is not a threshold rule; use one of {list(CHESS_RULES)}")
+
+
 ATTENTION_METHODS: dict[str, type[AttentionMethod]] = {"dense": Dense, "antkv": AnTKV, "kivi": KIVI,
                                                       "wave": WaveIndex}
-FFN_METHODS: dict[str, type[FFNMethod]] = {"dense": DenseFFN}
+FFN_METHODS: dict[str, type[FFNMethod]] = {"dense": DenseFFN, "chess": Chess}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +253,10 @@ class Config:
     """What kvpass does to a model.
 
     attention: the KV-cache method of every attention site (`Dense()`, `AnTKV()`, `KIVI()`, `WaveIndex()`).
-    ffn: the FFN method, or None to leave FFN sites to Inductor (they are still found and counted).
-    calibration: path of a calibration artefact for methods that need one.
+    ffn: the FFN method (`DenseFFN()`, `Chess()`), or None to leave FFN sites to Inductor (they are still found
+    and counted).
+    calibration: path of a calibration artefact for the methods that need one (one file may hold the sections
+    of both).
     """
 
     attention: AttentionMethod = dataclasses.field(default_factory=Dense)

@@ -90,3 +90,40 @@ def estimate_clusters(logits, value_means, sizes, selected):
 def merge_partials(outs, lses, dtype):
     """Combine partials outs[i] (S_i, B, Hq, Dv), lses[i] (S_i, B, Hq) by log-sum-exp into (B, Hq, 1, Dv)."""
     return _wave("merge_partials", lses[0])(outs, lses, dtype)
+
+
+def _decode_sized(x: torch.Tensor) -> bool:
+    if not use_triton(x):
+        return False
+    from .kernels.sparse_ffn import MAX_DECODE_TOKENS
+
+    return x.numel() // x.shape[-1] <= MAX_DECODE_TOKENS
+
+
+def ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, thresholds, input_major):
+    """The FFN of x (..., H) (kvpass.methods.ffn.dense_ffn has the contract); input_major(w) gives a weight (out,
+    in) as a contiguous (in, out) tensor (kvpass.methods.chess.ChessPlan.input_major). With thresholds, decode-sized calls (at most MAX_DECODE_TOKENS tokens) on the Triton path run the
+    sparse kernel, which skips the weight rows of zeroed channels; prompts run densely (kvpass.kernels.sparse_ffn
+    says why)."""
+    from .methods.ffn import dense_ffn
+
+    if thresholds is None or not _decode_sized(x):
+        return dense_ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, thresholds, activation)
+    from .kernels.sparse_ffn import sparse_ffn
+
+    out = sparse_ffn(x.reshape(-1, x.shape[-1]), w_up, b_up, input_major(w_down), b_down, w_gate, b_gate, thresholds,
+                     activation)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def sparse_linear(x, weight, bias, threshold: float, input_major):
+    """x (..., K) thresholded at `threshold` through weight (N, K) plus bias; decode-sized calls on the Triton path
+    read only the rows of input_major(weight) (K, N) whose input survives."""
+    from .methods.ffn import dense_sparse_linear
+
+    if not _decode_sized(x):
+        return dense_sparse_linear(x, weight, bias, threshold)
+    from .kernels.sparse_ffn import sparse_linear as kernel
+
+    out = kernel(x.reshape(-1, x.shape[-1]), input_major(weight), bias, threshold)
+    return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -33,6 +33,10 @@ def report(model) -> dict:
         "graphs": len(backend.records),
         "attention_modes": {MODES[m]: n for m, n in last.modes.items()},
     })
+    plan = backend.runtime.chess_plan()
+    if plan is not None:
+        base["chess"] = {"sparse_ffn_sites": last.sparse_ffn_sites, "sparse_projections": last.sparse_projections,
+                         "weight_copy_bytes": plan.nbytes()}
     base.update(_runtime_part(backend.runtime))
     return base
 

@@ -11,7 +11,7 @@ import collections
 import itertools
 import weakref
 
-from .config import Config
+from .config import Chess, Config
 from .methods import LayerStore, OneShot, make_store
 from .methods.base import AttentionSpec
 
@@ -38,24 +38,36 @@ class Runtime:
         self.sequences_started = 0
         self.calls = collections.Counter()  # (mode name, "prefill"|"decode") -> attention op calls
         self._model = None                   # weakref to the model served (set by the backend when bound)
-        self._calibration = None
+        self._calibrations: dict[str, object] = {}  # method name -> its Calibration
+        self._chess_plan = None
 
     def bind_model(self, model) -> None:
         self._model = None if model is None else weakref.ref(model)
-        self._calibration = None
+        self._calibrations = {}
+        self._chess_plan = None
 
-    def calibration(self):
-        """The method's calibration (kvpass.calibration.resolve: the config's artefact, or the cached automatic
-        one, made on first use), None for methods without one."""
+    def calibration(self, method=None):
+        """The calibration of `method` (default: the attention method): kvpass.calibration.resolve gives the
+        config's artefact, or the cached automatic one, made on first use; None for methods without one."""
         from .calibration import needs_calibration, resolve
 
-        if self._calibration is None and needs_calibration(self.config.attention):
+        method = self.config.attention if method is None else method
+        if method.method not in self._calibrations and needs_calibration(method):
             model = None if self._model is None else self._model()
             if model is None:
-                raise RuntimeError(f"{self.config.attention.method} needs a calibration, and this kvpass runtime is "
-                                   f"bound to no model; use kvpass.compile(model, config) or kvpass.attach")
-            self._calibration = resolve(model, self.config)
-        return self._calibration
+                raise RuntimeError(f"{method.method} needs a calibration, and this kvpass runtime is bound to no "
+                                   f"model; use kvpass.compile(model, config) or kvpass.attach")
+            self._calibrations[method.method] = resolve(model, method, self.config.calibration)
+        return self._calibrations.get(method.method)
+
+    def chess_plan(self):
+        """The CHESS thresholds and weight copies every graph of the model shares (None unless ffn=Chess), made
+        from the calibration at the first compile (kvpass.methods.chess)."""
+        if self._chess_plan is None and isinstance(self.config.ffn, Chess):
+            from .methods.chess import ChessPlan
+
+            self._chess_plan = ChessPlan.from_calibration(self.config.ffn, self.calibration(self.config.ffn))
+        return self._chess_plan
 
     # -- sequence lifecycle -------------------------------------------------------------------------
     def begin_sequence(self, kind: str, capacity: int | None = None) -> None:

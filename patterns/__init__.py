@@ -18,10 +18,11 @@ from kvpass.runtime import MODES
 from .attention import AttentionSite, Mismatch, find_attention, rewrite_attention
 from .catalogue import CATALOGUE, Entry
 from .ffn import FFNSite, find_ffn, rewrite_ffn
-from .graph import module_path
+from .graph import module_path, real_values
+from .projections import ProjectionSite, find_projections, rewrite_projection
 
-__all__ = ["CATALOGUE", "Entry", "Record", "rewrite", "find_attention", "find_ffn", "AttentionSite", "FFNSite",
-           "Mismatch"]
+__all__ = ["CATALOGUE", "Entry", "Record", "rewrite", "find_attention", "find_ffn", "find_projections",
+           "AttentionSite", "FFNSite", "ProjectionSite", "Mismatch"]
 
 
 @dataclasses.dataclass
@@ -30,6 +31,8 @@ class Record:
 
     attention_sites: int = 0
     ffn_sites: int = 0
+    sparse_ffn_sites: int = 0        # FFN sites given CHESS thresholds
+    sparse_projections: int = 0      # query/output projections given CHESS+ thresholds
     layers: int = 0
     rewritten: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     found: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -49,6 +52,8 @@ class Record:
         modes = ", ".join(f"{MODES[m]}: {n}" for m, n in sorted(self.modes.items())) or "-"
         rows.append(f"attention sites {self.attention_sites}, FFN sites {self.ffn_sites}, layers {self.layers}, "
                     f"attention modes {{{modes}}}, unmatched {len(self.unmatched)}")
+        if self.sparse_ffn_sites or self.sparse_projections:
+            rows.append(f"sparse (CHESS): {self.sparse_ffn_sites} FFN sites, {self.sparse_projections} projections")
         rows += [f"  unmatched: {u}" for u in self.unmatched]
         return "\n".join(rows)
 
@@ -66,15 +71,24 @@ def _window_of(root: torch.nn.Module | None, node: fx.Node) -> int:
     return int(window) if isinstance(window, int) and window > 0 else 0
 
 
-def rewrite(gm: fx.GraphModule, runtime_id: int, rewrite_ffn_sites: bool,
-            root: torch.nn.Module | None = None, explain: set[str] = frozenset()) -> tuple[Record, list[Mismatch]]:
-    """Rewrite `gm` in place. Returns the record and the mismatches (for warnings and explanations)."""
+def rewrite(gm: fx.GraphModule, runtime_id: int, rewrite_ffn_sites: bool, root: torch.nn.Module | None = None,
+            explain: set[str] = frozenset(), plan=None, example_inputs=()) -> tuple[Record, list[Mismatch]]:
+    """Rewrite `gm` in place. Returns the record and the mismatches (for warnings and explanations).
+
+    plan: None, or the runtime's kvpass.methods.chess.ChessPlan: FFN sites of calibrated layers become thresholded
+    and, when selective, so do the query/output projections; example_inputs: the real inputs of gm's placeholders,
+    from which the plan makes the sparse kernels' weight copies now (not at the first decode step)."""
     graph = gm.graph
     record = Record(nodes=len(graph.nodes))
     attention, attention_misses = find_attention(graph)
     ffns, ffn_misses = find_ffn(graph)
     record.attention_sites, record.ffn_sites = len(attention), len(ffns)
     record.layers = len({site.layer for site in attention})
+    projections = []
+    if plan is not None and plan.selective:
+        projections, projection_misses = find_projections(attention)
+        ffn_misses += projection_misses
+    values = real_values(gm, example_inputs) if plan is not None else {}
 
     for site in attention:
         record.found[site.variant] += 1
@@ -86,6 +100,24 @@ def rewrite(gm: fx.GraphModule, runtime_id: int, rewrite_ffn_sites: bool,
         if rewrite_ffn_sites:
             rewrite_ffn(graph, site, runtime_id)
             record.rewritten[site.variant] += 1
+        if plan is not None:
+            if plan.prepare_ffn(site.layer, values.get(site.down.weight), site.down.transposed):
+                record.sparse_ffn_sites += 1
+            else:
+                ffn_misses.append(Mismatch(site.output, f"no CHESS thresholds for layer {site.layer} in the "
+                                                        f"calibration: this FFN stays exact"))
+    for site in projections:
+        threshold = plan.projection_threshold(site.kind, site.layer)
+        name = f"{site.kind}-projection"
+        record.found[name] += 1
+        if threshold is None:
+            ffn_misses.append(Mismatch(site.projection.node, f"no calibrated {name} input threshold for layer "
+                                                             f"{site.layer}: it stays dense"))
+            continue
+        plan.prepare_projection(values.get(site.projection.weight), site.projection.transposed)
+        rewrite_projection(graph, site, threshold, runtime_id)
+        record.rewritten[name] += 1
+        record.sparse_projections += 1
 
     graph.eliminate_dead_code()  # drops replaced sites and the cache updates fused into kvpass::attention
     for node in graph.nodes:  # cache updates no attention site consumed: correct, but the past is copied
@@ -115,3 +147,4 @@ def record_explanation(name, attention, ffns, misses) -> None:
             return
     logger.warning("KVPASS_EXPLAIN %s: not a candidate (not an SDPA call, attention matmul, or projection fed by "
                    "an activation), or not in this graph", name)
+

@@ -54,7 +54,8 @@ class FFNSite:
     layer: int
 
 
-def _projection(node) -> Projection | None:
+def projection_of(node) -> Projection | None:
+    """The projection a node computes (`F.linear`, or Conv1D's `addmm`), else None."""
     if is_call(node, F.linear, torch._C._nn.linear):
         bias = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
         return Projection(node, node.args[0], node.args[1], bias, transposed=False)
@@ -126,14 +127,14 @@ def _chunk_half(node):
         chunk = node.args[0]
         parts = chunk.args[1] if len(chunk.args) > 1 else chunk.kwargs.get("chunks")
         dim = chunk.kwargs.get("dim", chunk.args[2] if len(chunk.args) > 2 else 0)
-        projection = _projection(through_views(chunk.args[0]))
+        projection = projection_of(through_views(chunk.args[0]))
         if parts == 2 and dim in (-1, 2) and projection is not None:
             return projection, node.args[1]
     return None
 
 
 def match_ffn(node: fx.Node) -> FFNSite | Mismatch | None:
-    down = _projection(node)
+    down = projection_of(node)
     if down is None:
         return None
     top = through_views(down.x)
@@ -142,7 +143,7 @@ def match_ffn(node: fx.Node) -> FFNSite | Mismatch | None:
         return None  # fed by attention, a norm, an embedding...: not an FFN down projection
     found = _activation_region(top)
     if found is not None:  # one source: a plain MLP (a decomposed GELU is a product, but of one source)
-        up = _projection(through_views(found[0]))
+        up = projection_of(through_views(found[0]))
         if up is None:
             return None  # e.g. a projection of a norm or of a residual sum: not an FFN
         act = _classify(*found)
@@ -161,7 +162,7 @@ def match_ffn(node: fx.Node) -> FFNSite | Mismatch | None:
     if act_a == "identity":
         (act_a, src_a), (act_b, src_b) = (act_b, src_b), (act_a, src_a)
     gate_half, up_half = _chunk_half(src_a), _chunk_half(src_b)
-    gate, up = _projection(src_a), _projection(src_b)
+    gate, up = projection_of(src_a), projection_of(src_b)
     if gate_half and up_half and gate_half[0].node is up_half[0].node and (gate_half[1], up_half[1]) == (0, 1):
         variant, fused = "fused-glu-", gate_half[0]
     elif gate is not None and up is not None and through_views(gate.x) is through_views(up.x):
@@ -187,7 +188,7 @@ def find_ffn(graph: fx.Graph) -> tuple[list[FFNSite], list[Mismatch]]:
     return sites, misses
 
 
-def _weight_args(graph: fx.Graph, p: Projection, half: int | None):
+def weight_args(graph: fx.Graph, p: Projection, half: int | None):
     """(weight in (out, in) layout, bias) nodes for the op, slicing one half of a fused projection."""
     weight, bias = p.weight, p.bias
     if p.transposed:
@@ -204,15 +205,20 @@ def _weight_args(graph: fx.Graph, p: Projection, half: int | None):
 def rewrite_ffn(graph: fx.Graph, site: FFNSite, runtime_id: int) -> fx.Node:
     with graph.inserting_before(site.output):
         if site.chunked:
-            w_gate, b_gate = _weight_args(graph, site.up, 0)
-            w_up, b_up = _weight_args(graph, site.up, 1)
+            w_gate, b_gate = weight_args(graph, site.up, 0)
+            w_up, b_up = weight_args(graph, site.up, 1)
         else:
-            w_up, b_up = _weight_args(graph, site.up, None)
-            w_gate, b_gate = _weight_args(graph, site.gate, None) if site.gate else (None, None)
-        w_down, b_down = _weight_args(graph, site.down, None)
+            w_up, b_up = weight_args(graph, site.up, None)
+            w_gate, b_gate = weight_args(graph, site.gate, None) if site.gate else (None, None)
+        w_down, b_down = weight_args(graph, site.down, None)
         new = graph.call_function(torch.ops.kvpass.ffn.default, args=(
             site.x, w_up, b_up, w_down, b_down, w_gate, b_gate, site.activation, runtime_id,
             -1 if site.layer is None else site.layer))
-    new.meta.update({k: site.output.meta[k] for k in ("nn_module_stack", "stack_trace") if k in site.output.meta})
-    site.output.replace_all_uses_with(new)
+    replace_node(site.output, new)
     return new
+
+
+def replace_node(old: fx.Node, new: fx.Node) -> None:
+    """Point every user of `old` at `new`, which inherits its module stack (layer ids come from it)."""
+    new.meta.update({k: old.meta[k] for k in ("nn_module_stack", "stack_trace") if k in old.meta})
+    old.replace_all_uses_with(new)

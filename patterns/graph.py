@@ -79,3 +79,21 @@ def _is_none_at_dim2(index) -> bool:
     return isinstance(index, tuple) and len(index) >= 3 and index[2] is None and all(
         isinstance(i, slice) and i == slice(None) for i in index[:2])
 
+
+
+def real_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, torch.Tensor]:
+    """The real tensors behind gm's placeholders (Dynamo passes them as example inputs, weights included when
+    modules are inlined) and get_attr nodes (weights of non-inlined modules)."""
+    values = {}
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        if isinstance(value, torch.Tensor):
+            values[node] = value
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = gm
+            for part in node.target.split("."):
+                value = getattr(value, part, None)
+            if isinstance(value, torch.Tensor):
+                values[node] = value
+    return values

@@ -236,12 +236,12 @@ def test_triton_kernels_match_reference_semantics(llama, tmp_path, monkeypatch):
 def test_automatic_calibration_is_cached(tmp_path):
     model = FAMILIES["llama"].build(seed=2)
     with pytest.warns(UserWarning, match="random token ids"):
-        first = calibration.resolve(model, kvpass.Config(attention=AnTKV(bits=0.375)))
+        first = calibration.resolve(model, AnTKV(bits=0.375), None)
     files = list((tmp_path / "cache" / "calibration").glob("*.safetensors"))
     assert len(files) == 1
     with warnings.catch_warnings(record=True) as caught:     # loaded from the cache: no new calibration
         warnings.simplefilter("always")
-        again = calibration.resolve(model, kvpass.Config(attention=AnTKV(bits=0.375)))
+        again = calibration.resolve(model, AnTKV(bits=0.375), None)
     assert not [w for w in caught if "random token ids" in str(w.message)]
     assert again.meta == first.meta and all(torch.equal(again.tensors[k], first.tensors[k]) for k in first.tensors)
 

@@ -42,9 +42,10 @@ def test_cache_update_schema_and_fake(backend):
         assert r.shape == f.shape == (2, 2, 10, 16) and r.stride() == f.stride() and r.dtype == f.dtype
 
 
-def test_ffn_opcheck():
+def test_ffn_opcheck(backend):
     x, w_up, w_gate, w_down = torch.randn(3, 7, 16), torch.randn(24, 16), torch.randn(24, 16), torch.randn(16, 24)
-    torch.library.opcheck(torch.ops.kvpass.ffn.default, (x, w_up, None, w_down, None, w_gate, None, "silu", 0, 0))
+    torch.library.opcheck(torch.ops.kvpass.ffn.default,
+                          (x, w_up, None, w_down, None, w_gate, None, "silu", backend.runtime.id, 0))
 
 
 def test_attention_op_is_cudagraph_unsafe():

@@ -1,4 +1,4 @@
-"""Calibration: what a method learns offline from a model run over text (AnTKV codebooks; later CHESS thresholds).
+"""Calibration: what a method learns offline from a model run over text (AnTKV codebooks, CHESS thresholds).
 
     cal = kvpass.calibration.calibrate(model, AnTKV(bits=1), tokenizer=tok)    # or `kvpass calibrate`
     cal.save("smollm2.kvpass.safetensors")
@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from .._logging import logger as _log
-from ..config import AnTKV, AttentionMethod, Config
+from ..config import AnTKV, Chess
 from .artefact import Calibration, fingerprint
 
 DEFAULT_TOKENS = 16384
@@ -30,10 +30,15 @@ def _calibrator(method):
         from . import antkv
 
         return antkv.section_name(method), antkv.section_params(method), antkv.calibrate_antkv
+    if isinstance(method, Chess):
+        from . import chess
+
+        return chess.section_name(method), chess.section_params(method), chess.calibrate_chess
     return None
 
 
-def needs_calibration(method: AttentionMethod | None) -> bool:
+def needs_calibration(method) -> bool:
+    """Whether an attention or FFN method config learns something from calibration text."""
     return method is not None and _calibrator(method) is not None
 
 
@@ -91,16 +96,15 @@ def _tokenizer_of(model):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def resolve(model, config: Config) -> Calibration | None:
-    """The calibration `config` runs with: its artefact (checked against the model), or the cached automatic
-    calibration (made on first use), or None when no method needs one."""
-    method = config.attention
+def resolve(model, method, artefact: str | None) -> Calibration | None:
+    """The calibration `method` runs with: the artefact file given (checked against the model and the method), or
+    the cached automatic calibration (made on first use), or None when the method needs none."""
     calibrator = _calibrator(method)
     if calibrator is None:
         return None
     section, params, _ = calibrator
-    if config.calibration is not None:
-        calibration = Calibration.load(config.calibration)
+    if artefact is not None:
+        calibration = Calibration.load(artefact)
         calibration.check(model, section, params)
         return calibration
     from ..models import cache_dir

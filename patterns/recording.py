@@ -1,0 +1,33 @@
+"""A Dynamo backend that shows calibration what the rewrite will touch: every FFN site and every attention's query
+and output projection, found by the same matchers, computed exactly by an observer that records them.
+
+The graph runs as Python (no inner compiler): calibration runs each shape once or a few times, and the
+observers are plain Python functions.
+"""
+from __future__ import annotations
+
+from torch import fx
+
+from .attention import find_attention
+from .ffn import find_ffn, rewrite_ffn
+from .projections import find_projections, rewrite_projection
+
+
+def recording_backend(recorder):
+    """recorder: has `ffn(<kvpass::ffn args>)` and `projection(<kvpass::sparse_linear args>, kind, layer)`
+    (kvpass.calibration.chess.Recorder); returns a torch.compile backend."""
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        graph = gm.graph
+        sites, _ = find_attention(graph)
+        projections, _ = find_projections(sites)
+        for ffn in find_ffn(graph)[0]:
+            rewrite_ffn(graph, ffn, 0).target = recorder.ffn
+        for site in projections:
+            node = rewrite_projection(graph, site, 0.0, 0)
+            node.target, node.args = recorder.projection, (*node.args, site.kind, site.layer)
+        graph.eliminate_dead_code()
+        gm.recompile()
+        return gm.forward
+
+    return backend

@@ -1,0 +1,290 @@
+"""CHESS end to end on tiny models: calibration against NumPy, the rewrite's op counts, compiled vs an eager
+model thresholded by hand, measured sparsity on held-out tokens, and composition with the attention methods."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from families import FAMILIES
+
+import kvpass
+from kvpass import calibration
+from kvpass.calibration import chess as chess_calibration
+from kvpass.config import Chess
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path / "cache"))
+
+
+def _windows(count=6, length=40, seed=0):
+    return torch.randint(3, 120, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _artefact(model, path, sparsities=(0.5,), windows=None):
+    cal = calibration.Calibration.new(model, {"name": "random-token-ids", "sha256": None})
+    chess_calibration.calibrate_chess(model, _windows() if windows is None else windows,
+                                      [Chess(sparsity=s) for s in sparsities], cal, progress=False)
+    return str(cal.save(path))
+
+
+def _count(gm, target) -> int:
+    return sum(1 for node in gm.graph.nodes if node.op == "call_function" and node.target == target)
+
+
+def _hooks(model, family: str, observe):
+    """Forward hooks on the projections a hand-written reference needs (tests may use module names; kvpass may
+    not): observe(kind, layer, input, output) for kinds gate/up/down/q/o."""
+    names = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "q": "self_attn.q_proj", "o": "self_attn.o_proj"}
+    if family == "gpt_neox":
+        names = {"up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
+    handles = []
+    for layer, block in enumerate(model.base_model.layers):
+        for kind, name in names.items():
+            module = block.get_submodule(name)
+            handles.append(module.register_forward_hook(
+                lambda mod, args, out, kind=kind, layer=layer: observe(kind, layer, args[0], out)))
+    return handles
+
+
+# -- calibration ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_calibration_equals_numpy_quantiles(family):
+    """Every statistic of the section, recomputed from the projections' own inputs/outputs with NumPy."""
+    model = FAMILIES[family].build()
+    windows = _windows()
+    seen = {}
+
+    def observe(kind, layer, x, out):
+        seen.setdefault((kind, layer), []).append((x.detach().reshape(-1, x.shape[-1]).double().numpy(),
+                                                   out.detach().reshape(-1, out.shape[-1]).double().numpy()))
+
+    recorder = chess_calibration.record(model, windows, max_values=1 << 30, progress=False)
+    handles = _hooks(model, family, observe)
+    try:
+        with torch.no_grad():
+            for window in windows:
+                model(window[None], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    act = {"llama": lambda g: g / (1 + np.exp(-g)), "gpt_neox": lambda u: 0.5 * u * (1 + _erf(u / np.sqrt(2)))}[family]
+    for s in (0.3, 0.5):
+        tensors = chess_calibration.thresholds(recorder, s)
+        for layer in range(2):
+            if family == "llama":
+                a = np.abs(act(np.concatenate([o for _, o in seen[("gate", layer)]])))
+                factor = np.abs(np.concatenate([o for _, o in seen[("up", layer)]])).mean(0)
+            else:
+                a = np.abs(act(np.concatenate([o for _, o in seen[("up", layer)]])))
+                down = model.base_model.layers[layer].mlp.dense_4h_to_h.weight.detach().double().numpy()
+                factor = np.linalg.norm(down, axis=0)
+            tau = np.quantile(a * factor, s)
+            np.testing.assert_allclose(tensors[f"layers.{layer}.channel_factor"], factor, rtol=2e-5)
+            np.testing.assert_allclose(tensors[f"layers.{layer}.thresholds"], tau / factor, rtol=2e-5)
+            np.testing.assert_allclose(tensors[f"layers.{layer}.cats"], [np.quantile(a, s)], rtol=2e-5)
+            if family == "llama":
+                for kind in ("q", "o"):
+                    x = np.abs(np.concatenate([i for i, _ in seen[(kind, layer)]]))
+                    np.testing.assert_allclose(tensors[f"layers.{layer}.{kind}_input"], [np.quantile(x, s)],
+                                               rtol=2e-5)
+            else:  # GPT-NeoX's fused qkv: no query input threshold; its output projection has one
+                assert f"layers.{layer}.q_input" not in tensors and f"layers.{layer}.o_input" in tensors
+
+
+def _erf(x):
+    return np.vectorize(__import__("math").erf)(x)
+
+
+def test_sampling_bounds_the_values_kept():
+    model = FAMILIES["llama"].build()
+    recorder = chess_calibration.record(model, _windows(count=4, length=40), max_values=96 * 4 * 10, progress=False)
+    assert all(sum(len(a) for a in acts) == 40 for acts in recorder.activations.values())
+
+
+def test_config_is_validated():
+    for bad, match in (({"sparsity": 1.0}, "sparsity=1.0"), ({"sparsity": 0}, "sparsity=0"),
+                       ({"rule": "teal"}, "rule='teal'"), ({"selective": 1}, "selective=1")):
+        with pytest.raises(ValueError, match=match):
+            Chess(**bad)
+    assert kvpass.Config.from_dict(kvpass.Config(ffn=Chess(0.4, True, "cats")).to_dict()).ffn == Chess(0.4, True, "cats")
+
+
+def test_artefact_must_hold_the_sparsity(tmp_path):
+    model = FAMILIES["llama"].build()
+    path = _artefact(model, tmp_path / "c.safetensors", sparsities=(0.3,))
+    kvpass.compile(model, kvpass.Config(ffn=Chess(sparsity=0.5), calibration=path), inner="eager")
+    try:
+        with pytest.raises(Exception, match="chess-0.5"):
+            model(_windows(1, 8)[0][None], use_cache=False)
+    finally:
+        kvpass.detach(model)
+
+
+# -- the rewrite -----------------------------------------------------------------------------------------------
+def _thresholded_reference(model, family, tensors, selective, rule="chess"):
+    """Hooks that apply the thresholds by hand on the eager model: activation inputs of the down projection, and
+    (selective) the query/output projection inputs."""
+    handles = []
+    for layer, block in enumerate(model.base_model.layers):
+        t = tensors[f"layers.{layer}.thresholds"]
+        if rule == "cats":
+            t = torch.full_like(t, float(tensors[f"layers.{layer}.cats"]))
+        if family == "gpt_neox":
+            act = block.mlp.act
+
+            def masked(x, act=act, t=t):
+                a = act(x)
+                return a.masked_fill(a.abs() < t, 0)
+
+            block.mlp.act = masked_module(masked)
+            handles.append(("restore", block.mlp, "act", act))
+        else:
+            gate = block.mlp.gate_proj
+            handles.append(gate.register_forward_hook(
+                lambda mod, args, out, t=t, act=block.mlp.act_fn: _inverse_mask(out, act, t)))
+        if selective:
+            names = {"gpt_neox": {"o": "attention.dense"}}.get(family, {"q": "self_attn.q_proj", "o": "self_attn.o_proj"})
+            for kind, name in names.items():
+                key = f"layers.{layer}.{kind}_input"
+                if key in tensors:
+                    value = float(tensors[key])
+                    handles.append(block.get_submodule(name).register_forward_pre_hook(
+                        lambda mod, args, v=value: (args[0].masked_fill(args[0].abs() < v, 0),)))
+    return handles
+
+
+def masked_module(fn):
+    class Masked(torch.nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    return Masked()
+
+
+def _inverse_mask(gate_out, act, t):
+    """Zero the gate outputs whose activation is below its threshold: act(0) = 0 for SiLU and GELU."""
+    return gate_out.masked_fill(act(gate_out).abs() < t, 0)
+
+
+def _remove(handles):
+    for handle in handles:
+        if isinstance(handle, tuple):
+            _, owner, name, value = handle
+            setattr(owner, name, value)
+        else:
+            handle.remove()
+
+
+@pytest.mark.parametrize("family,selective,rule", [("llama", False, "chess"), ("llama", True, "chess"),
+                                                   ("llama", False, "cats"), ("gemma", True, "chess"),
+                                                   ("gpt_neox", True, "chess")])
+def test_compiled_equals_thresholded_eager_model(family, selective, rule, tmp_path):
+    model = FAMILIES[family].build()
+    path = _artefact(model, tmp_path / "c.safetensors")
+    tensors = calibration.Calibration.load(path).section("chess-0.5")
+    ids = _windows(2, 11, seed=5)
+    handles = _thresholded_reference(model, family, tensors, selective, rule)
+    try:
+        with torch.no_grad():
+            expected = model(ids, use_cache=False).logits
+    finally:
+        _remove(handles)
+    with torch.no_grad():
+        plain = model(ids, use_cache=False).logits
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    backend = kvpass.backend(kvpass.Config(ffn=Chess(sparsity=0.5, selective=selective, rule=rule),
+                                           calibration=path), inner="eager")
+    backend._inner = keep
+    kvpass.attach(model, backend)
+    try:
+        model.compile(backend=backend)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                out = model(ids, use_cache=False).logits
+    finally:
+        kvpass.detach(model)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert (out - plain).abs().max() > 1e-3          # the thresholds did something
+    gm = graphs[-1]
+    layers = len(model.base_model.layers)
+    assert _count(gm, torch.ops.kvpass.ffn.default) == layers
+    projections = {"gpt_neox": layers} if selective else {}        # NeoX: output projections only (fused qkv)
+    assert _count(gm, torch.ops.kvpass.sparse_linear.default) == projections.get(family, 2 * layers * selective)
+    assert backend.records[-1].sparse_ffn_sites == layers
+    if family == "gpt_neox" and selective:
+        assert any("fused qkv" in str(w.message) for w in caught)
+
+
+def test_key_and_value_projections_stay_dense(tmp_path):
+    model = FAMILIES["llama"].build()
+    path = _artefact(model, tmp_path / "c.safetensors")
+    graphs = []
+    backend = kvpass.backend(kvpass.Config(ffn=Chess(selective=True), calibration=path), inner="eager")
+    backend._inner = lambda gm, example_inputs: graphs.append(gm) or gm.forward
+    kvpass.attach(model, backend)
+    try:
+        model.compile(backend=backend)
+        with torch.no_grad():
+            model(_windows(1, 9)[0][None], use_cache=False)
+    finally:
+        kvpass.detach(model)
+    gm = graphs[-1]
+    attn = model.base_model.layers[0].self_attn
+    dense_weights = {tuple(n.args[1].meta["example_value"].shape) for n in gm.graph.nodes
+                     if n.op == "call_function" and n.target is torch._C._nn.linear}
+    assert tuple(attn.k_proj.weight.shape) in dense_weights and tuple(attn.v_proj.weight.shape) in dense_weights
+    sparse = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.kvpass.sparse_linear.default]
+    shapes = sorted(tuple(n.args[1].meta["example_value"].shape) for n in sparse[:2])
+    assert shapes == sorted([tuple(attn.q_proj.weight.shape), tuple(attn.o_proj.weight.shape)])
+
+
+# -- accuracy of the calibration on held-out tokens ----------------------------------------------------------------
+def test_measured_sparsity_on_held_out_tokens_is_the_target():
+    model = FAMILIES["llama"].build()
+    recorder = chess_calibration.record(model, _windows(count=48, length=64, seed=0), progress=False)
+    held_out = chess_calibration.record(model, _windows(count=48, length=64, seed=1), progress=False)
+    for s in (0.3, 0.5, 0.6):
+        tensors = chess_calibration.thresholds(recorder, s)
+        for rule in ("chess", "cats"):
+            measured = chess_calibration.measured_sparsity(held_out, tensors, rule)
+            assert abs(measured["ffn"] - s) <= 0.02, (s, rule, measured)
+            assert abs(measured["q"] - s) <= 0.02 and abs(measured["o"] - s) <= 0.02, measured
+
+
+# -- composition and automatic calibration -----------------------------------------------------------------------
+@pytest.mark.parametrize("attention", [kvpass.WaveIndex(min_context=96, sinks=2, recent=16, segment=64),
+                                       kvpass.Dense()], ids=["wave", "dense"])
+def test_composes_with_attention_methods_in_generate(attention, tmp_path):
+    model = FAMILIES["llama"].build()
+    path = _artefact(model, tmp_path / "c.safetensors")
+    ids = _windows(1, 120, seed=3)
+    kvpass.compile(model, kvpass.Config(attention=attention, ffn=Chess(selective=True), calibration=path),
+                   inner="aot_eager", strict=True)
+    try:
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+        rep = kvpass.report(model)
+    finally:
+        kvpass.detach(model)
+    assert out.shape == (1, 125)
+    assert rep["chess"]["sparse_ffn_sites"] == 2 and rep["chess"]["sparse_projections"] == 4
+    assert rep["attention_calls"]["kvpass-cache/decode"] > 0
+
+
+def test_automatic_calibration_is_cached_per_sparsity(tmp_path):
+    model = FAMILIES["llama"].build(seed=3)
+    with pytest.warns(UserWarning, match="random token ids"):
+        first = calibration.resolve(model, Chess(sparsity=0.4), None)
+    again = calibration.resolve(model, Chess(sparsity=0.4, selective=True), None)   # same section
+    assert again.meta == first.meta
+    calibration.resolve(model, Chess(sparsity=0.6), None)
+    assert len(list((tmp_path / "cache" / "calibration").glob("*chess*.safetensors"))) == 2
