@@ -288,3 +288,28 @@ def test_automatic_calibration_is_cached_per_sparsity(tmp_path):
     assert again.meta == first.meta
     calibration.resolve(model, Chess(sparsity=0.6), None)
     assert len(list((tmp_path / "cache" / "calibration").glob("*chess*.safetensors"))) == 2
+
+
+def test_decode_kernels_match_the_dense_path(tmp_path, monkeypatch):
+    """Generate with the sparse Triton kernels (the interpreter on CPU) = with the dense thresholded path: decode
+    steps (one token) take the kernels, the prompt the dense path, and both zero the same activations."""
+    model = FAMILIES["llama"].build()
+    path = _artefact(model, tmp_path / "c.safetensors")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    ids = _windows(1, 20, seed=4).to(device)
+    outs = {}
+    for kernels in ("reference", "triton"):
+        monkeypatch.setenv("KVPASS_KERNELS", kernels)
+        kvpass.compile(model, kvpass.Config(ffn=Chess(sparsity=0.5, selective=True), calibration=path),
+                       inner="aot_eager", strict=True)
+        try:
+            outs[kernels] = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                           return_dict_in_generate=True)
+        finally:
+            kvpass.detach(model)
+            torch._dynamo.reset()
+    model.to("cpu")
+    assert torch.equal(outs["reference"].sequences, outs["triton"].sequences)
+    for a, b in zip(outs["reference"].logits, outs["triton"].logits):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

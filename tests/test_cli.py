@@ -52,3 +52,28 @@ def test_calibrate_writes_an_artefact_the_eval_reads(tmp_path, capsys):
     assert Calibration.load(out).section("antkv-1bit")["layers.29.values"].shape == (3, 8, 256, 8)
     with pytest.raises(SystemExit, match="calibration text 'lee' is the evaluation text"):
         main(["eval", "ppl", "--text", "lee", "--attention", "antkv", "--calibration", str(out)])
+
+
+@pytest.mark.slow
+def test_chess_calibration_reaches_its_sparsity_on_held_out_text(tmp_path, capsys):
+    """`kvpass calibrate --ffn chess` on the default calibration text ('lee'); the thresholds then zero the target
+    fraction (within 2 points) of SmolLM2's FFN activations and projection inputs on another text (enwiki)."""
+    from kvpass.calibration import chess
+    from kvpass.calibration.artefact import Calibration
+    from kvpass.eval.ppl import windows
+    from kvpass.eval.texts import load_text
+    from kvpass.models import load_model
+
+    out = tmp_path / "chess.safetensors"
+    assert main(["calibrate", "--model", "smollm2-135m", "--ffn", "chess", "--sparsity", "0.3", "0.5", "--tokens",
+                 "4096", "--seqlen", "512", "--out", str(out)]) == 0
+    artefact = Calibration.load(out)
+    assert sorted(artefact.meta["sections"]) == ["chess-0.3", "chess-0.5"] and artefact.meta["text"]["name"] == "lee"
+    model, tokenizer = load_model("smollm2-135m")
+    ids = tokenizer(load_text("enwiki").text[:20000], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    held_out = chess.record(model, windows(ids, 512, 2), progress=False)
+    for s in (0.3, 0.5):
+        tensors = artefact.section(f"chess-{s:g}")
+        for rule in ("chess", "cats"):
+            measured = chess.measured_sparsity(held_out, tensors, rule)
+            assert all(abs(measured[kind] - s) <= 0.02 for kind in ("ffn", "q", "o")), (s, rule, measured)
