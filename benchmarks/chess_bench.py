@@ -59,6 +59,7 @@ def do_bench(fn) -> float:
 
 def ffn_table(batches, sparsities) -> list[dict]:
     from kvpass.kernels.sparse_ffn import sparse_ffn, sparse_linear
+
     from kvpass.methods.ffn import dense_ffn
 
     w_gate, w_up, w_down = layer_weights(0)
