@@ -20,9 +20,8 @@ import torch
 import kvpass
 from kvpass.attach import compile as compile_model
 from kvpass.attach import detach
-from kvpass.eval.ppl import perplexity, windows
+from kvpass.eval.ppl import perplexity, text_windows
 from kvpass.eval.records import write_record
-from kvpass.eval.texts import load_text
 from kvpass.models import load_model
 
 RATES = (4.0, 2.0, 1.0, 0.75, 0.375)
@@ -55,9 +54,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
-    text = load_text(args.text)
-    ids = tokenizer(text.text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
-    batches = windows(ids, args.seqlen, args.max_windows)
+    batches, text = text_windows(tokenizer, args.text, args.seqlen, args.max_windows)
     cfg = model.config
     shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, getattr(cfg, "head_dim", None)
              or cfg.hidden_size // cfg.num_attention_heads)

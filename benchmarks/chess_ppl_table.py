@@ -18,9 +18,8 @@ from kvpass.attach import compile as compile_model
 from kvpass.attach import detach
 from kvpass.calibration import chess as chess_calibration
 from kvpass.calibration.artefact import Calibration
-from kvpass.eval.ppl import perplexity, windows
+from kvpass.eval.ppl import perplexity, text_windows
 from kvpass.eval.records import write_record
-from kvpass.eval.texts import load_text
 from kvpass.models import load_model
 
 SPARSITIES = (0.3, 0.4, 0.5, 0.6)
@@ -39,10 +38,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
-    text = load_text(args.text)
     artefact = Calibration.load(args.calibration)
-    ids = tokenizer(text.text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
-    batches = windows(ids, args.seqlen, args.max_windows)
+    batches, text = text_windows(tokenizer, args.text, args.seqlen, args.max_windows)
     common = {"windows": batches.shape[0], "seqlen": args.seqlen, "text": text.name, "text_sha256": text.sha256}
     with torch.no_grad():
         dense = perplexity(model, batches, progress=False)

@@ -23,6 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kvpass.eval.bench import graph_time_ms
+
 HQ, HKV, D = 32, 8, 128
 
 
@@ -65,22 +67,6 @@ def loaded_store(method, k, v, layer=0):
     return store, time.perf_counter() - start
 
 
-def graph_time(fn) -> float:
-    """Mean ms of a CUDA-graph replay of fn (captured after a warm-up on a side stream)."""
-    import triton
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=200)
-
-
 def per_layer(length: int, steps: int) -> dict:
     """Decode attention time and bytes of one layer at `length` tokens: SDPA, wave (device), wave (offload)."""
     import triton
@@ -97,7 +83,7 @@ def per_layer(length: int, steps: int) -> dict:
         lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), warmup=25, rep=200)
     store, row["index_build_s"] = loaded_store(WaveIndex(), k, v)
     row["wave_ms"] = triton.testing.do_bench(lambda store=store: store.tripartite(q, spec), warmup=25, rep=200)
-    row["wave_graph_ms"] = graph_time(lambda store=store: store.tripartite(q, spec))
+    row["wave_graph_ms"] = graph_time_ms(lambda store=store: store.tripartite(q, spec), rep=200)
     store.reset_stats()             # graph replays add to the device counters only
     for query in queries:
         store.tripartite(query, spec)

@@ -266,17 +266,14 @@ def _positive(name: str, values) -> None:
 
 def cmd_eval_ppl(args) -> int:
     from .eval.lengths import check_length
-    from .eval.ppl import perplexity, windows
+    from .eval.ppl import perplexity, text_windows
     from .eval.records import write_record
-    from .eval.texts import load_text
 
     _positive("--seqlen", args.seqlen)
     _positive("--max-windows", args.max_windows)
     model, tokenizer = _load(args)
     check_length(model, args.seqlen, "--seqlen")
-    text = load_text(args.text)
-    ids = tokenizer(text.text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
-    batches = windows(ids, args.seqlen, args.max_windows)
+    batches, text = text_windows(tokenizer, args.text, args.seqlen, args.max_windows)
     config = _config(args)
     _check_calibration_text(config, text)
     results = []

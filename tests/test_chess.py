@@ -2,12 +2,14 @@
 model thresholded by hand, measured sparsity on held-out tokens, and composition with the attention methods."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
 from families import FAMILIES
+from kernel_paths import assert_kernel_paths_agree
 
 import kvpass
 from kvpass import calibration
@@ -71,7 +73,8 @@ def test_calibration_equals_numpy_quantiles(family):
     finally:
         for handle in handles:
             handle.remove()
-    act = {"llama": lambda g: g / (1 + np.exp(-g)), "gpt_neox": lambda u: 0.5 * u * (1 + _erf(u / np.sqrt(2)))}[family]
+    act = {"llama": lambda g: g / (1 + np.exp(-g)),
+           "gpt_neox": lambda u: 0.5 * u * (1 + np.vectorize(math.erf)(u / np.sqrt(2)))}[family]
     for s in (0.3, 0.5):
         tensors = chess_calibration.thresholds(recorder, s)
         for layer in range(2):
@@ -93,10 +96,6 @@ def test_calibration_equals_numpy_quantiles(family):
                                                rtol=2e-5)
             else:  # GPT-NeoX's fused qkv: no query input threshold; its output projection has one
                 assert f"layers.{layer}.q_input" not in tensors and f"layers.{layer}.o_input" in tensors
-
-
-def _erf(x):
-    return np.vectorize(__import__("math").erf)(x)
 
 
 def test_sampling_bounds_the_values_kept():
@@ -140,7 +139,7 @@ def _thresholded_reference(model, family, tensors, selective, rule="chess"):
                 a = act(x)
                 return a.masked_fill(a.abs() < t, 0)
 
-            block.mlp.act = masked_module(masked)
+            block.mlp.act = _Function(masked)
             handles.append(("restore", block.mlp, "act", act))
         else:
             gate = block.mlp.gate_proj
@@ -157,12 +156,13 @@ def _thresholded_reference(model, family, tensors, selective, rule="chess"):
     return handles
 
 
-def masked_module(fn):
-    class Masked(torch.nn.Module):
-        def forward(self, x):
-            return fn(x)
+class _Function(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
 
-    return Masked()
+    def forward(self, x):
+        return self.fn(x)
 
 
 def _inverse_mask(gate_out, act, t):
@@ -295,21 +295,9 @@ def test_decode_kernels_match_the_dense_path(tmp_path, monkeypatch):
     steps (one token) take the kernels, the prompt the dense path, and both zero the same activations."""
     model = FAMILIES["llama"].build()
     path = _artefact(model, tmp_path / "c.safetensors")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device)
-    ids = _windows(1, 20, seed=4).to(device)
-    outs = {}
-    for kernels in ("reference", "triton"):
-        monkeypatch.setenv("KVPASS_KERNELS", kernels)
+
+    def compile_for(model, kernels):
         kvpass.compile(model, kvpass.Config(ffn=Chess(sparsity=0.5, selective=True), calibration=path),
                        inner="aot_eager", strict=True)
-        try:
-            outs[kernels] = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
-                                           return_dict_in_generate=True)
-        finally:
-            kvpass.detach(model)
-            torch._dynamo.reset()
-    model.to("cpu")
-    assert torch.equal(outs["reference"].sequences, outs["triton"].sequences)
-    for a, b in zip(outs["reference"].logits, outs["triton"].logits):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+    assert_kernel_paths_agree(model, compile_for, _windows(1, 20, seed=4), monkeypatch)

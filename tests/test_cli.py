@@ -60,8 +60,7 @@ def test_chess_calibration_reaches_its_sparsity_on_held_out_text(tmp_path, capsy
     fraction (within 2 points) of SmolLM2's FFN activations and projection inputs on another text (enwiki)."""
     from kvpass.calibration import chess
     from kvpass.calibration.artefact import Calibration
-    from kvpass.eval.ppl import windows
-    from kvpass.eval.texts import load_text
+    from kvpass.eval.ppl import text_windows
     from kvpass.models import load_model
 
     out = tmp_path / "chess.safetensors"
@@ -70,8 +69,7 @@ def test_chess_calibration_reaches_its_sparsity_on_held_out_text(tmp_path, capsy
     artefact = Calibration.load(out)
     assert sorted(artefact.meta["sections"]) == ["chess-0.3", "chess-0.5"] and artefact.meta["text"]["name"] == "lee"
     model, tokenizer = load_model("smollm2-135m")
-    ids = tokenizer(load_text("enwiki").text[:20000], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    held_out = chess.record(model, windows(ids, 512, 2), progress=False)
+    held_out = chess.record(model, text_windows(tokenizer, "enwiki", 512, 2)[0], progress=False)
     for s in (0.3, 0.5):
         tensors = artefact.section(f"chess-{s:g}")
         for rule in ("chess", "cats"):

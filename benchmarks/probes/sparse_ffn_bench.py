@@ -22,6 +22,8 @@ import triton
 from kvpass.kernels.sparse_ffn import kernel as sparse_kernel
 from kvpass.kernels.sparse_ffn import sparse_ffn, sparse_ffn_reference, sparse_linear
 
+from kvpass.eval.bench import graph_time_ms
+
 H, I = 4096, 14336
 DTYPE = torch.bfloat16
 SPARSITIES = (0.3, 0.5, 0.6, 0.7)
@@ -29,16 +31,7 @@ SPARSITIES = (0.3, 0.5, 0.6, 0.7)
 
 def graph_time_us(fn):
     """Mean time of one call of fn (no arguments) replayed from a CUDA graph, in microseconds."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay) * 1e3
+    return graph_time_ms(fn) * 1e3
 
 
 def tokens(g, T, shared):

@@ -58,12 +58,10 @@ def calibration_windows(model, tokenizer, text: str | None = None, tokens: int =
         vocab = model.config.get_text_config(decoder=True).vocab_size
         windows = torch.randint(0, vocab, (count, seqlen), generator=generator)
         return windows, {"name": "random-token-ids", "sha256": None, "tokens": count * seqlen, "seqlen": seqlen}
-    from ..eval.ppl import windows as cut
-    from ..eval.texts import DEFAULT_CALIBRATION, load_text
+    from ..eval.ppl import text_windows
+    from ..eval.texts import DEFAULT_CALIBRATION
 
-    loaded = load_text(text or DEFAULT_CALIBRATION)
-    ids = tokenizer(loaded.text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
-    windows = cut(ids, seqlen, count)
+    windows, loaded = text_windows(tokenizer, text or DEFAULT_CALIBRATION, seqlen, count)
     return windows, {"name": loaded.name, "sha256": loaded.sha256, "source": loaded.source,
                      "tokens": windows.numel(), "seqlen": seqlen}
 

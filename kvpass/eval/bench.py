@@ -32,6 +32,23 @@ def measured_bandwidth(device) -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
+def graph_time_ms(fn, rep: int = 100) -> float:
+    """Mean ms of `fn` (no arguments) replayed from a CUDA graph, captured after three warm-up calls on a side
+    stream: the GPU time of what fn launches, without its host-side launch cost."""
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=25, rep=rep)
+
+
 def _kv_geometry(model) -> tuple[int, int, int]:
     """(layers, kv heads, head dim) of the model's KV cache."""
     cfg = model.config.get_text_config(decoder=True)
