@@ -214,11 +214,13 @@ def cmd_calibrate(args) -> int:
     methods = []                # one model run per calibrator for all its settings
     if args.attention == "antkv":
         methods += [_attention_method(args, bits) for bits in args.bits or [None]]
+    if args.attention == "wave" and args.scoring == "pre-rope":
+        methods.append(_attention_method(args))
     if args.ffn == "chess":
         methods += [_ffn_method(args, sparsity) for sparsity in args.sparsity]
     if not methods:
         raise SystemExit(f"kvpass: --attention {args.attention} --ffn {args.ffn} needs no calibration "
-                         f"(--attention antkv and --ffn chess do)")
+                         f"(--attention antkv, --attention wave --scoring pre-rope and --ffn chess do)")
     model, tokenizer = _load(args)
     start = time.perf_counter()
     calibration = calibrate(model, methods, tokenizer=tokenizer, text=args.text, tokens=args.tokens,
@@ -380,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--inner", choices=["inductor", "aot_eager", "eager"], default="inductor")
     gen.add_argument("--json", action="store_true", help="also print the report as JSON")
     gen.set_defaults(run=cmd_generate)
-    cal = sub.add_parser("calibrate", help="learn a method's calibration (AnTKV codebooks, CHESS thresholds) into "
+    cal = sub.add_parser("calibrate", help="learn a method's calibration (AnTKV codebooks, CHESS thresholds, pre-RoPE "
+                                           "wave codes' query moments) into "
                                            "an artefact", conflict_handler="resolve")  # --bits takes several rates
     _add_model_args(cal)
     cal.set_defaults(attention=None, run=cmd_calibrate)

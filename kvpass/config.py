@@ -119,10 +119,12 @@ class KIVI(AttentionMethod):
             raise ValueError(f"residual={self.residual!r} must be an int >= 0 (recent tokens kept exact)")
 
 
-# How the wave index builds the clusters it scores: "centroid" (RetroInfer: spherical k-means of the centred keys)
-# or "whitened" (query-aware: Euclidean k-means in the key space whitened by the second moment of the prompt's
-# queries, A2ATS's metric fed by the query distribution RetrievalAttention builds its index for; docs/wave.md).
-WAVE_SCORING = ("centroid", "whitened")
+# How the wave index builds and scores its clusters (docs/wave.md §7): "centroid" (RetroInfer: spherical k-means of
+# the centred keys, scored by the query against the mean key), "whitened" (Euclidean k-means of the keys whitened by
+# the second moment of the prompt's own queries) or "pre-rope" (A2ATS: k-means of the keys rotated back to before
+# RoPE, whitened by the calibration queries' second moment; each cluster's pre-RoPE mean is a code scored by the
+# query rotated to a fixed distance of `rope_window` tokens). Needs a calibration (kvpass calibrate --attention wave).
+WAVE_SCORING = ("centroid", "whitened", "pre-rope")
 
 
 def _fraction(name: str, value, low: float, high: float, meaning: str) -> float:
@@ -150,8 +152,8 @@ class WaveIndex(AttentionMethod):
     mean tokens per cluster; iterations: k-means iterations; update_every: decode tokens collected past the
     recent window before they are clustered into the index; min_context: tokens a sequence must hold before its
     index is built (shorter ones attend exactly); retrieval, estimation: fractions of the clusters; scoring: how
-    the clusters are built (WAVE_SCORING); either way a cluster is scored by the query's dot product with the
-    mean of its keys.
+    the clusters are built and scored (WAVE_SCORING); rope_window: with scoring "pre-rope", the query-key distance
+    at which every code is scored (A2ATS's windowed RoPE).
     offload: keep the clusters' K/V in pinned CPU memory and a GPU cache of `page`-token pages (the wave buffer)
     holding `buffer` of the indexed tokens; False keeps every page on the GPU.
     """
@@ -167,6 +169,7 @@ class WaveIndex(AttentionMethod):
     retrieval: float = 0.018
     estimation: float = 0.232
     scoring: str = "centroid"
+    rope_window: int = 2048
     offload: bool = False
     buffer: float = 0.1
     page: int = 16
@@ -188,6 +191,7 @@ class WaveIndex(AttentionMethod):
                              f"fractions of the same clusters")
         if self.scoring not in WAVE_SCORING:
             raise ValueError(f"scoring={self.scoring!r} is not a wave-index scoring; use one of {list(WAVE_SCORING)}")
+        _count("rope_window", self.rope_window, 0, "query-key distance at which pre-RoPE codes are scored")
         if not isinstance(self.offload, bool):
             raise ValueError(f"offload={self.offload!r} must be True or False")
         _fraction("buffer", self.buffer, 0.0, 1.0, "share of the indexed tokens the GPU wave buffer holds")

@@ -12,6 +12,7 @@ from kernel_paths import assert_kernel_paths_agree
 
 import kvpass
 from kvpass import calibration
+from kvpass.methods.rope import stored_rotation
 from kvpass.calibration.artefact import Calibration
 from kvpass.config import AnTKV
 from kvpass.kernels.coded_attention import rope_rotate
@@ -82,7 +83,7 @@ def test_codebooks_beat_random_codebooks(llama):
     for bits in (0.375, 1.0, 4.0):
         section = _calibrate(model, bits).section(f"antkv-{bits:g}bit")
         # Layer 1: layer 0's pre-RoPE keys depend on the token alone, and the test vocabulary fits a codebook.
-        book, (inv_freq, scaling) = section["layers.1.keys"], calibration.antkv.section_rotation(section, 1)
+        book, (inv_freq, scaling) = section["layers.1.keys"], stored_rotation(section, 1)
         positions = torch.arange(64)[None]      # the codebooks hold keys before RoPE: rotate them back
         keys = torch.cat([rope_rotate(c.k, positions, inv_freq, scaling, inverse=True) for c in calls
                           if c.layer == 1], dim=2)                         # (1, Hkv, 128, D) held out

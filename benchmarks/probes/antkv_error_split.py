@@ -19,11 +19,12 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvpass.calibration import calibration_windows
-from kvpass.calibration.antkv import _codebook, _Collector, _rotations
+from kvpass.calibration.antkv import _codebook, _Collector
 from kvpass.calibration.collect import run_windows
 from kvpass.eval.ppl import windows as cut_windows
 from kvpass.eval.texts import load_text
 from kvpass.methods import pq
+from kvpass.methods.rope import model_rotations
 from kvpass.models import load_model
 
 RATES = {"1bit": (8, 256), "0.375bit": (16, 64)}
@@ -69,7 +70,7 @@ def perplexity(model, batches) -> float:
 def main() -> None:
     model, tokenizer = load_model("smollm2-135m")
     calib, _ = calibration_windows(model, tokenizer, tokens=8192, seqlen=1024)
-    rotations = _rotations(model, range(model.config.num_hidden_layers))
+    rotations = model_rotations(model, range(model.config.num_hidden_layers), "keys stay post-RoPE")
     collector = _Collector(("post-rope", "pre-rope"), rotations)
     run_windows(model, calib, collector, progress=True)
     generator = torch.Generator().manual_seed(0)

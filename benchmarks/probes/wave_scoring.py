@@ -1,13 +1,14 @@
-"""Keys read vs accuracy of the wave index's clusterings ("centroid" = RetroInfer, "whitened" = query-aware) on
-the real model's own queries, keys and values (CPU, fp32 references).
+"""Keys read vs accuracy of the wave index's scorings ("centroid" = RetroInfer, "whitened" = query-aware
+clustering, "pre-rope" = A2ATS codes) on the real model's own queries, keys and values (CPU, fp32 references).
 
 Each layer of SmolLM2-135M sees one enwiki window: the first `prompt` tokens are loaded into a wave store (the
-whitened index takes their queries' second moment), then the next `steps` tokens are decoded one at a time
+whitened index takes their queries' second moment; the pre-RoPE codes use a calibration on the default
+calibration text), then the next `steps` tokens are decoded one at a time
 with their real queries, and each output is compared with exact attention over the same keys. Prints, per
 clustering and retrieval budget, the share of keys read exactly (steady zone + retrieved clusters) and the mean
 relative error of the attention output, over all layers and steps.
 
-    python benchmarks/probes/wave_scoring.py --prompt 3840 --steps 64
+    python benchmarks/probes/wave_scoring.py --prompt 3840 --steps 64 --scorings centroid pre-rope
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import torch
 
 def main() -> None:
     from kvpass import WaveIndex
+    from kvpass.calibration import calibrate
+    from kvpass.config import WAVE_SCORING
     from kvpass.calibration.collect import observe_attention
     from kvpass.eval.ppl import windows
     from kvpass.eval.texts import load_text
@@ -29,8 +32,12 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=3840)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.009, 0.018, 0.036, 0.072])
+    parser.add_argument("--scorings", nargs="+", choices=WAVE_SCORING, default=list(WAVE_SCORING))
+    parser.add_argument("--rope-window", type=int, default=WaveIndex.rope_window)
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m")
+    pre_rope = WaveIndex(scoring="pre-rope", rope_window=args.rope_window)
+    codes = calibrate(model, pre_rope, tokenizer=tokenizer) if "pre-rope" in args.scorings else None
     ids = tokenizer(load_text("enwiki").text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     window = windows(ids, args.prompt + args.steps, 1)
     calls = []
@@ -38,13 +45,13 @@ def main() -> None:
         model._call_impl(window, use_cache=False)
     P = args.prompt
     print(f"{'clustering':>10} {'retrieval':>9} {'keys exact %':>12} {'keys est. %':>11} {'rel. error':>10}")
-    for scoring in ("centroid", "whitened"):
+    for scoring in args.scorings:
         for retrieval in args.budgets:
-            method = WaveIndex(retrieval=retrieval, scoring=scoring)
+            method = WaveIndex(retrieval=retrieval, scoring=scoring, rope_window=args.rope_window)
             errors, exact, estimated = [], [], []
             for call in calls:
                 spec = AttentionSpec(scale=call.scale, softcap=call.softcap)
-                store = WaveStore(method, layer=call.layer)
+                store = WaveStore(method, layer=call.layer, calibration=codes)
                 store.load(call.k[:, :, :P], call.v[:, :, :P], call.q[:, :, :P])
                 for t in range(P, P + args.steps):
                     store.append(call.k[:, :, t : t + 1], call.v[:, :, t : t + 1])

@@ -1,4 +1,5 @@
-"""Calibration: what a method learns offline from a model run over text (AnTKV codebooks, CHESS thresholds).
+"""Calibration: what a method learns offline from a model run over text (AnTKV codebooks, CHESS thresholds, the
+wave index's query moments for pre-RoPE codes).
 
     cal = kvpass.calibration.calibrate(model, AnTKV(bits=1), tokenizer=tok)    # or `kvpass calibrate`
     cal.save("smollm2.kvpass.safetensors")
@@ -17,7 +18,7 @@ import warnings
 import torch
 
 from .._logging import logger as _log
-from ..config import AnTKV, Chess
+from ..config import AnTKV, Chess, WaveIndex
 from .artefact import Calibration, fingerprint
 
 DEFAULT_TOKENS = 16384
@@ -34,6 +35,10 @@ def _calibrator(method):
         from . import chess
 
         return chess.section_name(method), chess.section_params(method), chess.calibrate_chess
+    if isinstance(method, WaveIndex) and method.scoring == "pre-rope":
+        from . import wave
+
+        return wave.section_name(method), wave.section_params(method), wave.calibrate_wave
     return None
 
 

@@ -10,15 +10,13 @@ they are the anchors the method keeps exact, and their weight would otherwise pu
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .._progress import progress as _progress
 from ..config import AnTKV
 from ..kernels.coded_attention import rope_rotate
 from ..methods import pq
-from ..methods.rope import model_rotary
+from ..methods.rope import model_rotations, rotation_tensors
 from .artefact import Calibration
 from .collect import AttentionCall, run_windows
 
@@ -37,24 +35,6 @@ def section_params(method: AnTKV) -> dict:
     return {"bits": method.bits, "sub_vector": method.sub_vector, "codebook_size": method.codebook_size,
             "keys": method.keys, "kmeans_iterations": KMEANS_ITERATIONS, "max_points": MAX_POINTS,
             "anchor_excluded": ANCHOR_EXCLUDED}
-
-
-def section_rotation(tensors: dict, layer: int) -> tuple[torch.Tensor, float] | None:
-    """(inv_freq, scaling) of the RoPE a section's key codebooks of `layer` were learned before, or None."""
-    inv_freq = tensors.get(f"layers.{layer}.rope_inv_freq")
-    return None if inv_freq is None else (inv_freq, float(tensors[f"layers.{layer}.rope_scaling"]))
-
-
-def _rotations(model: torch.nn.Module, layers) -> dict:
-    """layer -> (inv_freq, scaling) of its RoPE, or None (no RoPE, or one kvpass cannot reproduce: warned)."""
-    rotations = {}
-    for layer in layers:
-        try:
-            rotations[layer] = model_rotary(model, layer)
-        except ValueError as error:
-            warnings.warn(f"{error}; AnTKV quantizes this model's keys after RoPE", stacklevel=3)
-            rotations[layer] = None
-    return rotations
 
 
 class _Collector:
@@ -108,7 +88,8 @@ def calibrate_antkv(model: torch.nn.Module, windows: torch.Tensor, methods: list
     `calibration` (one section per rate)."""
     layers = range(model.config.get_text_config().num_hidden_layers)
     key_modes = {m.keys for m in methods}
-    rotations = _rotations(model, layers) if "pre-rope" in key_modes else None
+    rotations = (model_rotations(model, layers, "AnTKV quantizes this model's keys after RoPE")
+                 if "pre-rope" in key_modes else None)
     collector = _Collector(key_modes, rotations)
     run_windows(model, windows, collector, progress=progress)
     if not collector.values:
@@ -129,9 +110,7 @@ def calibrate_antkv(model: torch.nn.Module, windows: torch.Tensor, methods: list
                 tensors[name][f"layers.{layer}.{part}"] = _codebook(vectors, w, method.sub_vector,
                                                                     method.codebook_size, device, generator)
         for name, method in rates.items():
-            if method.keys == "pre-rope" and rotations[layer] is not None:
-                inv_freq, scaling = rotations[layer]
-                tensors[name][f"layers.{layer}.rope_inv_freq"] = inv_freq.clone()   # safetensors: no sharing
-                tensors[name][f"layers.{layer}.rope_scaling"] = torch.tensor([scaling])
+            if method.keys == "pre-rope":
+                tensors[name].update(rotation_tensors(layer, rotations[layer]))
     for name, method in rates.items():
         calibration.add_section(name, section_params(method), tensors[name])

@@ -56,11 +56,12 @@ class AnTKVStore(LayerStore):
         if calibration is None:
             raise RuntimeError("AnTKV needs codebooks: pass Config(calibration=...) or let kvpass calibrate "
                                "(the runtime resolves it from the model)")
-        from ..calibration.antkv import section_name, section_rotation
+        from ..calibration.antkv import section_name
+        from .rope import stored_rotation
 
         tensors = calibration.section(section_name(method))
         self._books_cpu = (tensors[f"layers.{layer}.keys"], tensors[f"layers.{layer}.values"])
-        self._rope = section_rotation(tensors, layer)     # None: keys are encoded as attention sees them
+        self._rope = stored_rotation(tensors, layer)     # None: keys are encoded as attention sees them
         self._length = 0
         self._finalized = 0       # slots < _finalized are codes or anchors; the rest are exact (the window)
 

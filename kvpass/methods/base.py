@@ -95,13 +95,13 @@ class OneShot:
 
 def make_store(method: AttentionMethod, layer: int, capacity: int | None = None, calibration=None) -> LayerStore:
     """The store of `method` for one layer; calibration: the kvpass.calibration.Calibration of methods that
-    learn from data (AnTKV's codebooks), None for the others."""
+    learn from data (AnTKV's codebooks, the wave index's pre-RoPE query moments), None for the others."""
     from .antkv import AnTKVStore
     from .dense import DenseStore
     from .kivi import KIVIStore
     from .wave import WaveStore
 
-    if method.method == "antkv":
-        return AnTKVStore(method, layer, capacity, calibration=calibration)
-    stores = {"dense": DenseStore, "kivi": KIVIStore, "wave": WaveStore}
+    if method.method in ("antkv", "wave"):
+        return {"antkv": AnTKVStore, "wave": WaveStore}[method.method](method, layer, capacity, calibration=calibration)
+    stores = {"dense": DenseStore, "kivi": KIVIStore}
     return stores[method.method](method, layer, capacity)

@@ -12,6 +12,8 @@ parameters of a model's RoPE.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 # Rope types whose frequencies change with the sequence length: a key's rotation is not a function of its
@@ -42,3 +44,31 @@ def model_rotary(model: torch.nn.Module, layer: int) -> tuple[torch.Tensor, floa
         raise ValueError(f"layer {layer}: the model's rotary embedding ({type(rotary).__name__}, rope type "
                          f"{rope_type!r}) does not give a key's rotation from its position alone")
     return inv_freq.detach().float().cpu().clone(), float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
+
+
+def model_rotations(model: torch.nn.Module, layers, fallback: str) -> dict:
+    """layer -> (inv_freq, scaling) of its RoPE, or None: no RoPE, or one kvpass cannot reproduce, warned with
+    `fallback` (what the method does instead)."""
+    rotations = {}
+    for layer in layers:
+        try:
+            rotations[layer] = model_rotary(model, layer)
+        except ValueError as error:
+            warnings.warn(f"{error}; {fallback}", stacklevel=3)
+            rotations[layer] = None
+    return rotations
+
+
+def rotation_tensors(layer: int, rotation: tuple[torch.Tensor, float] | None) -> dict[str, torch.Tensor]:
+    """A calibration section's record of the RoPE `layer`'s tensors were rotated back by (empty for None)."""
+    if rotation is None:
+        return {}
+    inv_freq, scaling = rotation
+    # clone: safetensors refuses tensors that share storage
+    return {f"layers.{layer}.rope_inv_freq": inv_freq.clone(), f"layers.{layer}.rope_scaling": torch.tensor([scaling])}
+
+
+def stored_rotation(tensors: dict, layer: int) -> tuple[torch.Tensor, float] | None:
+    """(inv_freq, scaling) that a calibration section recorded for `layer` (rotation_tensors), or None."""
+    inv_freq = tensors.get(f"layers.{layer}.rope_inv_freq")
+    return None if inv_freq is None else (inv_freq, float(tensors[f"layers.{layer}.rope_scaling"]))

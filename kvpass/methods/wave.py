@@ -27,7 +27,9 @@ import torch
 from .. import kernels_dispatch
 from ..config import WaveIndex
 from .base import AttentionSpec, LayerStore
+from .rope import stored_rotation
 from .wave_buffer import WaveBuffer
+from .wave_codes import PreRopeCodes
 from .wave_index import ClusterIndex, cluster_run, grow, whitening
 
 _MIN_CAPACITY = 256
@@ -43,7 +45,7 @@ class WaveStore(LayerStore):
     method: WaveIndex
     needs_queries = True   # what a step reads depends on its query: the unfused cache path cannot serve it
 
-    def __init__(self, method: WaveIndex, layer: int, capacity: int | None = None):
+    def __init__(self, method: WaveIndex, layer: int, capacity: int | None = None, calibration=None):
         super().__init__(method, layer, capacity)
         self._length = 0
         self._prefix = 0            # slots [0, prefix) stay exact: padding + sinks (fixed when the index is built)
@@ -52,6 +54,16 @@ class WaveStore(LayerStore):
         self._steady = 0            # slots used in the steady buffer
         self._index: ClusterIndex | None = None
         self._moment = None         # scoring "whitened": (B, H, D, D) fp32 sum of the prompt's q q^T per KV head
+        self._codes = None          # scoring "pre-rope": the layer's PreRopeCodes
+        if method.scoring == "pre-rope":
+            if calibration is None:
+                raise RuntimeError("WaveIndex(scoring='pre-rope') needs the calibration queries' moments: pass "
+                                   "Config(calibration=...) or let kvpass calibrate (the runtime resolves it)")
+            from ..calibration.wave import section_name
+
+            tensors = calibration.section(section_name(method))
+            self._codes = PreRopeCodes(tensors[f"layers.{layer}.query_moment"], stored_rotation(tensors, layer),
+                                       method.rope_window)
         self._buffer: WaveBuffer | None = None
         self.exact_reason: str | None = None   # why this layer never builds an index (None: it does when long enough)
         # Keys read by decode steps, summed over steps, rows and KV heads (host totals; the selected clusters'
@@ -172,7 +184,9 @@ class WaveStore(LayerStore):
         index = self._index
         C = index.clusters
         scoring = dict(scale=spec.scale, softcap=spec.softcap)
-        logits, scores = kernels_dispatch.score_clusters(q, index.centroids, C, **scoring)
+        # Pre-RoPE codes are scored by the query rotated to the window distance (wave_codes).
+        scorer = q if self._codes is None else self._codes.query(q, self._length - 1)
+        logits, scores = kernels_dispatch.score_clusters(scorer, index.centroids, C, **scoring)
         # Empty clusters (k-means can leave some) must not take a place in the budget.
         scores = scores.masked_fill(index.sizes[:, :, :C] == 0, -1.0)
         retrieved, estimated = budgets(self.method, C)
@@ -239,7 +253,10 @@ class WaveStore(LayerStore):
         self._moment = moment if self._moment is None else self._moment + moment
 
     def _whitening(self):
-        """W of the prompt queries seen so far; None before any prompt (the run is then clustered as "centroid")."""
+        """W of the clustering: for "whitened" that of the prompt queries seen so far (None before any prompt: the run
+        is then clustered as "centroid"); for "pre-rope" that of the calibration queries; None for "centroid"."""
+        if self._codes is not None:
+            return self._codes.whitening(self._k.shape[0], self._k.device)
         return None if self._moment is None else whitening(self._moment)
 
     def _read_padding(self, mask, spec: AttentionSpec) -> None:
@@ -285,6 +302,8 @@ class WaveStore(LayerStore):
                 return
             padding = (~self._valid[:, : self._steady]).sum(-1)
             self._padding = int(padding.sum())
+            if self._codes is not None:
+                self._codes.offsets = padding
             self._prefix = int(padding.max()) + method.sinks
             if self._steady - self._prefix - method.recent < method.cluster_size:
                 return
@@ -300,7 +319,8 @@ class WaveStore(LayerStore):
         start = self._prefix
         k, v = self._k[:, :, start : start + n], self._v[:, :, start : start + n]
         first_slot = self._prefix + self._index.tokens
-        self._index.add(cluster_run(k, v, self.method, self._whitening()), k, v, first_slot)
+        points = k if self._codes is None else self._codes.keys(k, first_slot)   # what the clusters are built on
+        self._index.add(cluster_run(points, v, self.method, self._whitening()), k, v, first_slot)
         keep = self._steady - start - n
         self._k[:, :, start : start + keep] = self._k[:, :, start + n : self._steady].clone()
         self._v[:, :, start : start + keep] = self._v[:, :, start + n : self._steady].clone()
