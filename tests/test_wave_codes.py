@@ -80,8 +80,9 @@ class _Section:
 
 
 def test_store_clusters_pre_rope_keys_and_full_budget_is_exact_with_padding():
-    """The index's centroids are means of keys rotated back by their positions (each row after its padding), and
-    with retrieval = 100 % a padded batch decodes exactly like the dense cache."""
+    """The index's codes are means of keys rotated back by their positions (each row after its padding), its
+    centroids the means of the keys as attention sees them, and with retrieval = 100 % a padded batch decodes
+    exactly like the dense cache."""
     B, H, L, prompt = 3, 2, 90, 50
     k, v = _tokens(B, H, L, seed=1)
     pads = (0, 5, 11)
@@ -102,7 +103,8 @@ def test_store_clusters_pre_rope_keys_and_full_budget_is_exact_with_padding():
                 if size:
                     rows = index.keys[b, h, start : start + size][None, None]
                     pre = rope_rotate(rows, positions[b, h, start : start + size][None], *_rotation(), inverse=True)
-                    torch.testing.assert_close(index.centroids[b, h, c], pre[0, 0].mean(0), rtol=1e-4, atol=1e-5)
+                    torch.testing.assert_close(index.codes[b, h, c], pre[0, 0].mean(0), rtol=1e-4, atol=1e-5)
+                    torch.testing.assert_close(index.centroids[b, h, c], rows[0, 0].mean(0), rtol=1e-4, atol=1e-5)
 
 
 def test_store_without_calibration_names_the_fix():

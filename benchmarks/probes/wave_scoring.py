@@ -33,21 +33,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.009, 0.018, 0.036, 0.072])
     parser.add_argument("--scorings", nargs="+", choices=WAVE_SCORING, default=list(WAVE_SCORING))
-    parser.add_argument("--rope-window", type=int, default=WaveIndex.rope_window)
+    parser.add_argument("--rope-windows", type=int, nargs="+", default=[WaveIndex.rope_window],
+                        help="pre-rope: the scoring distances to compare")
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m")
-    pre_rope = WaveIndex(scoring="pre-rope", rope_window=args.rope_window)
-    codes = calibrate(model, pre_rope, tokenizer=tokenizer) if "pre-rope" in args.scorings else None
+    codes = calibrate(model, WaveIndex(scoring="pre-rope"), tokenizer=tokenizer) if "pre-rope" in args.scorings else None
     ids = tokenizer(load_text("enwiki").text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     window = windows(ids, args.prompt + args.steps, 1)
     calls = []
     with torch.no_grad(), observe_attention(model, calls.append):
         model._call_impl(window, use_cache=False)
     P = args.prompt
-    print(f"{'clustering':>10} {'retrieval':>9} {'keys exact %':>12} {'keys est. %':>11} {'rel. error':>10}")
-    for scoring in args.scorings:
+    print(f"{'scoring':>14} {'retrieval':>9} {'keys exact %':>12} {'keys est. %':>11} {'rel. error':>10}")
+    variants = [(scoring, window) for scoring in args.scorings
+                for window in (args.rope_windows if scoring == "pre-rope" else [WaveIndex.rope_window])]
+    for scoring, window in variants:
         for retrieval in args.budgets:
-            method = WaveIndex(retrieval=retrieval, scoring=scoring, rope_window=args.rope_window)
+            method = WaveIndex(retrieval=retrieval, scoring=scoring, rope_window=window)
             errors, exact, estimated = [], [], []
             for call in calls:
                 spec = AttentionSpec(scale=call.scale, softcap=call.softcap)
@@ -63,7 +65,8 @@ def main() -> None:
                 exact.append(stats["keys_exact"])
                 estimated.append(stats["keys_estimated"])
             n = len(calls)
-            print(f"{scoring:>10} {retrieval:9.3f} {100 * sum(exact) / n:12.2f} {100 * sum(estimated) / n:11.2f} "
+            name = scoring if scoring != "pre-rope" else f"{scoring}-{window}"
+            print(f"{name:>14} {retrieval:9.3f} {100 * sum(exact) / n:12.2f} {100 * sum(estimated) / n:11.2f} "
                   f"{sum(errors) / len(errors):10.4f}", flush=True)
 
 

@@ -184,9 +184,12 @@ class WaveStore(LayerStore):
         index = self._index
         C = index.clusters
         scoring = dict(scale=spec.scale, softcap=spec.softcap)
-        # Pre-RoPE codes are scored by the query rotated to the window distance (wave_codes).
-        scorer = q if self._codes is None else self._codes.query(q, self._length - 1)
-        logits, scores = kernels_dispatch.score_clusters(scorer, index.centroids, C, **scoring)
+        logits, scores = kernels_dispatch.score_clusters(q, index.centroids, C, **scoring)
+        if self._codes is not None:
+            # Pre-RoPE codes choose the clusters, scored by the query rotated to the window distance (wave_codes);
+            # estimation keeps the exact logits of the clusters' mean post-RoPE keys.
+            _, scores = kernels_dispatch.score_clusters(self._codes.query(q, self._length - 1), index.codes, C,
+                                                        **scoring)
         # Empty clusters (k-means can leave some) must not take a place in the budget.
         scores = scores.masked_fill(index.sizes[:, :, :C] == 0, -1.0)
         retrieved, estimated = budgets(self.method, C)
@@ -307,7 +310,8 @@ class WaveStore(LayerStore):
             self._prefix = int(padding.max()) + method.sinks
             if self._steady - self._prefix - method.recent < method.cluster_size:
                 return
-            self._index = ClusterIndex(method, self._k, self._v, self._index_capacity(), host=method.offload)
+            self._index = ClusterIndex(method, self._k, self._v, self._index_capacity(), host=method.offload,
+                                       codes=self._codes is not None)
             self._index_run(self._steady - self._prefix - method.recent)
             if method.offload:
                 self._buffer = WaveBuffer(self._index, self._buffer_slots(), self._k.device)
@@ -319,8 +323,8 @@ class WaveStore(LayerStore):
         start = self._prefix
         k, v = self._k[:, :, start : start + n], self._v[:, :, start : start + n]
         first_slot = self._prefix + self._index.tokens
-        points = k if self._codes is None else self._codes.keys(k, first_slot)   # what the clusters are built on
-        self._index.add(cluster_run(points, v, self.method, self._whitening()), k, v, first_slot)
+        codes = None if self._codes is None else self._codes.keys(k, first_slot)   # pre-RoPE: clustered instead
+        self._index.add(cluster_run(k, v, self.method, self._whitening(), codes=codes), k, v, first_slot)
         keep = self._steady - start - n
         self._k[:, :, start : start + keep] = self._k[:, :, start + n : self._steady].clone()
         self._v[:, :, start : start + keep] = self._v[:, :, start + n : self._steady].clone()

@@ -10,7 +10,9 @@ pre-RoPE mean (its code) with the query rotated as if every key sat `window` tok
 
 The codes are learned in the space whitened by the second moment of those rotated queries, E[q_w q_w^T] =
 R(w) M R(w)^T for the calibration's pre-RoPE query moment M, so that k-means minimizes the expected score error.
-Exact attention over the retrieved clusters still reads the post-RoPE keys.
+The codes only choose the clusters: exact attention over the retrieved ones reads the post-RoPE keys, and the
+estimated ones are weighted by the exact logits of their mean post-RoPE key (as in the other scorings), since a
+windowed score is only right for keys at the window distance.
 """
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ class ClusteredRun:
 
     centroids (B, H, C, D) and value_means (B, H, C, Dv) in the keys' dtype; sizes (B, H, C) int32;
     starts (B, H, C) int32: first position of each cluster in `order`; order (B, H, n) int64: the run's token
-    indices sorted by cluster (cluster c holds order[starts[c] : starts[c] + sizes[c]]).
+    indices sorted by cluster (cluster c holds order[starts[c] : starts[c] + sizes[c]]); codes (B, H, C, D):
+    the mean of the points the run was clustered on when they are not the keys (pre-RoPE codes), else None.
     """
 
     centroids: torch.Tensor
@@ -35,6 +36,7 @@ class ClusteredRun:
     sizes: torch.Tensor
     starts: torch.Tensor
     order: torch.Tensor
+    codes: torch.Tensor | None = None
 
 
 def segments(n: int, method: WaveIndex) -> tuple[int, int, int]:
@@ -53,15 +55,16 @@ def whitening(moment: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(moment + ridge * torch.eye(D, device=moment.device))
 
 
-def cluster_run(k: torch.Tensor, v: torch.Tensor, method: WaveIndex,
-                whiten: torch.Tensor | None = None) -> ClusteredRun:
+def cluster_run(k: torch.Tensor, v: torch.Tensor, method: WaveIndex, whiten: torch.Tensor | None = None,
+                codes: torch.Tensor | None = None) -> ClusteredRun:
     """Cluster the tokens k (B, H, n, D), v (B, H, n, Dv) (all real tokens, no padding) by segmented k-means.
 
     whiten: None (RetroInfer: spherical k-means of the centred keys) or W (B, H, D, D) from `whitening`:
-    Euclidean k-means of the keys times W, so a cluster gathers keys that the queries score alike."""
+    Euclidean k-means of the keys times W, so a cluster gathers keys that the queries score alike.
+    codes: (B, H, n, D) points to cluster instead of the keys (pre-RoPE keys); their means become the run's codes."""
     B, H, n, D = k.shape
     count, length, per_segment = segments(n, method)
-    keys = k.float()
+    keys = (k if codes is None else codes).float()
     if whiten is None:
         points, metric = keys - keys.mean(dim=2, keepdim=True), "ip"
     else:
@@ -78,14 +81,16 @@ def cluster_run(k: torch.Tensor, v: torch.Tensor, method: WaveIndex,
     order = torch.argsort(labels, dim=-1, stable=True)
     # Means through the deterministic sums of the k-means update step: the same keys always give the same
     # index (torch's scatter_add on a GPU adds in no fixed order). Keys and values share one sort.
-    rows = torch.cat([k, v.to(k.dtype)], dim=-1).reshape(B * H, n, -1)
+    parts = [k, v.to(k.dtype)] + ([] if codes is None else [codes.to(k.dtype)])
+    rows = torch.cat(parts, dim=-1).reshape(B * H, n, -1)
     sums, sizes = kernels_dispatch.cluster_sums(rows, labels.view(B * H, n), C)
-    means = sums / sizes.clamp_min(1)[..., None].float()
+    means = (sums / sizes.clamp_min(1)[..., None].float()).reshape(B, H, C, -1)
     sizes = sizes.view(B, H, C)
     starts = torch.cumsum(sizes, dim=-1, dtype=torch.int32) - sizes
-    return ClusteredRun(centroids=means[..., :D].reshape(B, H, C, D).to(k.dtype),
-                        value_means=means[..., D:].reshape(B, H, C, -1).to(v.dtype),
-                        sizes=sizes, starts=starts, order=order)
+    Dv = v.shape[-1]
+    return ClusteredRun(centroids=means[..., :D].to(k.dtype), value_means=means[..., D : D + Dv].to(v.dtype),
+                        sizes=sizes, starts=starts, order=order,
+                        codes=None if codes is None else means[..., D + Dv :].to(k.dtype))
 
 
 def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
@@ -124,12 +129,14 @@ class ClusterIndex:
 
     Each clustered run is appended after the previous ones, its token rows starting on a page boundary so that a
     page of the K/V never mixes runs (a cached page never goes stale). On the device: centroids (B, H, Ccap, D),
-    value_means (B, H, Ccap, Dv), sizes and starts (B, H, Ccap) int32 (a cluster's rows in `keys`). `keys`,
+    value_means (B, H, Ccap, Dv), sizes and starts (B, H, Ccap) int32 (a cluster's rows in `keys`), with `codes`
+    the clusters' codes (B, H, Ccap, D) that decode steps score instead of the centroids (else None). `keys`,
     `values` (B, H, Ncap, D|Dv) live on the device, or with `host` in CPU memory (pinned when the device is a
     GPU); `slots` (B, H, Ncap) int64 on the device: each stored row's slot in the sequence.
     """
 
-    def __init__(self, method: WaveIndex, like_k: torch.Tensor, like_v: torch.Tensor, capacity: int, host: bool):
+    def __init__(self, method: WaveIndex, like_k: torch.Tensor, like_v: torch.Tensor, capacity: int, host: bool,
+                 codes: bool = False):
         B, H, _, D = like_k.shape
         self.method, self.host = method, host
         self.page = method.page
@@ -143,6 +150,7 @@ class ClusterIndex:
         pages = math.ceil(capacity / self.page) + 1
         clusters = max(1, math.ceil(capacity / method.cluster_size))
         self.centroids = torch.zeros(B, H, clusters, D, dtype=dtype, device=device)
+        self.codes = torch.zeros(B, H, clusters, D, dtype=dtype, device=device) if codes else None
         self.value_means = torch.zeros(B, H, clusters, like_v.shape[-1], dtype=like_v.dtype, device=device)
         self.sizes = torch.zeros(B, H, clusters, dtype=torch.int32, device=device)
         self.starts = torch.zeros(B, H, clusters, dtype=torch.int32, device=device)
@@ -175,7 +183,7 @@ class ClusterIndex:
         self.keys = grow(self.keys, 2, base + rows, pin=self._pin)
         self.values = grow(self.values, 2, base + rows, pin=self._pin)
         self.slots = grow(self.slots, 2, base + rows)
-        for name in ("centroids", "value_means", "sizes", "starts"):
+        for name in ("centroids", "value_means", "sizes", "starts") + (("codes",) if self.codes is not None else ()):
             setattr(self, name, grow(getattr(self, name), 2, self.clusters + c, fill=0))
         order = run.order
         self.keys[:, :, base : base + n] = k.gather(2, order[..., None].expand_as(k)).to(self.keys.device)
@@ -183,6 +191,8 @@ class ClusterIndex:
         self.slots[:, :, base : base + n] = first_slot + order
         span = slice(self.clusters, self.clusters + c)
         self.centroids[:, :, span] = run.centroids
+        if self.codes is not None:
+            self.codes[:, :, span] = run.codes
         self.value_means[:, :, span] = run.value_means
         self.sizes[:, :, span] = run.sizes
         self.starts[:, :, span] = run.starts + base
@@ -208,6 +218,7 @@ class ClusterIndex:
         v.scatter_(2, index[..., None].expand(*index.shape, v.shape[-1]), values.to(v.dtype))
 
     def nbytes(self) -> dict[str, int]:
-        device = sum(t.nbytes for t in (self.centroids, self.value_means, self.sizes, self.starts, self.slots))
+        tables = (self.centroids, self.codes, self.value_means, self.sizes, self.starts, self.slots)
+        device = sum(t.nbytes for t in tables if t is not None)
         return {"index": device, "clustered_kv_host" if self.host else "clustered_kv": self.keys.nbytes +
                 self.values.nbytes}
