@@ -20,8 +20,8 @@ import torch
 def main() -> None:
     from kvpass import WaveIndex
     from kvpass.calibration import calibrate
-    from kvpass.config import WAVE_SCORING
     from kvpass.calibration.collect import observe_attention
+    from kvpass.config import WAVE_SCORING
     from kvpass.eval.ppl import windows
     from kvpass.eval.texts import load_text
     from kvpass.methods.base import AttentionSpec
