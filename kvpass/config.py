@@ -125,6 +125,9 @@ class KIVI(AttentionMethod):
 # RoPE, whitened by the calibration queries' second moment; each cluster's pre-RoPE mean is a code scored by the
 # query rotated to a fixed distance of `rope_window` tokens). Needs a calibration (kvpass calibrate --attention wave).
 WAVE_SCORING = ("centroid", "whitened", "pre-rope")
+# How a decode step finds its best clusters: "scan" scores every centroid; "graph" (RetrievalAttention) searches a
+# graph of the clusters built from the prompt's queries and scores only the centroids it reaches (docs/wave.md §7).
+WAVE_SEARCH = ("scan", "graph")
 
 
 def _fraction(name: str, value, low: float, high: float, meaning: str) -> float:
@@ -153,7 +156,7 @@ class WaveIndex(AttentionMethod):
     recent window before they are clustered into the index; min_context: tokens a sequence must hold before its
     index is built (shorter ones attend exactly); retrieval, estimation: fractions of the clusters; scoring: how
     the clusters are built and scored (WAVE_SCORING); rope_window: with scoring "pre-rope", the query-key distance
-    at which every code is scored (A2ATS's windowed RoPE).
+    at which every code is scored (A2ATS's windowed RoPE); search: how a step finds its clusters (WAVE_SEARCH).
     offload: keep the clusters' K/V in pinned CPU memory and a GPU cache of `page`-token pages (the wave buffer)
     holding `buffer` of the indexed tokens; False keeps every page on the GPU.
     """
@@ -170,6 +173,7 @@ class WaveIndex(AttentionMethod):
     estimation: float = 0.232
     scoring: str = "centroid"
     rope_window: int = 2048
+    search: str = "scan"
     offload: bool = False
     buffer: float = 0.1
     page: int = 16
@@ -192,6 +196,11 @@ class WaveIndex(AttentionMethod):
         if self.scoring not in WAVE_SCORING:
             raise ValueError(f"scoring={self.scoring!r} is not a wave-index scoring; use one of {list(WAVE_SCORING)}")
         _count("rope_window", self.rope_window, 0, "query-key distance at which pre-RoPE codes are scored")
+        if self.search not in WAVE_SEARCH:
+            raise ValueError(f"search={self.search!r} is not a wave-index search; use one of {list(WAVE_SEARCH)}")
+        if self.search == "graph" and self.scoring == "pre-rope":
+            raise ValueError("search='graph' ranks clusters by their mean key, which scoring='pre-rope' does not "
+                             "choose by; use search='scan' with pre-rope")
         if not isinstance(self.offload, bool):
             raise ValueError(f"offload={self.offload!r} must be True or False")
         _fraction("buffer", self.buffer, 0.0, 1.0, "share of the indexed tokens the GPU wave buffer holds")

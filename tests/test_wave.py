@@ -67,6 +67,8 @@ def _padding_mask(B, L, pads):
     (dict(cluster_size=0), ["cluster_size=0"]),
     (dict(min_context=10), ["min_context=10", "sinks + recent"]),
     (dict(scoring="nearest"), ["scoring='nearest'"]),
+    (dict(search="hnsw"), ["search='hnsw'"]),
+    (dict(search="graph", scoring="pre-rope"), ["search='graph'", "pre-rope"]),
     (dict(buffer=0.0), ["buffer=0.0"]),
     (dict(page=12), ["page=12"]),
     (dict(offload="yes"), ["offload='yes'"]),
@@ -158,6 +160,25 @@ def test_full_retrieval_budget_is_exact_attention_with_padding(group, scoring):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     stats = wave.stats()
     assert stats["keys_exact"] == pytest.approx(1.0) and stats["keys_skipped"] == pytest.approx(0.0)
+
+
+def test_graph_search_on_a_small_index_is_the_scan_and_counts_centroids():
+    """search="graph" over an index small enough for the search to reach every cluster chooses what the scan
+    chooses, so the outputs agree at a partial budget (padded batch; one query head per KV head, where the scan's
+    softmax mass and the search's logsumexp rank alike); the report counts the centroids each search scored (the
+    scan: all of them)."""
+    B, H, L, prompt = 3, 2, 90, 50
+    k, v = _tokens(B, H, L, seed=3)
+    mask = _padding_mask(B, L, (0, 5, 11)).expand(B, 1, L, L)
+    scan, graph = (WaveStore(WaveIndex(**SMALL, retrieval=0.2, estimation=0.3, search=search), layer=0)
+                   for search in ("scan", "graph"))
+    outs = _decode([scan, graph], k, v, prompt, mask, Hq=H)
+    assert graph._queries.shape[2] == prompt - 11 and graph._graph is not None
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert scan.stats()["centroids_scored"] == 1.0
+    assert 0 < graph.stats()["centroids_scored"] <= 1.0
+    assert scan.stats()["keys_exact"] == pytest.approx(graph.stats()["keys_exact"])
 
 
 def test_tripartite_matches_a_direct_computation():

@@ -21,7 +21,7 @@ def main() -> None:
     from kvpass import WaveIndex
     from kvpass.calibration import calibrate
     from kvpass.calibration.collect import observe_attention
-    from kvpass.config import WAVE_SCORING
+    from kvpass.config import WAVE_SCORING, WAVE_SEARCH
     from kvpass.eval.ppl import windows
     from kvpass.eval.texts import load_text
     from kvpass.methods.base import AttentionSpec
@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.009, 0.018, 0.036, 0.072])
     parser.add_argument("--scorings", nargs="+", choices=WAVE_SCORING, default=list(WAVE_SCORING))
+    parser.add_argument("--searches", nargs="+", choices=WAVE_SEARCH, default=["scan"],
+                        help="scan every centroid, or search the cluster graph (not with pre-rope)")
     parser.add_argument("--rope-windows", type=int, nargs="+", default=[WaveIndex.rope_window],
                         help="pre-rope: the scoring distances to compare")
     args = parser.parse_args()
@@ -44,13 +46,14 @@ def main() -> None:
     with torch.no_grad(), observe_attention(model, calls.append):
         model._call_impl(window, use_cache=False)
     P = args.prompt
-    print(f"{'scoring':>14} {'retrieval':>9} {'keys exact %':>12} {'keys est. %':>11} {'rel. error':>10}")
-    variants = [(scoring, window) for scoring in args.scorings
-                for window in (args.rope_windows if scoring == "pre-rope" else [WaveIndex.rope_window])]
-    for scoring, window in variants:
+    print(f"{'scoring':>14} {'retrieval':>9} {'keys exact %':>12} {'keys est. %':>11} {'rel. error':>10} {'centroids %':>11}")
+    variants = [(scoring, window, search) for scoring in args.scorings
+                for window in (args.rope_windows if scoring == "pre-rope" else [WaveIndex.rope_window])
+                for search in (["scan"] if scoring == "pre-rope" else args.searches)]
+    for scoring, window, search in variants:
         for retrieval in args.budgets:
-            method = WaveIndex(retrieval=retrieval, scoring=scoring, rope_window=window)
-            errors, exact, estimated = [], [], []
+            method = WaveIndex(retrieval=retrieval, scoring=scoring, rope_window=window, search=search)
+            errors, exact, estimated, scored = [], [], [], []
             for call in calls:
                 spec = AttentionSpec(scale=call.scale, softcap=call.softcap)
                 store = WaveStore(method, layer=call.layer, calibration=codes)
@@ -64,10 +67,11 @@ def main() -> None:
                 stats = store.stats()
                 exact.append(stats["keys_exact"])
                 estimated.append(stats["keys_estimated"])
+                scored.append(stats["centroids_scored"])
             n = len(calls)
-            name = scoring if scoring != "pre-rope" else f"{scoring}-{window}"
+            name = (scoring if scoring != "pre-rope" else f"{scoring}-{window}") + ("" if search == "scan" else "+graph")
             print(f"{name:>14} {retrieval:9.3f} {100 * sum(exact) / n:12.2f} {100 * sum(estimated) / n:11.2f} "
-                  f"{sum(errors) / len(errors):10.4f}", flush=True)
+                  f"{sum(errors) / len(errors):10.4f} {100 * sum(scored) / n:11.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,11 @@ from .base import AttentionSpec, LayerStore
 from .rope import stored_rotation
 from .wave_buffer import WaveBuffer
 from .wave_codes import PreRopeCodes
+from .wave_graph import build_graph, search
 from .wave_index import ClusterIndex, cluster_run, grow, whitening
 
 _MIN_CAPACITY = 256
+GRAPH_QUERIES = 1024   # search "graph": prompt query positions per row the cluster graph is built from
 
 
 def budgets(method: WaveIndex, clusters: int) -> tuple[int, int]:
@@ -55,6 +57,8 @@ class WaveStore(LayerStore):
         self._index: ClusterIndex | None = None
         self._moment = None         # scoring "whitened": (B, H, D, D) fp32 sum of the prompt's q q^T per KV head
         self._codes = None          # scoring "pre-rope": the layer's PreRopeCodes
+        self._queries = None        # search "graph": (B, Hq, <= GRAPH_QUERIES, D) sampled prompt queries
+        self._graph, self._graph_clusters = None, 0   # the cluster graph, and the index size it was built for
         if method.scoring == "pre-rope":
             if calibration is None:
                 raise RuntimeError("WaveIndex(scoring='pre-rope') needs the calibration queries' moments: pass "
@@ -104,7 +108,7 @@ class WaveStore(LayerStore):
         Lq = q.shape[2]
         if self._length == Lq:   # the sequence's first call: its mask tells the padding
             self._read_padding(mask, spec)
-        if Lq > 1 and self.method.scoring == "whitened" and self.persistent:
+        if Lq > 1 and self.persistent:
             self._observe_queries(q)
         if self._index is None:
             out = kernels_dispatch.attention(q, self._k[:, :, : self._steady], self._v[:, :, : self._steady], mask=mask,
@@ -127,7 +131,7 @@ class WaveStore(LayerStore):
         """Bulk-load a prompt without attending (benchmarks, probes): append k, v (B, H, L, D|Dv) of real tokens,
         take the second moment of its queries q (B, Hq, L, D) if given, and build the index when due."""
         self.append(k, v)
-        if q is not None and self.method.scoring == "whitened":
+        if q is not None:
             self._observe_queries(q)
         self.maintain()
 
@@ -161,6 +165,7 @@ class WaveStore(LayerStore):
         """Zero the keys-read counters (benchmarks time a step many times, then count a fresh sequence of steps)."""
         self._flush_selected()
         self._steady_read = self._retrieved_read = self._estimated_read = self._total_read = 0
+        self._scored = self._scorable = 0   # centroids scored to choose the clusters, of those in the index
         self.decode_steps = 0
 
     def stats(self) -> dict:
@@ -172,7 +177,8 @@ class WaveStore(LayerStore):
             self._flush_selected()
             exact, total = self._steady_read + self._retrieved_read, self._total_read
             row.update(keys_exact=exact / total, keys_estimated=self._estimated_read / total,
-                       keys_skipped=(total - exact - self._estimated_read) / total)
+                       keys_skipped=(total - exact - self._estimated_read) / total,
+                       centroids_scored=self._scored / self._scorable)
         if self._buffer is not None:
             row.update(self._buffer.stats())
         return row
@@ -190,10 +196,14 @@ class WaveStore(LayerStore):
             # estimation keeps the exact logits of the clusters' mean post-RoPE keys.
             _, scores = kernels_dispatch.score_clusters(self._codes.query(q, self._length - 1), index.codes, C,
                                                         **scoring)
-        # Empty clusters (k-means can leave some) must not take a place in the budget.
-        scores = scores.masked_fill(index.sizes[:, :, :C] == 0, -1.0)
         retrieved, estimated = budgets(self.method, C)
-        top = scores.topk(retrieved + estimated, dim=-1, sorted=True).indices.to(torch.int32)
+        if self.method.search == "graph":
+            top = self._graph_search(q, spec, retrieved + estimated)
+        else:
+            # Empty clusters (k-means can leave some) must not take a place in the budget.
+            scores = scores.masked_fill(index.sizes[:, :, :C] == 0, -1.0)
+            top = scores.topk(retrieved + estimated, dim=-1, sorted=True).indices.to(torch.int32)
+            self._scored += C * top.shape[0] * top.shape[1]
         chosen, rest = top[..., :retrieved], top[..., retrieved:]
         ready = None
         if self._buffer is not None:
@@ -223,6 +233,25 @@ class WaveStore(LayerStore):
         self._count(top, retrieved, n)
         return out
 
+    def _graph_search(self, q: torch.Tensor, spec: AttentionSpec, want: int) -> torch.Tensor:
+        """The `want` best clusters (B, H, want) int32 by a search of the cluster graph (wave_graph), rebuilt from
+        the sampled prompt queries whenever the index has grown; clusters the search did not reach are given as
+        the index's empty slot `clusters`, which every kernel reads as nothing.
+
+        The logits of every centroid are still computed above for the estimation's weights: this measures what
+        the search reads and finds, not yet a step that skips the other centroids."""
+        index, C = self._index, self._index.clusters
+        centroids, sizes = index.centroids[:, :, :C], index.sizes[:, :, :C]
+        if self._graph is None or self._graph_clusters != C:
+            if self._queries is None:
+                raise RuntimeError(f"layer {self.layer}: WaveIndex(search='graph') builds its graph from the prompt's "
+                                   f"queries, and this sequence had no prompt call")
+            self._graph = build_graph(centroids, sizes, self._queries, spec.scale, spec.softcap)
+            self._graph_clusters = C
+        ids, scored = search(self._graph, q, centroids, sizes, spec.scale, spec.softcap, want)
+        self._scored += int(scored.sum())
+        return ids.masked_fill(ids < 0, C).to(torch.int32)
+
     def _count(self, top: torch.Tensor, retrieved: int, steady: int) -> None:
         """Accumulate the keys this step read exactly / estimated / held. The steady zone's and the index's
         token counts are host numbers; the selected clusters' sizes are summed on the device (no sync)."""
@@ -235,6 +264,7 @@ class WaveStore(LayerStore):
         steady_keys = H * (B * steady - self._padding)
         self._steady_read += steady_keys
         self._total_read += steady_keys + B * H * self._index.tokens
+        self._scorable += B * H * self._index.clusters
         self.decode_steps += 1
 
     def _flush_selected(self) -> None:
@@ -247,7 +277,18 @@ class WaveStore(LayerStore):
 
     # -- index maintenance --------------------------------------------------------------------------------------
     def _observe_queries(self, q: torch.Tensor) -> None:
-        """Add the second moment of a prompt's queries (B, Hq, Lq, D) (real slots only) to each KV head's."""
+        """Keep what the index learns from a prompt's queries (B, Hq, Lq, D): for scoring "whitened" their second
+        moment (real slots only) per KV head, for search "graph" a sample of GRAPH_QUERIES evenly spaced real
+        positions (all rows share the positions: a padded row's padding slots come first, so the sample is taken
+        from the last positions of the prompt, which every row holds)."""
+        if self.method.search == "graph":
+            real = int(self._valid[:, self._length - q.shape[2] : self._length].sum(-1).min())
+            picks = torch.linspace(q.shape[2] - real, q.shape[2] - 1, min(real, GRAPH_QUERIES), device=q.device)
+            sample = q[:, :, picks.round().long()]
+            self._queries = sample if self._queries is None else torch.cat([self._queries, sample], 2)[
+                :, :, -GRAPH_QUERIES:]
+        if self.method.scoring != "whitened":
+            return
         B, Hq, Lq, D = q.shape
         H = self._k.shape[1]
         real = self._valid[:, self._length - Lq : self._length].to(torch.float32)        # (B, Lq)

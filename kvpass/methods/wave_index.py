@@ -184,7 +184,8 @@ class ClusterIndex:
         self.values = grow(self.values, 2, base + rows, pin=self._pin)
         self.slots = grow(self.slots, 2, base + rows)
         for name in ("centroids", "value_means", "sizes", "starts") + (("codes",) if self.codes is not None else ()):
-            setattr(self, name, grow(getattr(self, name), 2, self.clusters + c, fill=0))
+            # + 1: slot `clusters` always exists and is empty, the stand-in for "no cluster" (graph search)
+            setattr(self, name, grow(getattr(self, name), 2, self.clusters + c + 1, fill=0))
         order = run.order
         self.keys[:, :, base : base + n] = k.gather(2, order[..., None].expand_as(k)).to(self.keys.device)
         self.values[:, :, base : base + n] = v.gather(2, order[..., None].expand_as(v)).to(self.values.device)
