@@ -66,3 +66,26 @@ def test_fp16_store_under_fp32_model():
     error = ((got - expected).norm() / expected.norm()).item()
     assert 0 < error < 1e-2
     assert kvpass.report(model)["kv_bytes_by_part"]["keys"] == 2 * 1 * 256 * 16 * 2  # layers, kv heads, slots, dim, fp16
+
+
+@pytest.mark.parametrize("options", [dict(search="graph"), dict(scoring="pre-rope", rope_window=24)])
+def test_query_aware_wave_options_on_cuda_match_the_cpu(options, monkeypatch):
+    """The graph search and the pre-RoPE codes run on CUDA tensors (Triton kernels) and decode like the same
+    store on the CPU (fp32 references) for a padded GQA batch."""
+    from test_wave import SMALL, _decode, _padding_mask, _tokens
+    from test_wave_codes import _codes, _rotation, _Section
+
+    from kvpass.methods.wave import WaveStore
+
+    k, v = _tokens(3, 2, 90, seed=5)
+    mask = _padding_mask(3, 90, (0, 5, 11))
+    section = _Section(_codes(2, rotation=_rotation(), offsets=(0, 5, 11)))
+    method = kvpass.WaveIndex(**SMALL, retrieval=0.2, estimation=0.3, **options)
+    outs = {}
+    for device, kernels in (("cpu", "reference"), ("cuda", "triton")):
+        monkeypatch.setenv("KVPASS_KERNELS", kernels)
+        store = WaveStore(method, layer=0, calibration=section)
+        outs[device] = _decode([store], k.to(device), v.to(device), 50, mask.to(device), Hq=4)[0]
+        assert store.stats()["decode_steps"] == 40
+    for a, b in zip(outs["cpu"], outs["cuda"]):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-4)
