@@ -16,6 +16,7 @@ from .config import (
     CHESS_RULES,
     KIVI,
     WAVE_SCORING,
+    WAVE_SEARCH,
     AnTKV,
     Chess,
     Config,
@@ -40,7 +41,7 @@ def _attention_method(args, bits=None):
             return KIVI(bits=int(bits), group=args.group, residual=args.window)
         if args.attention == "wave":
             return WaveIndex(retrieval=args.retrieval, estimation=args.estimation, min_context=args.min_context,
-                             scoring=args.scoring, offload=args.offload, buffer=args.buffer)
+                             scoring=args.scoring, search=args.search, offload=args.offload, buffer=args.buffer)
         return Dense(dtype=args.kv_dtype)
     except ValueError as error:
         raise SystemExit(f"kvpass: {error}") from None
@@ -70,6 +71,7 @@ def _method_name(config: Config) -> str:
             "kivi": lambda: f"kivi-{m.bits}bit",
             "wave": lambda: (f"wave-{m.retrieval:g}r-{m.estimation:g}e" + ("" if m.scoring == "centroid" else
                                                                           f"-{m.scoring}")
+                             + ("" if m.search == "scan" else f"-{m.search}")
                              + ("-offload" if m.offload else ""))}.get(m.method, lambda: m.method)()
     f = config.ffn
     if f is not None and f.method == "chess":
@@ -141,6 +143,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-context", type=int, default=wave.min_context, help="wave: tokens before the index is "
                                                                                   "built")
     parser.add_argument("--scoring", choices=WAVE_SCORING, default=wave.scoring, help="wave: how clusters are scored")
+    parser.add_argument("--search", choices=WAVE_SEARCH, default=wave.search, help="wave: scan every centroid, or "
+                                                                                 "search the prompt queries' graph")
     parser.add_argument("--offload", action="store_true", help="wave: clustered K/V in CPU memory, GPU wave buffer")
     parser.add_argument("--buffer", type=float, default=wave.buffer, help="wave (offload): share of indexed tokens "
                                                                           "cached on the GPU")

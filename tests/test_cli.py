@@ -36,6 +36,8 @@ def test_method_flags_are_validated():
         main(["eval", "ppl", "--attention", "antkv", "--bits", "3"])
     with pytest.raises(SystemExit, match="needs no calibration"):
         main(["calibrate", "--attention", "kivi", "--out", "x.safetensors"])
+    with pytest.raises(SystemExit, match="search='graph'"):
+        main(["eval", "ppl", "--attention", "wave", "--scoring", "pre-rope", "--search", "graph"])
 
 
 @pytest.mark.slow
