@@ -60,5 +60,4 @@ def calibrate_wave(model: torch.nn.Module, windows: torch.Tensor, methods: list[
     for layer, total in collector.sums.items():
         tensors[f"layers.{layer}.query_moment"] = (total / collector.counts[layer]).float()
         tensors.update(rotation_tensors(layer, collector.rotations[layer]))
-    for method in {section_name(m): m for m in methods}.values():
-        calibration.add_section(section_name(method), section_params(method), tensors)
+    calibration.add_section(section_name(methods[0]), section_params(methods[0]), tensors)   # one section for all

@@ -178,7 +178,7 @@ class WaveStore(LayerStore):
             exact, total = self._steady_read + self._retrieved_read, self._total_read
             row.update(keys_exact=exact / total, keys_estimated=self._estimated_read / total,
                        keys_skipped=(total - exact - self._estimated_read) / total,
-                       centroids_scored=self._scored / self._scorable)
+                       centroids_scored=float(self._scored) / self._scorable)
         if self._buffer is not None:
             row.update(self._buffer.stats())
         return row
@@ -249,7 +249,7 @@ class WaveStore(LayerStore):
             self._graph = build_graph(centroids, sizes, self._queries, spec.scale, spec.softcap)
             self._graph_clusters = C
         ids, scored = search(self._graph, q, centroids, sizes, spec.scale, spec.softcap, want)
-        self._scored += int(scored.sum())
+        self._scored = self._scored + scored.sum()   # a device tensor once a search ran: no sync per step
         return ids.masked_fill(ids < 0, C).to(torch.int32)
 
     def _count(self, top: torch.Tensor, retrieved: int, steady: int) -> None:
