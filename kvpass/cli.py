@@ -24,6 +24,7 @@ from .config import (
     DenseFFN,
     WaveIndex,
 )
+from .models import ROPE_SCALINGS, parse_rope_scaling
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -150,12 +151,19 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                                                                           "cached on the GPU")
     parser.add_argument("--calibration", default=None, help="calibration artefact (default: calibrate "
                                                             "automatically on the default text, cached)")
+    parser.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
+                        help="run the model past its trained positions, e.g. yarn:4 (types: "
+                             f"{', '.join(ROPE_SCALINGS)})")
 
 
 def _load(args):
     from .models import load_model
 
-    return load_model(args.model, dtype=_DTYPES[args.dtype], device=args.device)
+    try:
+        scaling = None if args.rope_scaling is None else parse_rope_scaling(args.rope_scaling)
+        return load_model(args.model, dtype=_DTYPES[args.dtype], device=args.device, rope_scaling=scaling)
+    except ValueError as error:
+        raise SystemExit(f"kvpass: {error}") from None
 
 
 def _encode(tokenizer, prompt: str, chat: bool, device) -> dict:
@@ -292,7 +300,7 @@ def cmd_eval_ppl(args) -> int:
         row["ratio_to_dense"] = row["ppl"] / results[0]["ppl"]
         print(f"{row['name']}: {row['ratio_to_dense']:.4f} x dense perplexity")
     path = write_record(args.out, "eval ppl", results, config=config.to_dict(), model=args.model,
-                        protocol={"tokenization": "whole text, no special tokens", "windows": "non-overlapping",
+                        rope_scaling=args.rope_scaling, protocol={"tokenization": "whole text, no special tokens", "windows": "non-overlapping",
                                   "decode_tail": args.decode_tail}, text_source=text.source)
     print(f"record: {path}")
     return 0
@@ -313,7 +321,8 @@ def cmd_eval_passkey(args) -> int:
         results += [{"name": name, **row} for row in rows]
         for row in rows:
             print(f"{name:16s} length {row['length']:6d} depth {row['depth']:.2f}: success {row['success']:.2f}")
-    path = write_record(args.out, "eval passkey", results, config=config.to_dict(), model=args.model, task=args.task)
+    path = write_record(args.out, "eval passkey", results, config=config.to_dict(), model=args.model, task=args.task,
+                        rope_scaling=args.rope_scaling)
     png = heatmap(results, path.with_suffix(".png"), title=f"{args.model}: {args.task}")
     print(f"record: {path}\nheat map: {png}")
     return 0

@@ -44,8 +44,11 @@ __all__ = [
     "ModelNotInstalledError",
     "ChecksumError",
     "cache_dir",
+    "ROPE_SCALINGS",
     "load_model",
     "model_config",
+    "parse_rope_scaling",
+    "scale_rope",
 ]
 
 
@@ -356,6 +359,7 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    rope_scaling: tuple[str, float] | None = None,
 ):
     """Load a causal LM and its tokenizer, in eval mode, from local files only.
 
@@ -367,6 +371,8 @@ def load_model(
         dtype: dtype of the loaded weights.
         device: where the model is put. Random models are built there directly (an 8B model
             in bfloat16 never passes through CPU memory).
+        rope_scaling: ``(rope_type, factor)``, e.g. ``("yarn", 4.0)``: stretch the model's RoPE
+            over ``factor`` times its trained positions (:func:`scale_rope`).
 
     Returns:
         ``(model, tokenizer)``; the tokenizer is ``None`` for a random model (feed it token
@@ -382,10 +388,13 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     key = os.fspath(name_or_path)
+    config = model_config(key)
+    if rope_scaling is not None:
+        scale_rope(config, *rope_scaling)
     if key.startswith(_RANDOM_PREFIX):
-        return _build_random(model_config(key), dtype=dtype, device=device), None
+        return _build_random(config, dtype=dtype, device=device), None
     directory = _directory(key)
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(directory, config=config, local_files_only=True, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     return model.to(device).eval(), tokenizer
 
@@ -401,7 +410,7 @@ def model_config(name_or_path: str | os.PathLike):
         ValueError: an unknown name, or an unknown random family or size (the message lists
             the known ones).
     """
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     key = os.fspath(name_or_path)
     if not key.startswith(_RANDOM_PREFIX):
@@ -411,6 +420,52 @@ def model_config(name_or_path: str | os.PathLike):
         raise ValueError(f"unknown random model {key!r}: known random models are {', '.join(_random_names())}")
     kwargs = copy.deepcopy(RANDOM_SHAPES[family][size])
     return CONFIG_MAPPING[kwargs.pop("model_type")](**kwargs)
+
+
+# RoPE scalings that need no parameters beyond a factor: YaRN (interpolates the low frequencies,
+# keeps the high ones, and scales attention; works without fine-tuning) and plain position
+# interpolation ("linear", which models usually need to be fine-tuned for).
+ROPE_SCALINGS = ("yarn", "linear")
+
+
+def parse_rope_scaling(text: str) -> tuple[str, float]:
+    """``"yarn:4"`` -> ``("yarn", 4.0)``; ValueError naming the text and the accepted form otherwise."""
+    rope_type, sep, factor = text.partition(":")
+    try:
+        value = float(factor) if sep else None
+    except ValueError:
+        value = None
+    if rope_type not in ROPE_SCALINGS or value is None or not value > 1.0:
+        raise ValueError(f"rope scaling {text!r}: expected TYPE:FACTOR with TYPE one of {', '.join(ROPE_SCALINGS)} "
+                         f"and FACTOR > 1, e.g. yarn:4")
+    return rope_type, value
+
+
+def scale_rope(config, rope_type: str, factor: float) -> None:
+    """Set ``config`` (in place) to run its RoPE with ``rope_type`` over ``factor`` times its trained positions.
+
+    The trained length becomes ``original_max_position_embeddings`` and ``max_position_embeddings``
+    grows by ``factor`` (the length checks of :mod:`kvpass.eval` read it).
+
+    Raises:
+        ValueError: an unknown type or a factor not above 1; a model without RoPE, with one RoPE per
+            layer type, or whose RoPE is already scaled.
+    """
+    parse_rope_scaling(f"{rope_type}:{factor}")
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    rope = getattr(text, "rope_parameters", None)
+    name = getattr(text, "model_type", type(text).__name__)
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        raise ValueError(f"rope scaling {rope_type}:{factor}: model {name} has no single RoPE to scale "
+                         f"(rope_parameters={rope!r}); run it without rope scaling")
+    current = rope.get("rope_type", "default")
+    if current != "default":
+        raise ValueError(f"rope scaling {rope_type}:{factor}: model {name} already runs {current!r} RoPE scaling; "
+                         f"run it without rope scaling")
+    trained = text.max_position_embeddings
+    text.rope_parameters = {**rope, "rope_type": rope_type, "factor": float(factor),
+                            "original_max_position_embeddings": trained}
+    text.max_position_embeddings = int(trained * factor)
 
 
 def _random_names() -> list[str]:

@@ -38,6 +38,8 @@ def test_method_flags_are_validated():
         main(["calibrate", "--attention", "kivi", "--out", "x.safetensors"])
     with pytest.raises(SystemExit, match="search='graph'"):
         main(["eval", "ppl", "--attention", "wave", "--scoring", "pre-rope", "--search", "graph"])
+    with pytest.raises(SystemExit, match=r"rope scaling 'yarn:1'.*FACTOR > 1"):
+        main(["eval", "passkey", "--rope-scaling", "yarn:1"])
 
 
 @pytest.mark.slow

@@ -516,3 +516,46 @@ def test_qwen2_5_0_5b_from_installed_parts():
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (14, 2)
     assert model.model.layers[0].self_attn.q_proj.bias is not None
     assert _greedy(model, tokenizer, "def fibonacci(n):").strip()
+
+
+@pytest.mark.parametrize("text", ["yarn", "yarn:1", "yarn:x", "ntk:4", "yarn:-2"])
+def test_rope_scaling_text_is_validated(text):
+    with pytest.raises(ValueError, match=r"expected TYPE:FACTOR.*yarn:4") as info:
+        models.parse_rope_scaling(text)
+    assert repr(text) in str(info.value)
+
+
+def test_yarn_scaling_stretches_the_positions_and_changes_the_rotation(tmp_path):
+    """load_model(rope_scaling=("yarn", 4)) of a saved model: its RoPE is YaRN over 4x the trained positions
+    (frequencies and attention factor as transformers computes them), kvpass's RoPE reader sees the same, and
+    the scaled model differs from the unscaled one only through the rotation."""
+    import math
+
+    from kvpass.eval.lengths import max_positions
+    from kvpass.methods.rope import model_rotary
+
+    original = _tiny_llama()
+    original.save_pretrained(tmp_path)
+    _tiny_tokenizer().save_pretrained(tmp_path)
+    trained = original.config.max_position_embeddings
+    scaled, _ = load_model(tmp_path, rope_scaling=models.parse_rope_scaling("yarn:4"))
+    rope = scaled.config.rope_parameters
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 4.0, trained)
+    assert scaled.config.max_position_embeddings == 4 * trained
+    assert max_positions(scaled.config) is None  # the length checks no longer stop at the trained positions
+    base_freq, base_scaling = model_rotary(original, 0)
+    freq, scaling = model_rotary(scaled, 0)
+    assert base_scaling == 1.0 and scaling == pytest.approx(0.1 * math.log(4) + 1)
+    # YaRN keeps the fastest frequency, divides the slowest by the factor
+    assert freq[0] == pytest.approx(base_freq[0]) and freq[-1] == pytest.approx(base_freq[-1] / 4)
+    ids = torch.arange(9).unsqueeze(0) % 64
+    with torch.no_grad():
+        assert not torch.allclose(scaled(ids).logits, original(ids).logits)
+        scaled.model.rotary_emb = original.model.rotary_emb
+        torch.testing.assert_close(scaled(ids).logits, original(ids).logits)
+
+
+def test_rope_scaling_refuses_a_model_already_scaled():
+    config = models.model_config("random:llama:8b")  # Llama-3.1: llama3 rope scaling
+    with pytest.raises(ValueError, match=r"already runs 'llama3' RoPE scaling; run it without rope scaling"):
+        models.scale_rope(config, "yarn", 2.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import pathlib
 import platform
 import subprocess
@@ -27,6 +28,10 @@ def environment() -> dict:
 
 
 def _git_commit() -> str | None:
+    """The checkout's commit; KVPASS_COMMIT overrides it for copies whose git metadata is stale (a working tree
+    shipped to another machine)."""
+    if os.environ.get("KVPASS_COMMIT"):
+        return os.environ["KVPASS_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=pathlib.Path(__file__).parent)
