@@ -73,12 +73,6 @@ def score_clusters(q, centroids, clusters, *, scale, softcap):
     return _wave("score_clusters", q)(q, centroids, clusters, scale=scale, softcap=softcap)
 
 
-def select_clusters(scores, sizes, retrieved: int, estimated: int):
-    """(B, Hkv, retrieved + estimated) int32: per kv head the top `retrieved` clusters by score, then the next
-    `estimated`, each list in cluster order (empty clusters last); see kvpass.kernels.wave_attention."""
-    return _wave("select_clusters", scores)(scores, sizes, retrieved, estimated)
-
-
 def cluster_attention(q, keys, values, starts, sizes, selected, *, page_table, scale, softcap):
     """Exact attention of q (B, Hq, 1, D) over the tokens of the selected clusters (B, Hkv, R), read directly
     from cluster-contiguous keys/values or through page_table from a page pool: split partials (out (S, B, Hq,

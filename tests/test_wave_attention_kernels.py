@@ -38,8 +38,6 @@ from kvpass.kernels.wave_attention import (
     merge_partials_reference,
     score_clusters,
     score_clusters_reference,
-    select_clusters,
-    select_clusters_reference,
     split_bounds,
 )
 
@@ -592,12 +590,6 @@ def _bad_inputs():
         "merge-shapes": ("merge_partials", ([torch.zeros(2, 1, 4, 64)], [torch.zeros(2, 1, 3)], F16), {},
                          r"lses\[0\] must have shape"),
         "merge-lengths": ("merge_partials", ([torch.zeros(2, 1, 4, 64)], [], F16), {}, r"same length"),
-        "select-budget": ("select_clusters", (torch.rand(1, 2, 10), torch.ones(1, 2, 10, dtype=torch.int32), 4, 7),
-                          {}, r"retrieved \+ estimated = 4 \+ 7 exceeds the 10 clusters"),
-        "select-sizes": ("select_clusters", (torch.rand(1, 2, 10), torch.ones(1, 2, 9, dtype=torch.int32), 1, 1),
-                         {}, r"sizes \(B, Hkv, Ccap\) must cover"),
-        "select-dtype": ("select_clusters", (torch.rand(1, 2, 10).half(), torch.ones(1, 2, 10, dtype=torch.int32),
-                                             1, 1), {}, r"scores must be a 3-D tensor"),
     }
 
 
@@ -609,48 +601,3 @@ def test_bad_inputs_are_rejected_by_kernel_and_reference(name):
     for fn in (getattr(wave, function), getattr(wave, f"{function}_reference")):
         with pytest.raises(ValueError, match=message):
             fn(*args, **kw)
-
-
-def _brute_force_selection(scores, sizes, retrieved, estimated):
-    """The selection spelled out per row in Python: sort (not empty first, higher score, lower index)."""
-    B, H, C = scores.shape
-    out = torch.empty(B, H, retrieved + estimated, dtype=torch.int32)
-    for b in range(B):
-        for h in range(H):
-            order = sorted(range(C), key=lambda c: (sizes[b, h, c] <= 0, -scores[b, h, c].item(), c))
-            out[b, h] = torch.tensor(sorted(order[:retrieved]) + sorted(order[retrieved:retrieved + estimated]))
-    return out
-
-
-@pytest.mark.parametrize("B, Hkv, C, retrieved, estimated", [
-    (1, 1, 1, 1, 0), (2, 3, 37, 3, 10), (1, 2, 5000, 90, 1200), (1, 1, 64, 0, 5), (1, 2, 100, 100, 0),
-    (3, 1, 300, 7, 0), (1, 1, 2049, 37, 600)])
-def test_select_clusters_matches_reference(B, Hkv, C, retrieved, estimated):
-    """Top clusters, then the next ones, each in cluster order: kernel = reference = a sort in Python, with many
-    ties (equal scores, zeros), empty clusters (some of them needed to fill the lists) and garbage past C."""
-    g = torch.Generator().manual_seed(C)
-    scores = torch.softmax(torch.randn(B, Hkv, C, generator=g) * 4, -1)
-    scores[..., ::7] = scores[..., :1].clone()                 # ties straddle the thresholds
-    scores[..., ::11] = 0.0
-    sizes = torch.randint(0, 4, (B, Hkv, C + 3), generator=g, dtype=torch.int32)
-    sizes[..., C:] = 5                                           # past C: must not be read
-    got = select_clusters(scores.to(DEVICE), sizes.to(DEVICE), retrieved, estimated).cpu()
-    ref = select_clusters_reference(scores, sizes, retrieved, estimated)
-    assert got.dtype == ref.dtype == torch.int32
-    assert torch.equal(got, ref)
-    if C <= 300:
-        assert torch.equal(ref, _brute_force_selection(scores, sizes, retrieved, estimated))
-
-
-def test_select_clusters_ranks_by_score_not_by_rounding():
-    """Keys that differ only in their last mantissa bit, or only in the exponent, are told apart (three radix
-    digits cover all 31 bits); a cluster never appears in both lists."""
-    base = torch.tensor([1.0, 2.0**-20, 3.0], dtype=torch.float32)
-    above = base.view(torch.int32) + 1
-    scores = torch.stack([base, above.view(torch.float32)], -1).reshape(1, 1, 6)   # 1, 1 + 1ulp, 2^-20, ...
-    sizes = torch.ones(1, 1, 6, dtype=torch.int32)
-    got = select_clusters(scores.to(DEVICE), sizes.to(DEVICE), 1, 2).cpu()
-    assert got.tolist() == [[[5, 1, 4]]]          # 3 + 1ulp; then 3 and 1 + 1ulp, in cluster order
-    got = select_clusters(scores.to(DEVICE), sizes.to(DEVICE), 3, 3).cpu()
-    assert got.tolist() == [[[1, 4, 5, 0, 2, 3]]]
-    assert torch.equal(got, select_clusters_reference(scores, sizes, 3, 3))

@@ -85,11 +85,10 @@ from .reference import (
     check_estimate_inputs,
     check_merge_inputs,
     check_score_inputs,
-    check_select_inputs,
     resolve_num_splits,
 )
 
-__all__ = ["cluster_attention", "estimate_clusters", "merge_partials", "score_clusters", "select_clusters"]
+__all__ = ["cluster_attention", "estimate_clusters", "merge_partials", "score_clusters"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)   # a constexpr: the kernels read it too
 
@@ -99,7 +98,6 @@ _SCORE_BLOCK_M = 16       # query heads per step of kernel 2
 _SCORE_REDUCE_BLOCK_C = 256   # clusters per program of kernel 2: fewer programs re-reduce the partials
 _SCORE_BLOCK_B = 64       # block partials merged per step in kernel 2
 _MERGE_BLOCK_S = 16       # partials per step of merge_partials
-_SELECT_BLOCK = 2048      # clusters per chunk of select_clusters' passes (8 warps)
 # Tokens per key tile of cluster_attention: clusters hold ~16 tokens on average (often 1..60) and a tile
 # never spans two clusters, so small tiles waste fewer masked slots; tl.dot needs >= 16. NOT TUNED.
 _CLUSTER_BLOCK_N = 16
@@ -251,127 +249,6 @@ def score_clusters(q, centroids, clusters, *, scale, softcap=0.0):
         BLOCK_M=_SCORE_BLOCK_M, BLOCK_C=_SCORE_REDUCE_BLOCK_C, BLOCK_B=_SCORE_BLOCK_B, num_warps=4,
     )
     return logits, scores_out
-
-
-# --- select_clusters ---------------------------------------------------------------------------
-# A radix select instead of torch.topk: topk runs one block per row plus a sort of the winners, and a decode
-# step at batch 1 has only B * Hkv rows (64 us of a 163 us step at 128K on an H100). Neither list needs an order,
-# only membership, so one program per row finds the two thresholds (the R-th and the (R + E)-th key) digit by
-# digit and then writes each list in cluster order.
-
-@triton.jit
-def _select_keys(SCORES, SIZES, row_s, row_z, ssc, szc, offs, C):
-    """(key, holds, empty) of clusters offs: the score's bit pattern without its sign bit (for scores >= 0 the
-    integer order is the float order), whether the cluster holds tokens, whether it is a real but empty one."""
-    ok = offs < C
-    key = tl.load(SCORES + row_s + offs * ssc, mask=ok, other=0.0).to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    size = tl.load(SIZES + row_z + offs * szc, mask=ok, other=0)
-    return key, ok & (size > 0), ok & (size <= 0)
-
-
-@triton.jit
-def _radix_step(SCORES, SIZES, row_s, row_z, ssc, szc, C, prefix1, rem1, prefix2, rem2,
-                SHIFT: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """One digit (bits [SHIFT, SHIFT + BITS)) of the rem-th largest key among the clusters holding tokens whose
-    higher bits are prefix, for two targets at once. Returns each target's extended prefix and its rem within it
-    (rem minus the clusters whose digit is above the chosen one). rem = 0 picks the top digit and stays 0."""
-    NB: tl.constexpr = 1 << BITS
-    bins = tl.arange(0, NB)
-    hist1 = tl.zeros([NB], tl.int32)
-    hist2 = tl.zeros([NB], tl.int32)
-    for c0 in range(0, C, BLOCK):
-        key, holds, _ = _select_keys(SCORES, SIZES, row_s, row_z, ssc, szc, c0 + tl.arange(0, BLOCK), C)
-        digit = (key >> SHIFT) & (NB - 1)
-        high = key >> (SHIFT + BITS)
-        # Clusters of another prefix are counted in bin 0 and taken out again (no masked histogram in Triton 3.6).
-        in1 = holds & (high == prefix1)
-        hist1 += tl.histogram(tl.where(in1, digit, 0), NB)
-        hist1 -= tl.where(bins == 0, BLOCK - tl.sum(in1.to(tl.int32), 0), 0)
-        in2 = holds & (high == prefix2)
-        hist2 += tl.histogram(tl.where(in2, digit, 0), NB)
-        hist2 -= tl.where(bins == 0, BLOCK - tl.sum(in2.to(tl.int32), 0), 0)
-    at_least1 = tl.sum(hist1, 0) - tl.cumsum(hist1, 0) + hist1       # clusters whose digit is >= the bin
-    d1 = tl.max(tl.where(at_least1 >= rem1, bins, -1), 0)
-    at_least2 = tl.sum(hist2, 0) - tl.cumsum(hist2, 0) + hist2
-    d2 = tl.max(tl.where(at_least2 >= rem2, bins, -1), 0)
-    rem1 -= tl.sum(tl.where(bins > d1, hist1, 0), 0)
-    rem2 -= tl.sum(tl.where(bins > d2, hist2, 0), 0)
-    return (prefix1 << BITS) | d1, rem1, (prefix2 << BITS) | d2, rem2
-
-
-@triton.jit
-def _exclusive_cumsum(x):
-    x = x.to(tl.int32)
-    return tl.cumsum(x, 0) - x
-
-
-@triton.jit
-def _select_clusters_kernel(
-    SCORES, SIZES, OUT,
-    ssb, ssh, ssc, szb, szh, szc, sob, soh, soc,
-    Hkv, C, R, K,
-    BLOCK: tl.constexpr,
-):
-    """Grid (B * Hkv,): one program per (batch, kv head) writes OUT[b, h, :R] (the top R clusters) and
-    OUT[b, h, R:K] (the next K - R), each in ascending cluster order, by reference.select_clusters_reference.
-
-    Three radix steps (9 + 11 + 11 bits of the 31-bit key) give the key t of the k-th largest cluster and how
-    many clusters of key t it still takes (ties go to the lower index), for k = R and k = K at once; a last
-    pass writes the lists. Every pass re-reads the row's scores and sizes (8 B per cluster, from L2)."""
-    pid = tl.program_id(0)
-    b = (pid // Hkv).to(tl.int64)
-    h = (pid % Hkv).to(tl.int64)
-    row_s = b * ssb + h * ssh
-    row_z = b * szb + h * szh
-    row_o = b * sob + h * soh
-    held = 0
-    for c0 in range(0, C, BLOCK):
-        _, holds, _ = _select_keys(SCORES, SIZES, row_s, row_z, ssc, szc, c0 + tl.arange(0, BLOCK), C)
-        held += tl.sum(holds.to(tl.int32), 0)
-    # Empty clusters rank below every cluster holding tokens: the thresholds are taken among the latter.
-    t1, need1, t2, need2 = _radix_step(SCORES, SIZES, row_s, row_z, ssc, szc, C, 0, tl.minimum(R, held), 0,
-                                       tl.minimum(K, held), 22, 9, BLOCK)
-    t1, need1, t2, need2 = _radix_step(SCORES, SIZES, row_s, row_z, ssc, szc, C, t1, need1, t2, need2, 11, 11,
-                                       BLOCK)
-    t1, need1, t2, need2 = _radix_step(SCORES, SIZES, row_s, row_z, ssc, szc, C, t1, need1, t2, need2, 0, 11,
-                                       BLOCK)
-    n_top = 0
-    n_next = 0
-    ties1 = 0
-    ties2 = 0
-    empties = 0
-    for c0 in range(0, C, BLOCK):
-        offs = c0 + tl.arange(0, BLOCK)
-        key, holds, empty = _select_keys(SCORES, SIZES, row_s, row_z, ssc, szc, offs, C)
-        empty_rank = held + empties + _exclusive_cumsum(empty)
-        eq1 = holds & (key == t1)
-        eq2 = holds & (key == t2)
-        top = (holds & ((key > t1) | (eq1 & (ties1 + _exclusive_cumsum(eq1) < need1)))) | (empty & (empty_rank < R))
-        upto = (holds & ((key > t2) | (eq2 & (ties2 + _exclusive_cumsum(eq2) < need2)))) | (empty & (empty_rank < K))
-        nxt = upto & ~top
-        tl.store(OUT + row_o + (n_top + _exclusive_cumsum(top)) * soc, offs, mask=top)
-        tl.store(OUT + row_o + (R + n_next + _exclusive_cumsum(nxt)) * soc, offs, mask=nxt)
-        n_top += tl.sum(top.to(tl.int32), 0)
-        n_next += tl.sum(nxt.to(tl.int32), 0)
-        ties1 += tl.sum(eq1.to(tl.int32), 0)
-        ties2 += tl.sum(eq2.to(tl.int32), 0)
-        empties += tl.sum(empty.to(tl.int32), 0)
-
-
-def select_clusters(scores, sizes, retrieved, estimated):
-    """The clusters to attend exactly and to estimate (Triton): same inputs, output and semantics as
-    reference.select_clusters_reference ((B, Hkv, retrieved + estimated) int32, each list in cluster order)."""
-    B, Hkv, C = check_select_inputs(scores, sizes, retrieved, estimated)
-    device = _check_device("select_clusters", {"scores": scores, "sizes": sizes})
-    out = torch.empty((B, Hkv, retrieved + estimated), dtype=torch.int32, device=device)
-    if B == 0 or out.shape[-1] == 0:
-        return out
-    _select_clusters_kernel[(B * Hkv,)](
-        scores, sizes, out, *scores.stride(), *sizes.stride(), *out.stride(),
-        Hkv, C, retrieved, retrieved + estimated,
-        BLOCK=min(_SELECT_BLOCK, max(16, triton.next_power_of_2(C))), num_warps=8,
-    )
-    return out
 
 
 # --- cluster_attention -------------------------------------------------------------------------

@@ -12,8 +12,6 @@ Functions (the Triton kernels of ``kernel.py`` have the same signatures and sema
 
 * :func:`score_clusters_reference`: centroid logits of every query head, and per kv head the sum
   over its query heads of their softmax over the clusters (what selects the clusters).
-* :func:`select_clusters_reference`: per kv head, the clusters to attend exactly (the highest
-  scores) and the next ones to estimate, as two lists in cluster order.
 * :func:`cluster_attention_reference`: exact attention over the tokens of a list of clusters, read
   from cluster-contiguous rows either directly or through a page table into a pool of pages (the
   wave buffer), as ``num_splits`` partials (out, lse) over contiguous chunks of each cluster list.
@@ -48,14 +46,12 @@ __all__ = [
     "check_cluster_inputs",
     "check_merge_inputs",
     "check_score_inputs",
-    "check_select_inputs",
     "choose_num_splits",
     "estimate_clusters_reference",
     "cluster_attention_reference",
     "merge_partials_reference",
     "resolve_num_splits",
     "score_clusters_reference",
-    "select_clusters_reference",
     "split_bounds",
 ]
 
@@ -241,44 +237,6 @@ def check_merge_inputs(outs, lses, dtype):
 
 
 # --- references ------------------------------------------------------------------------------
-
-def check_select_inputs(scores, sizes, retrieved, estimated):
-    """Validate the inputs of ``select_clusters``; returns (B, Hkv, C)."""
-    _check_tensor("scores", scores, 3, (torch.float32,), "(B, Hkv, C)")
-    _check_tensor("sizes", sizes, 3, _INDEX_DTYPES, "(B, Hkv, Ccap)")
-    B, Hkv, C = scores.shape
-    if tuple(sizes.shape[:2]) != (B, Hkv) or sizes.shape[2] < C:
-        raise ValueError(f"sizes (B, Hkv, Ccap) must cover scores (B, Hkv, C) = {tuple(scores.shape)}, got "
-                         f"{tuple(sizes.shape)}")
-    for name, n in (("retrieved", retrieved), ("estimated", estimated)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"{name} must be a python int >= 0, got {n!r}")
-    if retrieved + estimated > C:
-        raise ValueError(f"retrieved + estimated = {retrieved} + {estimated} exceeds the {C} clusters")
-    return B, Hkv, C
-
-
-def select_clusters_reference(scores, sizes, retrieved, estimated):
-    """The clusters of each (batch, kv head) to attend exactly and to estimate.
-
-    scores: (B, Hkv, C) fp32, >= 0 (score_clusters' softmax sums; a negative score ranks by its
-    magnitude); sizes: (B, Hkv, Ccap) int, only the first C read; retrieved + estimated <= C.
-    Clusters are ranked by score, ties to the lower index; empty clusters (size 0) rank below all
-    others, in index order (they enter the lists only when too few clusters hold tokens).
-    Returns (B, Hkv, retrieved + estimated) int32: ``[..., :retrieved]`` the top ``retrieved``
-    clusters, ``[..., retrieved:]`` the next ``estimated``, each list in ascending cluster order.
-    The rank compares the scores' bit patterns (exact, no float arithmetic), as the kernel does.
-    """
-    B, Hkv, C = check_select_inputs(scores, sizes, retrieved, estimated)
-    key = (scores.contiguous().view(torch.int32) & 0x7FFFFFFF).long()
-    key = torch.where(sizes[:, :, :C] > 0, key, -1)
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    positions = torch.arange(C, device=scores.device).expand(B, Hkv, C)
-    rank = torch.empty_like(order).scatter_(-1, order, positions)
-    top = positions[rank < retrieved].view(B, Hkv, retrieved)
-    rest = positions[(rank >= retrieved) & (rank < retrieved + estimated)].view(B, Hkv, estimated)
-    return torch.cat([top, rest], dim=-1).to(torch.int32)
-
 
 def score_clusters_reference(q, centroids, clusters, *, scale, softcap=0.0):
     """fp32 centroid logits and cluster scores.

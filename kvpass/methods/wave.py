@@ -200,8 +200,9 @@ class WaveStore(LayerStore):
         if self.method.search == "graph":
             top = self._graph_search(q, spec, retrieved + estimated)
         else:
-            # Empty clusters (k-means can leave some) rank last: they take no place in the budget.
-            top = kernels_dispatch.select_clusters(scores, index.sizes, retrieved, estimated)
+            # Empty clusters (k-means can leave some) must not take a place in the budget.
+            scores = scores.masked_fill(index.sizes[:, :, :C] == 0, -1.0)
+            top = scores.topk(retrieved + estimated, dim=-1, sorted=True).indices.to(torch.int32)
             self._scored += C * top.shape[0] * top.shape[1]
         chosen, rest = top[..., :retrieved], top[..., retrieved:]
         ready = None
