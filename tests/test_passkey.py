@@ -155,9 +155,10 @@ def test_heatmap_png(tmp_path):
 
 @pytest.mark.slow
 def test_real_model_finds_key_dense_compiled_equal(smollm2):
-    """Dense SmolLM2-135M finds the key at ~512 and ~1024 tokens; kvpass-compiled output = HF output."""
+    """Dense SmolLM2-135M finds the key at ~512 and ~1024 tokens; kvpass-compiled output = HF output. (Two prompts:
+    each new length compiles again under aot_eager, about 20 s per prompt on two CPU cores.)"""
     model, tokenizer = smollm2
-    kwargs = dict(lengths=[512, 1024], depths=[0.2, 0.8], trials=2, haystack=None, seed=0, max_new_tokens=6,
+    kwargs = dict(lengths=[512, 1024], depths=[0.5], trials=1, haystack=None, seed=0, max_new_tokens=6,
                   progress=False)
     expected_log, got_log = [], []
     start = time.perf_counter()

@@ -92,12 +92,17 @@ class Recorder:
 def _quantile(values: torch.Tensor, q: float) -> float:
     """numpy.quantile(values, q) (linear interpolation) of values of any shape and size (torch.quantile stops at
     2**24 values)."""
-    flat = values.flatten().double()
+    flat = values.flatten()
     position = q * (flat.numel() - 1)
     below = math.floor(position)
     low = flat.kthvalue(below + 1).values
-    high = flat.kthvalue(min(below + 2, flat.numel())).values
-    return float(low + (high - low) * (position - below))
+    # The next order statistic without a second selection (each takes ~60 ms on 4M values): low again when it
+    # repeats, else the smallest value above it.
+    if below + 1 == flat.numel() or int((flat <= low).sum()) >= below + 2:
+        high = low
+    else:
+        high = flat[flat > low].min()
+    return float(low) + (float(high) - float(low)) * (position - below)
 
 
 def thresholds(recorder: Recorder, sparsity: float) -> dict[str, torch.Tensor]:
