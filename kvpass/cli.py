@@ -295,7 +295,10 @@ def cmd_eval_ppl(args) -> int:
         row = perplexity(model, batches, decode_tail=args.decode_tail)
         results.append({"name": name, **row, "windows": batches.shape[0], "seqlen": args.seqlen,
                         "text": text.name, "text_sha256": text.sha256})
-        print(f"{name:24s} ppl {row['ppl']:9.4f}  ({row['tokens']} tokens, {row['mode']}, {row['seconds']:.1f} s)")
+        reads = row.get("decode_reads")
+        print(f"{name:24s} ppl {row['ppl']:9.4f}  ({row['tokens']} tokens, {row['mode']}, {row['seconds']:.1f} s)"
+              + ("" if reads is None else "; decode read " + ", ".join(f"{k} {100 * v:.2f} %"
+                                                                       for k, v in reads.items())))
     for row in results[1:]:
         row["ratio_to_dense"] = row["ppl"] / results[0]["ppl"]
         print(f"{row['name']}: {row['ratio_to_dense']:.4f} x dense perplexity")

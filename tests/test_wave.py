@@ -305,6 +305,28 @@ def test_compiled_generate_full_budget_equals_dense_and_reports_layers():
                for row in layers)
 
 
+def test_decode_perplexity_reports_what_the_index_read():
+    """eval's decode-mode perplexity records the keys each window's decode steps read (mean over layers and
+    windows): with 25 % retrieval and 25 % estimation some keys are estimated, some skipped; dense reports none."""
+    from kvpass.eval.ppl import perplexity
+
+    model = FAMILIES["llama"].build()
+    batches = torch.randint(3, 120, (2, 90), generator=torch.Generator().manual_seed(1))
+    got = {}
+    for name, method in (("dense", kvpass.Dense()), ("wave", WaveIndex(**SMALL, retrieval=0.25, estimation=0.25))):
+        kvpass.compile(model, kvpass.Config(attention=method), inner="eager")
+        try:
+            got[name] = perplexity(model, batches, decode_tail=20, progress=False)
+        finally:
+            kvpass.detach(model)
+            torch._dynamo.reset()
+    assert "decode_reads" not in got["dense"]
+    reads = got["wave"]["decode_reads"]
+    assert set(reads) == {"keys_exact", "keys_estimated", "centroids_scored"}
+    assert 0 < reads["keys_exact"] < 1 and 0 < reads["keys_estimated"] < 1 - reads["keys_exact"]
+    assert reads["centroids_scored"] == 1.0          # the scan scores every centroid
+
+
 def test_unfused_cache_path_refuses():
     model = FAMILIES["llama"].build()
     kvpass.attach(model, kvpass.Config(attention=WaveIndex(**SMALL)))

@@ -54,7 +54,7 @@ def perplexity(model, batches: torch.Tensor, *, decode_tail: int = 0, progress: 
     if decode_tail and not 0 < decode_tail < seqlen:
         raise ValueError(f"decode_tail={decode_tail}: must be between 1 and seqlen - 1 = {seqlen - 1}")
     device = next(model.parameters()).device
-    nll, tokens, start = 0.0, 0, time.perf_counter()
+    nll, tokens, start, reads = 0.0, 0, time.perf_counter(), []
     for window in _progress(batches, progress, "windows"):
         ids = window[None].to(device)
         if not decode_tail:
@@ -70,7 +70,26 @@ def perplexity(model, batches: torch.Tensor, *, decode_tail: int = 0, progress: 
             logits = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
             nll += _nll_sum(logits, ids[:, t + 1 : t + 2])
         tokens += decode_tail
+        reads.append(_decode_reads(model))
     mean = nll / tokens
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": tokens, "seconds": time.perf_counter() - start,
-            "mode": "decode" if decode_tail else "prefill"}
+    out = {"ppl": math.exp(mean), "nll": mean, "tokens": tokens, "seconds": time.perf_counter() - start,
+           "mode": "decode" if decode_tail else "prefill"}
+    if reads and all(reads):
+        out["decode_reads"] = {key: sum(r[key] for r in reads) / len(reads) for key in reads[0]}
+    return out
+
+
+# Per-layer decode counters a method may report (kvpass.report's layer_stats; the wave index keeps them).
+_READ_KEYS = ("keys_exact", "keys_estimated", "centroids_scored")
+
+
+def _decode_reads(model) -> dict | None:
+    """What the decode steps of the window just scored read, averaged over the layers that decoded through a
+    method's index (fractions of the keys held, and of the centroids); None when no layer reports them."""
+    from ..report import report
+
+    stats = [s for s in report(model).get("layer_stats", []) if s.get("decode_steps") and "keys_exact" in s]
+    if not stats:
+        return None
+    return {key: sum(s[key] for s in stats) / len(stats) for key in _READ_KEYS}
 
