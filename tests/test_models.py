@@ -555,6 +555,15 @@ def test_yarn_scaling_stretches_the_positions_and_changes_the_rotation(tmp_path)
         torch.testing.assert_close(scaled(ids).logits, original(ids).logits)
 
 
+def test_rope_scaling_refuses_a_model_without_one_rope():
+    from transformers import Gemma3TextConfig, GPT2Config
+
+    with pytest.raises(ValueError, match=r"model gpt2 has no single RoPE to scale.*run it without rope scaling"):
+        models.scale_rope(GPT2Config(), "yarn", 4.0)
+    with pytest.raises(ValueError, match=r"model gemma3_text has no single RoPE"):   # one RoPE per layer type
+        models.scale_rope(Gemma3TextConfig(), "yarn", 4.0)
+
+
 def test_rope_scaling_refuses_a_model_already_scaled():
     config = models.model_config("random:llama:8b")  # Llama-3.1: llama3 rope scaling
     with pytest.raises(ValueError, match=r"already runs 'llama3' RoPE scaling; run it without rope scaling"):
