@@ -243,6 +243,45 @@ def test_offload_equals_device_path_bit_for_bit():
     assert "clustered_kv_host" in offload.nbytes() and "wave_buffer" in offload.nbytes()
 
 
+def test_wave_buffer_is_an_lru_cache_of_the_needed_pages():
+    """WaveBuffer against a plain model of it: each step's needed pages are those its clusters' tokens lie on,
+    they are resident afterwards (the page table names slots holding their rows), hits and misses are counted,
+    and the pages evicted are the least recently used (equally old: the lowest slot)."""
+    import types
+
+    import numpy as np
+
+    from kvpass.methods.wave_buffer import WaveBuffer
+
+    H, page, C, slots = 2, 4, 40, 14
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(0, 7, (1, H, C)).astype(np.int32)
+    starts = np.concatenate([np.zeros((1, H, 1), np.int64), np.cumsum(sizes, -1)[..., :-1]], -1).astype(np.int32)
+    pages = int(sizes.sum(-1).max()) // page + 1
+    keys = torch.arange(H * pages * page * 3, dtype=torch.float32).view(1, H, pages * page, 3)
+    index = types.SimpleNamespace(page=page, keys=keys, values=-keys, host_starts=starts, host_sizes=sizes)
+    buffer = WaveBuffer(index, slots=slots, device=torch.device("cpu"))
+    owner, last_used, hits, misses = [-1] * slots, [0] * slots, 0, 0
+    for step in range(1, 40):
+        chosen = np.stack([rng.choice(C, 3, replace=False) for _ in range(H)])[None]
+        needed = sorted({h * pages + p for h in range(H) for c in chosen[0, h] if sizes[0, h, c] > 0
+                         for p in range(starts[0, h, c] // page, (starts[0, h, c] + sizes[0, h, c] - 1) // page + 1)})
+        assert buffer.pages_of(chosen).tolist() == needed
+        buffer.fetch(chosen, None)
+        resident = [key for key in needed if key in owner]
+        hits, misses = hits + len(resident), misses + len(needed) - len(resident)
+        for key in resident:
+            last_used[owner.index(key)] = step
+        free = sorted((last_used[s], s) for s in range(slots) if last_used[s] < step)
+        for key, (_, s) in zip([k for k in needed if k not in resident], free):
+            owner[s], last_used[s] = key, step
+        assert buffer._owner.tolist() == owner and (buffer.hits, buffer.misses) == (hits, misses)
+        flat_k = keys.view(-1, page, 3)
+        for key in needed:
+            assert torch.equal(buffer.pool_k[buffer.page_table.view(-1)[key]], flat_k[key])
+    assert 0 < hits < hits + misses
+
+
 def test_buffer_too_small_is_refused_without_touching_the_cache():
     k, v = _tokens(1, 2, 60, seed=6)
     store = WaveStore(WaveIndex(**SMALL, retrieval=1.0, estimation=0.0, offload=True), layer=0)

@@ -18,6 +18,17 @@ import torch
 from .wave_index import ClusterIndex
 
 
+def _smallest(values: np.ndarray, m: int) -> np.ndarray:
+    """A stable argsort's first m positions (the m smallest values in order, ties to the lower position) without
+    sorting all n: a partition finds the m-th value, then only the positions below it are sorted."""
+    if m <= 0 or m >= len(values):
+        return np.argsort(values, kind="stable")[:max(m, 0)]
+    cut = np.partition(values, m - 1)[m - 1]
+    below = np.flatnonzero(values < cut)
+    below = below[np.argsort(values[below], kind="stable")]
+    return np.concatenate([below, np.flatnonzero(values == cut)[: m - len(below)]])
+
+
 class WaveBuffer:
     """Device pool of `slots` pages for one layer's offloaded index.
 
@@ -33,6 +44,7 @@ class WaveBuffer:
         self.pool_v = torch.empty(slots, index.page, index.values.shape[-1], dtype=index.values.dtype, device=device)
         self.page_table = torch.full((B, H, index.keys.shape[2] // index.page), -1, dtype=torch.int32, device=device)
         self._slot_of = np.full((B * H, self.page_table.shape[-1]), -1, dtype=np.int64)   # page -> slot
+        self._marks = np.zeros(self._slot_of.shape, dtype=bool)   # scratch of pages_of, all False between calls
         self._owner = np.full(slots, -1, dtype=np.int64)         # slot -> flat page key (bh * Pcap + page)
         self._last_used = np.zeros(slots, dtype=np.int64)        # step that last read the slot (0 = never)
         self.hits = self.misses = self.steps = 0
@@ -51,20 +63,30 @@ class WaveBuffer:
             slot_of[:, :old] = self._slot_of
             self._owner = np.where(self._owner >= 0, (self._owner // old) * pages + self._owner % old, -1)
             self._slot_of = slot_of
+            self._marks = np.zeros(slot_of.shape, dtype=bool)
 
     def pages_of(self, clusters: np.ndarray) -> np.ndarray:
-        """Unique flat page keys (bh * Pcap + page) holding the tokens of clusters (B, H, r) (cluster ids)."""
+        """Unique flat page keys (bh * Pcap + page), ascending, holding the tokens of clusters (B, H, r) (cluster
+        ids)."""
         B, H, r = clusters.shape
-        starts = np.take_along_axis(self.index.host_starts, clusters, axis=-1).reshape(B * H, r).astype(np.int64)
-        sizes = np.take_along_axis(self.index.host_sizes, clusters, axis=-1).reshape(B * H, r).astype(np.int64)
+        per_row = self.index.host_starts.shape[-1]
+        flat = (clusters.reshape(B * H, r) + np.arange(0, B * H * per_row, per_row)[:, None]).ravel()
+        starts = self.index.host_starts.ravel()[flat].astype(np.int64)
+        sizes = self.index.host_sizes.ravel()[flat]
         page = self.index.page
         first = starts // page
         count = np.where(sizes > 0, (starts + sizes - 1) // page - first + 1, 0)
         total = int(count.sum())
-        owner = np.repeat(np.arange(B * H * r), count.ravel())             # (total,) which (bh, cluster)
-        within = np.arange(total) - np.repeat(np.cumsum(count.ravel()) - count.ravel(), count.ravel())
-        pages = first.ravel()[owner] + within
-        return np.unique((owner // r) * self._slot_of.shape[-1] + pages)
+        owner = np.repeat(np.arange(B * H * r), count)                     # (total,) which (bh, cluster)
+        within = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+        keys = (owner // r) * self._slot_of.shape[-1] + first[owner] + within
+        # Dedupe by marking a table of every page rather than np.unique (a sort or hash of the keys took a third
+        # of the step's host time at 512K).
+        mark = self._marks.reshape(-1)
+        mark[keys] = True
+        needed = np.flatnonzero(mark)
+        mark[needed] = False
+        return needed
 
     def fetch(self, clusters: np.ndarray, after: torch.cuda.Event | None) -> torch.cuda.Event | None:
         """Make the pages of clusters (B, H, r) resident; returns the event the reading stream must wait for
@@ -86,9 +108,10 @@ class WaveBuffer:
         self._last_used[slot[hit]] = self.steps
         if not len(missing):
             return None
-        # Least recently used slots that this step does not read (a hit was just stamped with this step).
-        candidates = np.where(self._last_used < self.steps)[0]
-        victims = candidates[np.argsort(self._last_used[candidates], kind="stable")[: len(missing)]]
+        # Least recently used slots that this step does not read (a hit was just stamped with this step): a
+        # partition, not a sort of every slot; among equally old slots it picks the lowest.
+        candidates = np.flatnonzero(self._last_used < self.steps)
+        victims = candidates[_smallest(self._last_used[candidates], len(missing))]
         evicted = self._owner[victims]
         self._slot_of.reshape(-1)[evicted[evicted >= 0]] = -1
         self._slot_of.reshape(-1)[missing] = victims
