@@ -62,7 +62,7 @@ def test_length_beyond_the_model_limit_is_refused():
 def test_cli_bad_arguments_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--batch=0"):
         main(["bench", "decode", "--model", "random:smollm2:135m", "--batch", "0", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="not-a-model"):
+    with pytest.raises(SystemExit, match="unknown model 'not-a-model'.*random:<family>:<size>"):
         main(["eval", "ppl", "--model", "not-a-model", "--out", str(tmp_path)])
 
 
