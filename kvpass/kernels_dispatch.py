@@ -73,6 +73,16 @@ def score_clusters(q, centroids, clusters, *, scale, softcap):
     return _wave("score_clusters", q)(q, centroids, clusters, scale=scale, softcap=softcap)
 
 
+def select_clusters(scores, sizes, clusters, retrieved, estimated, counts):
+    """Per row of scores (B, Hkv, >= clusters), the `retrieved` best clusters then the next `estimated`, each part
+    in cluster order: (B, Hkv, retrieved + estimated) int32; adds their sizes to counts (2,) int64 if given. See
+    kvpass.kernels.cluster_select."""
+    from .kernels import cluster_select as family
+
+    fn = family.select_clusters if use_triton(scores) else family.select_clusters_reference
+    return fn(scores, sizes, clusters, retrieved, estimated, counts)
+
+
 def cluster_attention(q, keys, values, starts, sizes, selected, *, page_table, scale, softcap):
     """Exact attention of q (B, Hq, 1, D) over the tokens of the selected clusters (B, Hkv, R), read directly
     from cluster-contiguous keys/values or through page_table from a page pool: split partials (out (S, B, Hq,

@@ -71,9 +71,9 @@ class WaveStore(LayerStore):
         self._buffer: WaveBuffer | None = None
         self.exact_reason: str | None = None   # why this layer never builds an index (None: it does when long enough)
         # Keys read by decode steps, summed over steps, rows and KV heads (host totals; the selected clusters'
-        # sizes accumulate on the device in _selected, split at _split into retrieved | estimated).
+        # sizes accumulate on the device in _selected: (retrieved, estimated) int64).
         self._padding = 0           # padding slots of the batch (prefix), summed over rows
-        self._selected, self._split = None, 0
+        self._selected = None
         self.reset_stats()
 
     @property
@@ -197,12 +197,16 @@ class WaveStore(LayerStore):
             _, scores = kernels_dispatch.score_clusters(self._codes.query(q, self._length - 1), index.codes, C,
                                                         **scoring)
         retrieved, estimated = budgets(self.method, C)
+        if self._selected is None:
+            self._selected = torch.zeros(2, dtype=torch.int64, device=q.device)
         if self.method.search == "graph":
             top = self._graph_search(q, spec, retrieved + estimated)
+            picked = index.sizes.gather(-1, top.long())
+            self._selected += torch.stack([picked[..., :retrieved].sum(), picked[..., retrieved:].sum()])
         else:
-            # Empty clusters (k-means can leave some) must not take a place in the budget.
-            scores = scores.masked_fill(index.sizes[:, :, :C] == 0, -1.0)
-            top = scores.topk(retrieved + estimated, dim=-1, sorted=True).indices.to(torch.int32)
+            # Retrieved then estimated clusters, each in cluster order; empty clusters rank last; their sizes are
+            # added to the read counters on the device.
+            top = kernels_dispatch.select_clusters(scores, index.sizes, C, retrieved, estimated, self._selected)
             self._scored += C * top.shape[0] * top.shape[1]
         chosen, rest = top[..., :retrieved], top[..., retrieved:]
         ready = None
@@ -230,7 +234,7 @@ class WaveStore(LayerStore):
                                                               page_table=table, **scoring)
         out = kernels_dispatch.merge_partials([steady_out.float().permute(2, 0, 1, 3), ret_out, est_out],
                                               [steady_lse.permute(2, 0, 1), ret_lse, est_lse], q.dtype)
-        self._count(top, retrieved, n)
+        self._count(top.shape[0], top.shape[1], n)
         return out
 
     def _graph_search(self, q: torch.Tensor, spec: AttentionSpec, want: int) -> torch.Tensor:
@@ -252,15 +256,9 @@ class WaveStore(LayerStore):
         self._scored = self._scored + scored.sum()   # a device tensor once a search ran: no sync per step
         return ids.masked_fill(ids < 0, C).to(torch.int32)
 
-    def _count(self, top: torch.Tensor, retrieved: int, steady: int) -> None:
+    def _count(self, B: int, H: int, steady: int) -> None:
         """Accumulate the keys this step read exactly / estimated / held. The steady zone's and the index's
-        token counts are host numbers; the selected clusters' sizes are summed on the device (no sync)."""
-        B, H = top.shape[:2]
-        sizes = self._index.sizes.gather(-1, top.long()).sum(dim=(0, 1))        # (retrieved + estimated,)
-        if self._selected is None or self._selected.shape[0] != sizes.shape[0] or self._split != retrieved:
-            self._flush_selected()
-            self._selected, self._split = torch.zeros_like(sizes), retrieved
-        self._selected += sizes
+        token counts are host numbers; the selected clusters' sizes were added to _selected on the device."""
         steady_keys = H * (B * steady - self._padding)
         self._steady_read += steady_keys
         self._total_read += steady_keys + B * H * self._index.tokens
@@ -268,11 +266,11 @@ class WaveStore(LayerStore):
         self.decode_steps += 1
 
     def _flush_selected(self) -> None:
-        """Fold the device accumulator of selected cluster sizes into the host totals (a sync: only when the
-        budgets change, i.e. when the index grows, and for stats())."""
+        """Fold the device counters of the selected clusters' sizes into the host totals (a sync: for stats())."""
         if self._selected is not None:
-            self._retrieved_read += int(self._selected[: self._split].sum())
-            self._estimated_read += int(self._selected[self._split :].sum())
+            retrieved, estimated = self._selected.tolist()
+            self._retrieved_read += retrieved
+            self._estimated_read += estimated
             self._selected.zero_()
 
     # -- index maintenance --------------------------------------------------------------------------------------
