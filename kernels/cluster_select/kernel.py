@@ -23,6 +23,10 @@ per row: the top level (2,048 bins), then per target the middle and the low leve
 
 The levels only count (integer atomics: any order gives the same counts) and nothing is sorted, so
 the output is deterministic.
+
+Speed: NOT MEASURED on a GPU yet (compiled offline for sm_90a with Triton 3.9: no spills, at most 128
+registers). ``benchmarks/probes/cluster_select.py`` checks it against the reference there and times
+it beside ``torch.topk``.
 """
 from __future__ import annotations
 
@@ -74,13 +78,12 @@ def _rank_bin(HIST, t, BINS: tl.constexpr):
 
 @triton.jit
 def _threshold(hist, t, MID: tl.constexpr, LOW: tl.constexpr):
-    """(T, greater, need) for target t from a row's complete histogram: T the t-th largest key, greater the
-    count of keys > T, need = t - greater the keys == T that are taken (the lowest cluster indices)."""
+    """(T, need) for target t from a row's complete histogram: T the t-th largest key, need = t - (count of
+    keys > T) the keys == T that are taken (the lowest cluster indices)."""
     top, above_top = _rank_bin(hist, t, 2048)
     mid, above_mid = _rank_bin(hist + MID, t - above_top, 1024)
     low, above_low = _rank_bin(hist + LOW, t - above_top - above_mid, 1024)
-    greater = above_top + above_mid + above_low
-    return (top << 20) | (mid << 10) | low, greater, t - greater
+    return (top << 20) | (mid << 10) | low, t - above_top - above_mid - above_low
 
 
 @triton.jit
@@ -129,8 +132,8 @@ def _write_kernel(SCORES, SIZES, HIST, TOP, COUNTS, ssb, ssh, ssc, szb, szh, szc
                   HAS_COUNTS: tl.constexpr, BLOCK: tl.constexpr):
     row, row_s, row_z = _row_start(ssb, ssh, szb, szh, H)
     hist = HIST + row * _ROW
-    T1, _, need1 = _threshold(hist, t1, _MID1, _LOW1)
-    T2, _, need2 = _threshold(hist, t2, _MID2, _LOW2)
+    T1, need1 = _threshold(hist, t1, _MID1, _LOW1)
+    T2, need2 = _threshold(hist, t2, _MID2, _LOW2)
     # Keys above / at each threshold in the chunks before this one (ranks are row-wide).
     pid = tl.program_id(0)
     zero = pid * 0      # an int32 scalar: loop-carried values keep one type
