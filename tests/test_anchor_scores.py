@@ -246,3 +246,12 @@ def test_bad_inputs_raise(fn, name):
     inputs = {name: _to_device(t) for name, t in {**_small(), **change}.items()}
     with pytest.raises(ValueError, match=pattern):
         fn(**inputs, scale=0.125)
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="on a GPU the kernels are compiled by running them")
+def test_kernels_compile_for_hopper():
+    """The interpreter runs kernels as numpy: also compile what a small case launches for sm_90, as a GPU would
+    (tests/hopper_compile.py)."""
+    from hopper_compile import assert_what_runs_compiles_for_hopper
+
+    assert_what_runs_compiles_for_hopper(lambda: test_matches_reference(next(iter(CASES))))

@@ -419,3 +419,13 @@ def test_defaults_are_all_valid_and_last_slots(fn):
     assert torch.equal(fn(q, k, v, scale=D ** -0.5, num_splits=1), want)
     assert torch.equal(fn(q, k, v, None, S - Lq, scale=D ** -0.5, num_splits=1), want)
     assert torch.equal(fn(q, k, v, ones, None, scale=D ** -0.5, num_splits=1), want)
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="on a GPU the kernels are compiled by running them")
+def test_kernels_compile_for_hopper():
+    """The interpreter runs kernels as numpy: also compile what two small cases (one pass, split-KV) launches for sm_90, as a GPU would
+    (tests/hopper_compile.py)."""
+    from hopper_compile import assert_what_runs_compiles_for_hopper
+
+    assert_what_runs_compiles_for_hopper(lambda: test_dense_matches_reference(next(iter(DENSE_CASES))),
+                                         lambda: test_split_kv_matches_reference(next(iter(SPLIT_CASES))))

@@ -92,3 +92,19 @@ def test_bad_inputs_are_refused_with_the_value():
         select_clusters_reference(scores, sizes.float(), 20, 1, 1)
     with pytest.raises(ValueError, match="counts must be None or a"):
         select_clusters_reference(scores, sizes, 20, 1, 1, torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="on a GPU the kernels are compiled by running them")
+def test_kernels_compile_for_hopper():
+    """The interpreter runs kernels as numpy: also compile them for sm_90, as a GPU would (tests/hopper_compile.py)."""
+    from hopper_compile import assert_compile_for_hopper, recorded_launches
+
+    from kvpass.kernels.cluster_select import select_clusters
+
+    scores, sizes = _inputs(1, 2, 300, seed=9)
+    with recorded_launches() as launches:
+        select_clusters(scores, sizes, 300, 5, 70, torch.zeros(2, dtype=torch.int64))
+        select_clusters(scores, sizes, 300, 5, 70)
+    assert {launch["name"] for launch in launches} == {"_top_level_kernel", "_middle_level_kernel",
+                                                       "_low_level_kernel", "_write_kernel"}
+    assert_compile_for_hopper(launches)

@@ -429,3 +429,13 @@ def test_bad_inputs_raise(fn, name):
     call = {n: a.to(DEVICE) if isinstance(a, torch.Tensor) else a for n, a in call.items()}
     with pytest.raises(error, match=pattern):
         fn(call.pop("q"), call.pop("kv"), **call, scale=0.125)
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="on a GPU the kernels are compiled by running them")
+def test_kernels_compile_for_hopper():
+    """The interpreter runs kernels as numpy: also compile what two small cases (one pass, split-KV) launches for sm_90, as a GPU would
+    (tests/hopper_compile.py)."""
+    from hopper_compile import assert_what_runs_compiles_for_hopper
+
+    assert_what_runs_compiles_for_hopper(lambda: test_dense_grid_matches_reference(next(iter(CASES))),
+                                         lambda: test_split_kv_matches_reference(next(iter(SPLIT_CASES))))

@@ -226,3 +226,12 @@ def test_import_does_not_import_triton():
     code = ("import sys; import kvpass.kernels.kmeans as k; k.kmeans, k.assign_reference; "
             "assert 'triton' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="on a GPU the kernels are compiled by running them")
+def test_kernels_compile_for_hopper():
+    """The interpreter runs kernels as numpy: also compile what the k-means loop launches for sm_90, as a GPU would
+    (tests/hopper_compile.py)."""
+    from hopper_compile import assert_what_runs_compiles_for_hopper
+
+    assert_what_runs_compiles_for_hopper(lambda: test_loop_recovers_blobs_and_triton_equals_reference("ip"))

@@ -266,3 +266,15 @@ def test_kernels_take_at_most_max_tokens():
         sparse_ffn(x, w, None, w, None, None, None, torch.zeros(96, device=DEVICE), "relu")
     with pytest.raises(ValueError, match="at most 16 tokens"):
         sparse_linear(x, torch.zeros(64, 8, device=DEVICE), None, 0.5)
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="on a GPU the kernels are compiled by running them")
+def test_kernels_compile_for_hopper():
+    """The interpreter runs kernels as numpy: also compile what small FFN and linear cases (16-bit, gated with
+    bias, column-major) launch for sm_90, as a GPU would (tests/hopper_compile.py)."""
+    from hopper_compile import assert_what_runs_compiles_for_hopper
+
+    assert_what_runs_compiles_for_hopper(
+        lambda: test_sparse_ffn_matches_reference(200, 333, 2, F16, "silu", True, True, False, 0.6),
+        lambda: test_sparse_ffn_matches_reference(576, 1536, 3, BF16, "gelu_tanh", True, True, True, 0.5),
+        lambda: test_sparse_linear_matches_reference(896, 1001, 3, BF16, False, True, 0.5))

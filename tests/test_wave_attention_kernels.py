@@ -601,3 +601,13 @@ def test_bad_inputs_are_rejected_by_kernel_and_reference(name):
     for fn in (getattr(wave, function), getattr(wave, f"{function}_reference")):
         with pytest.raises(ValueError, match=message):
             fn(*args, **kw)
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="on a GPU the kernels are compiled by running them")
+def test_kernels_compile_for_hopper():
+    """The interpreter runs kernels as numpy: also compile what the exact-composition cases launches for sm_90, as a GPU would
+    (tests/hopper_compile.py)."""
+    from hopper_compile import assert_what_runs_compiles_for_hopper
+
+    assert_what_runs_compiles_for_hopper(lambda: test_retrieving_every_cluster_is_exact_attention(3, 8),
+                                         lambda: test_estimating_constant_key_clusters_is_exact_attention(0.5, 2.0, 0))
