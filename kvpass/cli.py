@@ -303,7 +303,8 @@ def cmd_eval_ppl(args) -> int:
         row["ratio_to_dense"] = row["ppl"] / results[0]["ppl"]
         print(f"{row['name']}: {row['ratio_to_dense']:.4f} x dense perplexity")
     path = write_record(args.out, "eval ppl", results, config=config.to_dict(), model=args.model,
-                        rope_scaling=args.rope_scaling, protocol={"tokenization": "whole text, no special tokens", "windows": "non-overlapping",
+                        rope_scaling=args.rope_scaling,
+                        protocol={"tokenization": "whole text, no special tokens", "windows": "non-overlapping",
                                   "decode_tail": args.decode_tail}, text_source=text.source)
     print(f"record: {path}")
     return 0

@@ -1,19 +1,19 @@
 """How fast a decode step's clusters can be picked: torch.topk (radix select + sort of the winners), a full
 torch.sort, and kvpass's Triton select (kvpass.kernels.cluster_select: three histogram levels + a write pass over
-many programs per row), on the wave index's shapes (B * Hkv rows of C cluster scores, 25 % of them chosen: 1.8 %
-retrieved + 23.2 % estimated for the Triton select), timed by CUDA-graph replay. The Triton select is checked
-against its reference on the same inputs first.
+many programs per row), on the wave index's shapes (B * Hkv rows of C cluster scores; the default budgets choose
+25 % of them: 1.8 % retrieved + 23.2 % estimated), timed by CUDA-graph replay. The Triton select is checked against
+its reference on the same inputs first.
 
     python benchmarks/probes/cluster_select.py
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from triton.testing import do_bench_cudagraph
 
+from kvpass import WaveIndex
 from kvpass.kernels.cluster_select import select_clusters, select_clusters_reference
+from kvpass.methods.wave import budgets
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
         for clusters in (2048, 8192, 32768):
             scores = torch.rand(rows, 1, clusters, device="cuda").pow(8).softmax(-1)
             sizes = torch.randint(1, 32, (rows, 1, clusters), device="cuda", dtype=torch.int32)
-            retrieved, estimated = math.ceil(0.018 * clusters), math.ceil(0.232 * clusters)
+            retrieved, estimated = budgets(WaveIndex(), clusters)
             k = retrieved + estimated
             counts = torch.zeros(2, dtype=torch.int64, device="cuda")
             assert torch.equal(select_clusters(scores, sizes, clusters, retrieved, estimated),

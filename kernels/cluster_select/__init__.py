@@ -1,6 +1,6 @@
 """The wave index's cluster selection: per (batch, kv head), the highest-scoring clusters for exact
-attention and the next ones for centroid estimation. A Triton two-level radix select spread over
-many programs (``kernel.py``) and its plain PyTorch reference (``reference.py``, which also defines
+attention and the next ones for centroid estimation. A Triton radix select in three histogram levels
+spread over many programs (``kernel.py``) and its plain PyTorch reference (``reference.py``, which also defines
 the ranking key both share).
 
 ``select_clusters`` (Triton) is imported lazily, as in :mod:`kvpass.kernels.attention`: importing
