@@ -56,6 +56,7 @@ def test_reference_is_topk_with_lower_index_on_ties_and_empty_clusters_last():
     (1, 1, 5, 1, 2),
     (2, 3, 300, 7, 60),       # several chunks per row
     (1, 8, 1000, 18, 232),    # default-like budgets (1.8 % / 23.2 %)
+    (1, 2, 20000, 360, 4640), # 10 chunks of 2,048: the write kernel's prefix spans several tiles of 4,096
     (1, 1, 64, 0, 64),        # all estimated
     (1, 1, 64, 64, 0),        # all retrieved
 ])

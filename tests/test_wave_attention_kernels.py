@@ -28,6 +28,7 @@ pytest.importorskip("triton")
 
 from kvpass.kernels.anchor_scores.reference import attention_scores
 from kvpass.kernels.attention import attention_over_store_reference
+from kvpass.kernels.wave_attention.reference import CLUSTER_SPLIT_TOKENS
 from kvpass.kernels.wave_attention import (
     choose_num_splits,
     cluster_attention,
@@ -295,14 +296,14 @@ def test_paged_path_is_bit_identical_to_direct_path(P, dtype, softcap):
 
 def test_cluster_auto_split_on_a_long_list():
     # One (batch, kv head) and 128 selected clusters (counted as 16 tokens each): the automatic rule cuts
-    # the list in 32.
+    # the list in 64 (about two clusters per split).
     c = ClusterCase(11, Hkv=1, group=4, clusters=140, R=128, dtype=F16, num_splits=None)
-    assert choose_num_splits(1, 128 * 16, 128) == 32
+    assert choose_num_splits(1, 128 * 16, 128, per_split=CLUSTER_SPLIT_TOKENS) == 64
     q, keys, values, starts, sizes, selected, _ = make_clusters(c, torch.Generator().manual_seed(c.seed))
     args = (q, keys, values, starts, sizes, selected)
     out, lse = cluster_attention(*args, scale=0.125)
     ref, ref_lse = cluster_attention_reference(*args, scale=0.125)
-    assert out.shape == (32, 1, 4, 64)
+    assert out.shape == (64, 1, 4, 64)
     check_partials(out, lse, ref, ref_lse, F16)
     whole, whole_lse = cluster_attention(*args, scale=0.125, num_splits=1)
     merged, merged_lse = merge_partials([out], [lse], F32, return_lse=True)
@@ -375,9 +376,12 @@ def test_estimate_clusters_matches_reference(B, Hkv, group, Dv, clusters, E, ind
 
 # --- merge_partials ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("Dv, splits, dtype", [(64, (3, None), F16), (80, (20,), BF16), (128, (1, 2, None), F32)])
+@pytest.mark.parametrize("Dv, splits, dtype", [(64, (3, None), F16), (80, (20,), BF16), (128, (1, 2, None), F32),
+                                              (96, (2, None, 5, 1), F16)])
 def test_merge_partials_matches_reference(Dv, splits, dtype):
-    """splits: the partial counts S_i of the inputs (None: a (B, Hq, Dv) partial)."""
+    """splits: the partial counts S_i of the inputs (None: a (B, Hq, Dv) partial). The kernel reads up to three
+    sources in place and concatenates more; the second partial comes in the output dtype (as the wave step's
+    steady-zone partial does)."""
     g = torch.Generator().manual_seed(Dv)
     B, Hq = 3, 5
     outs, lses = [], []
@@ -390,6 +394,8 @@ def test_merge_partials_matches_reference(Dv, splits, dtype):
         if i == 0:
             lse[:, 1, 1] = 80.0 + torch.arange(n)                        # large lse: no overflow
         out[torch.isneginf(lse)] = NAN                                   # never read
+        if i == 1:
+            out = out.to(dtype)
         outs.append(out.to(DEVICE) if s else out[0].to(DEVICE))
         lses.append(lse.to(DEVICE) if s else lse[0].to(DEVICE))
     merged, merged_lse = merge_partials(outs, lses, dtype, return_lse=True)
@@ -550,12 +556,13 @@ def test_split_bounds_cover_each_list_once():
         assert torch.equal(sizes.sum(0), count)
         # Non-empty splits are consecutive: each starts where the splits before it end.
         assert torch.equal(torch.where(sizes > 0, lo, 0), torch.where(sizes > 0, sizes.cumsum(0) - sizes, 0))
-    assert choose_num_splits(64, 10**6, 10**5) == 5            # 64 programs: 264 / 64 -> 5 splits
+    assert choose_num_splits(64, 10**6, 10**5) == 9            # 64 programs: 528 / 64 -> 9 splits
     assert choose_num_splits(8, 200, 100) == 1                  # too short to split
-    assert choose_num_splits(8, 1900, 1900) == 29               # decode at batch 1: 8 lists of 1900 clusters
+    assert choose_num_splits(8, 1900, 1900) == 30               # decode at batch 1: 8 lists of 1900 clusters
+    assert choose_num_splits(8, 148 * 16, 148, per_split=32) == 64   # cluster attention: ~2 clusters per split
     assert choose_num_splits(1, 10**6, 10**5) == 64             # capped
     assert choose_num_splits(1, 10**6, 10) == 10                # no more splits than entries
-    assert choose_num_splits(300, 10**6, 10**5) == 1            # the grid is full already
+    assert choose_num_splits(600, 10**6, 10**5) == 1            # the grid is full already
 
 
 def _bad_inputs():

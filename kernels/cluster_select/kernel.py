@@ -9,7 +9,8 @@ batch-1 step fills the GPU instead of ``B * Hkv`` SMs. Both selections are done 
 ``t``-th largest key for ``t1 = retrieved`` and for ``t2 = retrieved + estimated``. Four kernels,
 all on the grid ``(chunks, rows)``; the kernel boundaries are the only cross-program
 synchronisation, and the counts go through int32 atomics into a zeroed histogram of ``_ROW`` bins
-per row: the top level (2,048 bins), then per target the middle and the low level (1,024 each).
+per row: the top level (2,048 bins), then per target the middle and the low level (1,024 each), then
+8 slots of ranks (below).
 
 1. ``_top_level_kernel``: every key adds one to its top-level bin.
 2. ``_middle_level_kernel``: each program finds, from the top level, the bin holding the ``t``-th
@@ -17,9 +18,12 @@ per row: the top level (2,048 bins), then per target the middle and the low leve
 3. ``_low_level_kernel``: the same one level down (keys matching the top 21 bits).
 4. ``_write_kernel``: each program derives both exact thresholds ``T`` and how many keys equal to
    ``T`` are still taken (``need``), counts the larger and the equal keys of the chunks before its
-   own (a loop of fewer than ``_MAX_CHUNKS`` chunks up to 64K clusters per row), then places its
-   selected clusters by prefix sums: cluster order within each part, ties at ``T`` taken from the
-   lowest index. With ``counts`` it also adds the selected clusters' sizes (int64 atomics).
+   own (in tiles of 4,096 keys: one or two tiles for the 8,192 clusters of a 128K context), then
+   places its selected clusters by prefix sums: cluster order within each part, ties at ``T`` taken
+   from the lowest index. With ``counts`` it also adds the selected clusters' sizes (int64 atomics).
+
+Each level's rank (its bin and the keys above it) is found once per kernel and recorded in the row's
+histogram by chunk 0 for the kernels after it, so every kernel ranks one level only.
 
 The levels only count (integer atomics: any order gives the same counts) and nothing is sorted, so
 the output is deterministic.
@@ -40,12 +44,16 @@ from .reference import check_select_inputs
 __all__ = ["select_clusters"]
 
 # A row's histogram: the top level (11 key bits: 2,048 bins), then the middle and low levels (10 bits each) of
-# target 1 and of target 2. Globals read by @triton.jit code must be constexpr.
+# target 1 and of target 2, then the ranks found so far (_RANKS: top bin and keys above it, middle bin and keys
+# above it, for target 1 then target 2), so each kernel ranks only its own level. Globals read by @triton.jit code
+# must be constexpr.
 _MID1: tl.constexpr = tl.constexpr(2048)
 _MID2: tl.constexpr = tl.constexpr(3072)
 _LOW1: tl.constexpr = tl.constexpr(4096)
 _LOW2: tl.constexpr = tl.constexpr(5120)
-_ROW: tl.constexpr = tl.constexpr(6144)
+_RANKS: tl.constexpr = tl.constexpr(6144)
+_ROW: tl.constexpr = tl.constexpr(6152)
+_PREFIX_TILE: tl.constexpr = tl.constexpr(4096)   # keys per step of _write_kernel's prefix count (>= _MAX_BLOCK)
 _MAX_CHUNKS = 16     # chunks per row up to 64K clusters (_MAX_BLOCK each): bounds _write_kernel's prefix loop
 _MIN_BLOCK = 64
 _MAX_BLOCK = 4096
@@ -77,13 +85,19 @@ def _rank_bin(HIST, t, BINS: tl.constexpr):
 
 
 @triton.jit
-def _threshold(hist, t, MID: tl.constexpr, LOW: tl.constexpr):
-    """(T, need) for target t from a row's complete histogram: T the t-th largest key, need = t - (count of
-    keys > T) the keys == T that are taken (the lowest cluster indices)."""
-    top, above_top = _rank_bin(hist, t, 2048)
-    mid, above_mid = _rank_bin(hist + MID, t - above_top, 1024)
-    low, above_low = _rank_bin(hist + LOW, t - above_top - above_mid, 1024)
-    return (top << 20) | (mid << 10) | low, t - above_top - above_mid - above_low
+def _store_rank(slot, value):
+    """One program per row (chunk 0) records a rank for the later kernels (every chunk computes the same)."""
+    tl.store(slot, value, mask=tl.program_id(0) == 0)
+
+
+@triton.jit
+def _threshold(hist, t, ranks, LOW: tl.constexpr):
+    """(T, need) for target t from a row's complete histogram, its top and middle ranks at ranks[0:4]: T the
+    t-th largest key, need = t - (count of keys > T) the keys == T that are taken (the lowest cluster indices)."""
+    top = tl.load(ranks)
+    above = tl.load(ranks + 1) + tl.load(ranks + 3)
+    low, above_low = _rank_bin(hist + LOW, t - above, 1024)
+    return (top << 20) | (tl.load(ranks + 2) << 10) | low, t - above - above_low
 
 
 @triton.jit
@@ -105,8 +119,12 @@ def _top_level_kernel(SCORES, SIZES, HIST, ssb, ssh, ssc, szb, szh, szc, H, C, B
 def _middle_level_kernel(SCORES, SIZES, HIST, ssb, ssh, ssc, szb, szh, szc, H, C, t1, t2, BLOCK: tl.constexpr):
     row, row_s, row_z = _row_start(ssb, ssh, szb, szh, H)
     hist = HIST + row * _ROW
-    top1, _ = _rank_bin(hist, t1, 2048)
-    top2, _ = _rank_bin(hist, t2, 2048)
+    top1, above1 = _rank_bin(hist, t1, 2048)
+    top2, above2 = _rank_bin(hist, t2, 2048)
+    _store_rank(hist + _RANKS, top1)
+    _store_rank(hist + _RANKS + 1, above1)
+    _store_rank(hist + _RANKS + 4, top2)
+    _store_rank(hist + _RANKS + 5, above2)
     key, _ = _chunk_keys(SCORES, SIZES, row_s, row_z, ssc, szc, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), C)
     mid = (key >> 10) & 1023
     tl.atomic_add(hist + _MID1 + mid, 1, mask=(key >= 0) & ((key >> 20) == top1))
@@ -117,10 +135,14 @@ def _middle_level_kernel(SCORES, SIZES, HIST, ssb, ssh, ssc, szb, szh, szc, H, C
 def _low_level_kernel(SCORES, SIZES, HIST, ssb, ssh, ssc, szb, szh, szc, H, C, t1, t2, BLOCK: tl.constexpr):
     row, row_s, row_z = _row_start(ssb, ssh, szb, szh, H)
     hist = HIST + row * _ROW
-    top1, above1 = _rank_bin(hist, t1, 2048)
-    mid1, _ = _rank_bin(hist + _MID1, t1 - above1, 1024)
-    top2, above2 = _rank_bin(hist, t2, 2048)
-    mid2, _ = _rank_bin(hist + _MID2, t2 - above2, 1024)
+    top1 = tl.load(hist + _RANKS)
+    mid1, above_mid1 = _rank_bin(hist + _MID1, t1 - tl.load(hist + _RANKS + 1), 1024)
+    top2 = tl.load(hist + _RANKS + 4)
+    mid2, above_mid2 = _rank_bin(hist + _MID2, t2 - tl.load(hist + _RANKS + 5), 1024)
+    _store_rank(hist + _RANKS + 2, mid1)
+    _store_rank(hist + _RANKS + 3, above_mid1)
+    _store_rank(hist + _RANKS + 6, mid2)
+    _store_rank(hist + _RANKS + 7, above_mid2)
     key, _ = _chunk_keys(SCORES, SIZES, row_s, row_z, ssc, szc, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), C)
     low = key & 1023
     tl.atomic_add(hist + _LOW1 + low, 1, mask=(key >= 0) & ((key >> 10) == ((top1 << 10) | mid1)))
@@ -132,14 +154,17 @@ def _write_kernel(SCORES, SIZES, HIST, TOP, COUNTS, ssb, ssh, ssc, szb, szh, szc
                   HAS_COUNTS: tl.constexpr, BLOCK: tl.constexpr):
     row, row_s, row_z = _row_start(ssb, ssh, szb, szh, H)
     hist = HIST + row * _ROW
-    T1, need1 = _threshold(hist, t1, _MID1, _LOW1)
-    T2, need2 = _threshold(hist, t2, _MID2, _LOW2)
-    # Keys above / at each threshold in the chunks before this one (ranks are row-wide).
+    T1, need1 = _threshold(hist, t1, hist + _RANKS, _LOW1)
+    T2, need2 = _threshold(hist, t2, hist + _RANKS + 4, _LOW2)
+    # Keys above / at each threshold in the chunks before this one (ranks are row-wide), counted in tiles of
+    # _PREFIX_TILE keys: a loop over the preceding chunks one by one would chain their load latencies.
     pid = tl.program_id(0)
+    end = pid * BLOCK
     zero = pid * 0      # an int32 scalar: loop-carried values keep one type
     above1, tied1, above2, tied2 = zero, zero, zero, zero
-    for j in range(0, pid):
-        key, _ = _chunk_keys(SCORES, SIZES, row_s, row_z, ssc, szc, j * BLOCK + tl.arange(0, BLOCK), C)
+    for j in range(0, end, _PREFIX_TILE):
+        offs = j + tl.arange(0, _PREFIX_TILE)
+        key, _ = _chunk_keys(SCORES, SIZES, row_s, row_z, ssc, szc, offs, tl.minimum(end, C))
         above1 += tl.sum((key > T1).to(tl.int32), 0)
         tied1 += tl.sum((key == T1).to(tl.int32), 0)
         above2 += tl.sum((key > T2).to(tl.int32), 0)

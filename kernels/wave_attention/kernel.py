@@ -80,6 +80,7 @@ from ..attention.dense import (
     softmax_step,
 )
 from .reference import (
+    CLUSTER_SPLIT_TOKENS,
     TOKENS_PER_CLUSTER,
     check_cluster_inputs,
     check_estimate_inputs,
@@ -97,7 +98,7 @@ _SCORE_BLOCK_C = 64       # centroids per program of kernel 1 (4 warps; 32..64 w
 _SCORE_BLOCK_M = 16       # query heads per step of kernel 2
 _SCORE_REDUCE_BLOCK_C = 256   # clusters per program of kernel 2: fewer programs re-reduce the partials
 _SCORE_BLOCK_B = 64       # block partials merged per step in kernel 2
-_MERGE_BLOCK_S = 16       # partials per step of merge_partials
+_MERGE_BLOCK_S = 64       # partials per step of merge_partials (a 128K step has ~95: two steps, not six)
 # Tokens per key tile of cluster_attention: clusters hold ~16 tokens on average (often 1..60) and a tile
 # never spans two clusters, so small tiles waste fewer masked slots; tl.dot needs >= 16. NOT TUNED.
 _CLUSTER_BLOCK_N = 16
@@ -359,7 +360,7 @@ def cluster_attention(q, keys, values, starts, sizes, selected, *, scale, softca
                                                    scale=scale, softcap=softcap, num_splits=num_splits)
     device = _check_device("cluster_attention", {"q": q, "keys": keys, "values": values, "starts": starts,
                                                  "sizes": sizes, "selected": selected, "page_table": page_table})
-    num_splits = resolve_num_splits(num_splits, B * Hkv, TOKENS_PER_CLUSTER * R, R, device)
+    num_splits = resolve_num_splits(num_splits, B * Hkv, TOKENS_PER_CLUSTER * R, R, device, CLUSTER_SPLIT_TOKENS)
     out = torch.empty((num_splits, B, Hq, Dv), dtype=torch.float32, device=device)
     lse = torch.empty((num_splits, B, Hq), dtype=torch.float32, device=device)
     if B == 0:
@@ -492,33 +493,19 @@ def estimate_clusters(logits, value_means, sizes, selected, count=None, *, num_s
 # --- merge_partials ----------------------------------------------------------------------------
 
 @triton.jit
-def _merge_partials_kernel(
-    PART, PART_LSE, OUT, LSE,
-    sps, spb, sph, spd, sls, slb, slh, sob, soh, sod, smb, smh,
-    Hq, num_parts, DV,
-    HAS_LSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """One program per (batch, query head) pid: OUT (B, Hq, 1, Dv) = sum_s exp(lse_s - L) PART_s,
-    L = logsumexp_s lse_s (online over blocks of BLOCK_S partials); LSE (B, Hq, 1) = L iff HAS_LSE.
-
-    Grid: (B * Hq,). PART (S, B, Hq, Dv) fp32, PART_LSE (S, B, Hq) fp32; partials with lse -inf
-    are not read; a row without any other is 0 with L = -inf.
-    """
-    pid = tl.program_id(0)
-    b = (pid // Hq).to(tl.int64)
-    h = (pid % Hq).to(tl.int64)
+def _merge_source(m_run, l_run, acc, PART, PART_LSE, sps, spb, sph, spd, sls, slb, slh, b, h, num_parts, DV,
+                  BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Fold the num_parts partials of one source (PART (S, B, Hq, Dv) any float dtype, PART_LSE (S, B, Hq) fp32)
+    of (b, h) into the running (max lse, sum of weights, weighted sum of outs), online over blocks of BLOCK_S."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < DV
-    m_run = tl.full([], float("-inf"), tl.float32)
-    l_run = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([BLOCK_DV], tl.float32)
     for s0 in range(0, num_parts, BLOCK_S):
         s = (s0 + offs_s).to(tl.int64)
         lse = tl.load(PART_LSE + s * sls + b * slb + h * slh, mask=s < num_parts, other=float("-inf"))
         seen = lse > float("-inf")
         part = tl.load(PART + s[:, None] * sps + b * spb + h * sph + offs_dv[None, :] * spd,
-                       mask=seen[:, None] & dv_ok[None, :], other=0.0)
+                       mask=seen[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
         m_new = tl.maximum(m_run, tl.max(lse, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # no (-inf) - (-inf) while all are empty
         alpha = tl.exp(m_run - m_safe)
@@ -526,18 +513,51 @@ def _merge_partials_kernel(
         l_run = l_run * alpha + tl.sum(w, 0)
         acc = acc * alpha + tl.sum(w[:, None] * part, 0)
         m_run = m_new
+    return m_run, l_run, acc
+
+
+@triton.jit
+def _merge_partials_kernel(
+    P0, L0, P1, L1, P2, L2, OUT, LSE,
+    sp0s, sp0b, sp0h, sp0d, sl0s, sl0b, sl0h, sp1s, sp1b, sp1h, sp1d, sl1s, sl1b, sl1h,
+    sp2s, sp2b, sp2h, sp2d, sl2s, sl2b, sl2h, sob, soh, sod, smb, smh,
+    Hq, S0, S1, S2, DV,
+    HAS_LSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One program per (batch, query head) pid: OUT (B, Hq, 1, Dv) = sum_s exp(lse_s - L) PART_s,
+    L = logsumexp_s lse_s over the partials of up to three sources (Pi (Si, B, Hq, Dv) any float dtype,
+    Li (Si, B, Hq) fp32; Si = 0: unused), read in place (no concatenation); LSE (B, Hq, 1) = L iff HAS_LSE.
+
+    Grid: (B * Hq,). Partials with lse -inf are not read; a row without any other is 0 with L = -inf.
+    """
+    pid = tl.program_id(0)
+    b = (pid // Hq).to(tl.int64)
+    h = (pid % Hq).to(tl.int64)
+    m_run = tl.full([], float("-inf"), tl.float32)
+    l_run = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    m_run, l_run, acc = _merge_source(m_run, l_run, acc, P0, L0, sp0s, sp0b, sp0h, sp0d, sl0s, sl0b, sl0h, b, h,
+                                      S0, DV, BLOCK_S, BLOCK_DV)
+    m_run, l_run, acc = _merge_source(m_run, l_run, acc, P1, L1, sp1s, sp1b, sp1h, sp1d, sl1s, sl1b, sl1h, b, h,
+                                      S1, DV, BLOCK_S, BLOCK_DV)
+    m_run, l_run, acc = _merge_source(m_run, l_run, acc, P2, L2, sp2s, sp2b, sp2h, sp2d, sl2s, sl2b, sl2h, b, h,
+                                      S2, DV, BLOCK_S, BLOCK_DV)
+    offs_dv = tl.arange(0, BLOCK_DV)
     out = acc / tl.where(l_run > 0.0, l_run, 1.0)
-    tl.store(OUT + b * sob + h * soh + offs_dv * sod, out.to(OUT.dtype.element_ty), mask=dv_ok)
+    tl.store(OUT + b * sob + h * soh + offs_dv * sod, out.to(OUT.dtype.element_ty), mask=offs_dv < DV)
     if HAS_LSE:
         tl.store(LSE + b * smb + h * smh,
                  tl.where(l_run > 0.0, m_run + tl.log(tl.where(l_run > 0.0, l_run, 1.0)), float("-inf")))
 
 
+_MERGE_SOURCES = 3   # partial sources _merge_partials_kernel reads in place (the wave step has three)
+
+
 def merge_partials(outs, lses, dtype, *, return_lse=False):
     """Log-sum-exp-weighted combination of attention partials (Triton).
 
-    outs: list of (S_i, B, Hq, Dv) fp32 tensors (or (B, Hq, Dv): S_i = 1), any strides; lses: the
-    matching (S_i, B, Hq) (or (B, Hq)) fp32 natural-log log-sum-exps, e.g. from
+    outs: list of (S_i, B, Hq, Dv) float tensors (or (B, Hq, Dv): S_i = 1; fp16/bf16 partials are read as
+    fp32), any strides; lses: the matching (S_i, B, Hq) (or (B, Hq)) fp32 natural-log log-sum-exps, e.g. from
     :func:`cluster_attention` and :func:`estimate_clusters`. A partial with lse -inf is ignored
     (its out is not read). dtype: the output dtype (fp16/bf16/fp32).
     Returns a new contiguous out (B, Hq, 1, Dv) of ``dtype``: sum_i exp(lse_i - L) out_i with L =
@@ -547,18 +567,21 @@ def merge_partials(outs, lses, dtype, *, return_lse=False):
     parts, part_lses, (B, Hq, Dv) = check_merge_inputs(outs, lses, dtype)
     device = _check_device("merge_partials", {**{f"outs[{i}]": t for i, t in enumerate(parts)},
                                               **{f"lses[{i}]": t for i, t in enumerate(part_lses)}})
-    # One launch over every partial: concatenating them (a copy) only when there are several.
-    part = parts[0] if len(parts) == 1 else torch.cat(parts)
-    part_lse = part_lses[0] if len(part_lses) == 1 else torch.cat(part_lses)
+    if len(parts) > _MERGE_SOURCES:   # one launch reads up to three sources in place; more are concatenated first
+        parts = [torch.cat([p.float() for p in parts])]
+        part_lses = [torch.cat(part_lses)]
     out = torch.empty((B, Hq, 1, Dv), dtype=dtype, device=device)
     lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=device) if return_lse else None
     if B * Hq > 0:
         BLOCK_DV = max(16, triton.next_power_of_2(Dv))
         lse_strides = (lse.stride(0), lse.stride(1)) if return_lse else (0, 0)
+        unused = _MERGE_SOURCES - len(parts)
+        sources = [(p, l, p.shape[0]) for p, l in zip(parts, part_lses)] + [(parts[0], part_lses[0], 0)] * unused
+        pointers = [t for p, l, _ in sources for t in (p, l)]
+        strides = [x for p, l, _ in sources for x in (*p.stride(), *l.stride())]
         _merge_partials_kernel[(B * Hq,)](
-            part, part_lse, out, lse, *part.stride(), *part_lse.stride(),
-            out.stride(0), out.stride(1), out.stride(3), *lse_strides,
-            Hq, part.shape[0], Dv,
+            *pointers, out, lse, *strides, out.stride(0), out.stride(1), out.stride(3), *lse_strides,
+            Hq, *(n for _, _, n in sources), Dv,
             HAS_LSE=return_lse, BLOCK_S=_MERGE_BLOCK_S, BLOCK_DV=BLOCK_DV, num_warps=4,
         )
     return (out, lse) if return_lse else out

@@ -59,40 +59,45 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_PAGE_SIZE = 128
 
-# --- automatic split rule (NOT TUNED on a GPU: the thresholds of the dense kernel's split-KV) ----
-# A split's program walks its list serially (a cluster at a time): at batch 1 a decode step has only Hkv lists,
-# so even short lists are cut, into pieces of 64 items (H100, 128K tokens: 4 splits of the retrieved clusters
-# took 75 us and 1 split of the estimated ones 112 us; with these thresholds ~30 splits each).
+# --- automatic split rule ------------------------------------------------------------------------
+# A split's program walks its list serially (a cluster at a time in cluster_attention, a tile of clusters at a time
+# in estimate_clusters): at batch 1 a decode step has only Hkv lists, so even short lists are cut. Measured on an
+# H100 at 128K (benchmarks/probes/wave_splits.py: 8 lists of 148 retrieved / 1,901 estimated clusters):
+# cluster_attention took 47.6 / 29.1 / 20.2 / 16.9 / 16.1 us at 8 / 16 / 32 / 64 / 128 splits (latency per
+# cluster: the fewer per split the better), estimate_clusters 23.4 / 16.1 / 14.8 / 17.3 / 24.3 us (best at two tiles
+# of 32 clusters per split; more splits cost more partials to merge).
 _SPLIT_MIN_ITEMS = 256            # below this many tokens (clusters) per list, never split
-_SPLIT_MIN_ITEMS_PER_SPLIT = 64   # each split gets at least this many
+_SPLIT_MIN_ITEMS_PER_SPLIT = 64   # default: each split gets at least about this many
 _SPLIT_MAX = 64                   # bounds the partials merge_partials reads
-_PROGRAMS_PER_SM = 2              # aim for this many programs per SM
+_PROGRAMS_PER_SM = 4              # aim for this many programs per SM
 DEFAULT_SM_COUNT = 132            # H100 SXM; used off CUDA (the CPU interpreter)
 
 
-def choose_num_splits(programs: int, items: int, units: int, sm_count: int = DEFAULT_SM_COUNT) -> int:
+def choose_num_splits(programs: int, items: int, units: int, sm_count: int = DEFAULT_SM_COUNT,
+                      per_split: int = _SPLIT_MIN_ITEMS_PER_SPLIT) -> int:
     """How many splits a list gets when ``num_splits`` is None (at least 1); thresholds from one H100
     profile (see the constants above).
 
     programs: programs of one split (B * Hkv); items: the longest list's work in tokens (cluster
     attention: TOKENS_PER_CLUSTER per cluster) or clusters (estimate: E); units: its entries (clusters),
-    the finest a list can be cut. Split when programs fill fewer than ``2 * sm_count`` slots and
-    ``items >= 256``, into enough splits to fill them, but never fewer than 64 items per split,
-    more than 64 splits or more splits than units.
+    the finest a list can be cut; per_split: the fewest items a split should get. Split when programs
+    fill fewer than ``4 * sm_count`` slots and ``items >= 256``, into enough splits to fill them, but no
+    more than cdiv(items, per_split), 64, or the units.
     """
     target = _PROGRAMS_PER_SM * sm_count
     if items < _SPLIT_MIN_ITEMS or programs >= target:
         return 1
-    return max(1, min(-(-target // programs), items // _SPLIT_MIN_ITEMS_PER_SPLIT, _SPLIT_MAX, units))
+    return max(1, min(-(-target // programs), -(-items // per_split), _SPLIT_MAX, units))
 
 
-def resolve_num_splits(num_splits, programs: int, items: int, units: int, device: torch.device) -> int:
+def resolve_num_splits(num_splits, programs: int, items: int, units: int, device: torch.device,
+                       per_split: int = _SPLIT_MIN_ITEMS_PER_SPLIT) -> int:
     """num_splits (already checked: None or a positive int), or the automatic count for that
     device's SM count if it is None (see :func:`choose_num_splits`)."""
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
             else DEFAULT_SM_COUNT
-        return choose_num_splits(programs, items, units, sms)
+        return choose_num_splits(programs, items, units, sms, per_split)
     return num_splits
 
 
@@ -226,7 +231,7 @@ def check_merge_inputs(outs, lses, dtype):
             out = out[None]
         if isinstance(lse, torch.Tensor) and lse.dim() == 2:
             lse = lse[None]
-        _check_tensor(f"outs[{i}]", out, 4, (torch.float32,), "(S_i, B, Hq, Dv) or (B, Hq, Dv)")
+        _check_tensor(f"outs[{i}]", out, 4, _FLOAT_DTYPES, "(S_i, B, Hq, Dv) or (B, Hq, Dv)")
         _check_tensor(f"lses[{i}]", lse, 3, (torch.float32,), "(S_i, B, Hq) or (B, Hq)")
         _check_shape(f"lses[{i}]", lse, out.shape[:3], "outs[i].shape[:3]")
         _check_shape(f"outs[{i}]", out, (out.shape[0], *parts[0].shape[1:]) if parts else out.shape,
@@ -256,6 +261,7 @@ def score_clusters_reference(q, centroids, clusters, *, scale, softcap=0.0):
 # Automatic splits of a cluster list count its work in tokens at the default 16 tokens per cluster: the sizes
 # of the selected clusters are on the device, and reading them would cost a sync.
 TOKENS_PER_CLUSTER = 16
+CLUSTER_SPLIT_TOKENS = 2 * TOKENS_PER_CLUSTER   # cluster_attention: about two clusters per split
 
 
 def cluster_rows(keys, values, starts, sizes, selected, page_table):
@@ -304,7 +310,7 @@ def cluster_attention_reference(q, keys, values, starts, sizes, selected, *, sca
     """
     B, Hq, Hkv, _, Dv, R, _ = check_cluster_inputs(q, keys, values, starts, sizes, selected, page_table,
                                                    scale=scale, softcap=softcap, num_splits=num_splits)
-    num_splits = resolve_num_splits(num_splits, B * Hkv, TOKENS_PER_CLUSTER * R, R, q.device)
+    num_splits = resolve_num_splits(num_splits, B * Hkv, TOKENS_PER_CLUSTER * R, R, q.device, CLUSTER_SPLIT_TOKENS)
     group = Hq // Hkv
     k, v, real = cluster_rows(keys, values, starts, sizes, selected, page_table)
     Lmax = real.shape[-1]
@@ -362,7 +368,7 @@ def estimate_clusters_reference(logits, value_means, sizes, selected, count=None
 def merge_partials_reference(outs, lses, dtype, *, return_lse=False):
     """Log-sum-exp-weighted combination of attention partials (fp32 math).
 
-    outs: list of (S_i, B, Hq, Dv) fp32 (or (B, Hq, Dv): S_i = 1); lses: the matching (S_i, B, Hq)
+    outs: list of (S_i, B, Hq, Dv) float (or (B, Hq, Dv): S_i = 1; 16-bit ones are read as fp32); lses: the matching (S_i, B, Hq)
     (or (B, Hq)) fp32 natural-log log-sum-exps; a partial with lse -inf is ignored (its out is not
     read). Returns out (B, Hq, 1, Dv) in ``dtype`` = sum_i exp(lse_i - L) out_i with L the
     logsumexp of all lse_i (exactly 0 where every lse is -inf), and with return_lse also L
@@ -373,6 +379,6 @@ def merge_partials_reference(outs, lses, dtype, *, return_lse=False):
     total = torch.logsumexp(lse, dim=0)                        # -inf where every partial is empty
     seen = lse > float("-inf")
     w = torch.where(seen, torch.exp(lse - total), 0.0)
-    out = (w[..., None] * torch.cat(parts).masked_fill(~seen[..., None], 0.0)).sum(dim=0)
+    out = (w[..., None] * torch.cat([p.float() for p in parts]).masked_fill(~seen[..., None], 0.0)).sum(dim=0)
     out = out.view(B, Hq, 1, Dv).to(dtype)
     return (out, total.view(B, Hq, 1)) if return_lse else out

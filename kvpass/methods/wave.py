@@ -232,7 +232,7 @@ class WaveStore(LayerStore):
             keys, values, table = self._buffer.pool_k, self._buffer.pool_v, self._buffer.page_table
         ret_out, ret_lse = kernels_dispatch.cluster_attention(q, keys, values, index.starts, index.sizes, chosen,
                                                               page_table=table, **scoring)
-        out = kernels_dispatch.merge_partials([steady_out.float().permute(2, 0, 1, 3), ret_out, est_out],
+        out = kernels_dispatch.merge_partials([steady_out.permute(2, 0, 1, 3), ret_out, est_out],
                                               [steady_lse.permute(2, 0, 1), ret_lse, est_lse], q.dtype)
         self._count(top.shape[0], top.shape[1], n)
         return out
