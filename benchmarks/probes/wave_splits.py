@@ -11,8 +11,6 @@ import argparse
 import pathlib
 import sys
 
-import torch
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from wave_bench import D, drifting_queries, loaded_store, synthetic_kv  # noqa: E402
 
