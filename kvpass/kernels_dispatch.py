@@ -67,20 +67,28 @@ def _wave(name: str, like: torch.Tensor):
     return getattr(family, name if use_triton(like) else name + "_reference")
 
 
-def score_clusters(q, centroids, clusters, *, scale, softcap):
-    """(logits (B, Hq, C) fp32, scores (B, Hkv, C) fp32) of the decode queries q (B, Hq, 1, D) against the
-    first `clusters` centroids (B, Hkv, Ccap, D); see kvpass.kernels.wave_attention."""
-    return _wave("score_clusters", q)(q, centroids, clusters, scale=scale, softcap=softcap)
+def score_clusters(q, centroids, clusters, *, scale, softcap, select_sizes=None):
+    """(logits (B, Hq, C) fp32, scores (B, Hkv, C) fp32, top_level) of the decode queries q (B, Hq, 1, D) against
+    the first `clusters` centroids (B, Hkv, Ccap, D); see kvpass.kernels.wave_attention. With select_sizes (the
+    clusters' sizes) the Triton kernels also count the cluster selection's first level: top_level is then that
+    histogram, for select_clusters; otherwise (and on the reference path) it is None."""
+    from .kernels import wave_attention as family
+
+    if not use_triton(q):
+        return (*family.score_clusters_reference(q, centroids, clusters, scale=scale, softcap=softcap), None)
+    out = family.score_clusters(q, centroids, clusters, scale=scale, softcap=softcap, select_sizes=select_sizes)
+    return out if select_sizes is not None else (*out, None)
 
 
-def select_clusters(scores, sizes, clusters, retrieved, estimated, counts):
+def select_clusters(scores, sizes, clusters, retrieved, estimated, counts, top_level=None):
     """Per row of scores (B, Hkv, >= clusters), the `retrieved` best clusters then the next `estimated`, each part
-    in cluster order: (B, Hkv, retrieved + estimated) int32; adds their sizes to counts (2,) int64 if given. See
-    kvpass.kernels.cluster_select."""
+    in cluster order: (B, Hkv, retrieved + estimated) int32; adds their sizes to counts (2,) int64 if given;
+    top_level: score_clusters' histogram for these scores and sizes, or None. See kvpass.kernels.cluster_select."""
     from .kernels import cluster_select as family
 
-    fn = family.select_clusters if use_triton(scores) else family.select_clusters_reference
-    return fn(scores, sizes, clusters, retrieved, estimated, counts)
+    if use_triton(scores):
+        return family.select_clusters(scores, sizes, clusters, retrieved, estimated, counts, top_level)
+    return family.select_clusters_reference(scores, sizes, clusters, retrieved, estimated, counts)
 
 
 def cluster_attention(q, keys, values, starts, sizes, selected, *, page_table, scale, softcap):

@@ -83,6 +83,31 @@ def test_kernel_reads_strided_inputs_and_int64_sizes_and_only_the_first_clusters
     assert select_clusters(scores, sizes, 200, 0, 0).shape == (2, 4, 0)
 
 
+@needs_triton
+@pytest.mark.parametrize("Hkv,group,C", [(2, 4, 700), (1, 7, 33)])
+def test_first_level_counted_by_the_scoring_kernel_selects_the_same(Hkv, group, C):
+    """score_clusters(select_sizes=) counts the first level while it writes the scores; the select then skips its
+    own first pass and must pick what the reference picks from those scores."""
+    from kvpass.kernels.cluster_select import new_histogram, select_clusters
+    from kvpass.kernels.wave_attention import score_clusters
+
+    g = torch.Generator().manual_seed(C)
+    q = torch.randn(2, Hkv * group, 1, 64, generator=g).to(DEVICE)
+    centroids = torch.randn(2, Hkv, C + 5, 64, generator=g).to(DEVICE)
+    sizes = torch.randint(0, 30, (2, Hkv, C + 5), generator=g, dtype=torch.int32).to(DEVICE)
+    logits, scores, hist = score_clusters(q, centroids, C, scale=0.125, select_sizes=sizes)
+    assert torch.equal(score_clusters(q, centroids, C, scale=0.125)[1], scores)
+    r, e = 3, C // 4
+    counts, ref_counts = (torch.zeros(2, dtype=torch.int64, device=DEVICE) for _ in range(2))
+    top = select_clusters(scores, sizes, C, r, e, counts, top_level=hist)
+    assert torch.equal(top, select_clusters_reference(scores, sizes, C, r, e, ref_counts))
+    assert torch.equal(counts, ref_counts)
+    with pytest.raises(ValueError, match=rf"top_level must be new_histogram\({2 * Hkv}\)"):
+        select_clusters(scores, sizes, C, r, e, top_level=new_histogram(3, DEVICE))
+    with pytest.raises(ValueError, match=r"select_sizes must be a \(2, \d, >= \d+\) int32/int64"):
+        score_clusters(q, centroids, C, scale=0.125, select_sizes=sizes[:, :, :2])
+
+
 def test_bad_inputs_are_refused_with_the_value():
     scores, sizes = _inputs(1, 2, 20, seed=1)
     with pytest.raises(ValueError, match=r"retrieved \+ estimated = 15 \+ 10 exceeds clusters=20"):
@@ -101,11 +126,15 @@ def test_kernels_compile_for_hopper():
     from hopper_compile import assert_compile_for_hopper, recorded_launches
 
     from kvpass.kernels.cluster_select import select_clusters
+    from kvpass.kernels.wave_attention import score_clusters
 
     scores, sizes = _inputs(1, 2, 300, seed=9)
+    q, centroids = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 300, 64)
     with recorded_launches() as launches:
         select_clusters(scores, sizes, 300, 5, 70, torch.zeros(2, dtype=torch.int64))
         select_clusters(scores, sizes, 300, 5, 70)
+        _, _, hist = score_clusters(q, centroids, 300, scale=0.125, select_sizes=sizes)   # first level fused
     assert {launch["name"] for launch in launches} == {"_top_level_kernel", "_middle_level_kernel",
-                                                       "_low_level_kernel", "_write_kernel"}
+                                                       "_low_level_kernel", "_write_kernel",
+                                                       "_centroid_logits_kernel", "_cluster_scores_kernel"}
     assert_compile_for_hopper(launches)

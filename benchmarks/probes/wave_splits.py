@@ -32,7 +32,7 @@ def main() -> None:
     index, C = store._index, store._index.clusters
     q = drifting_queries(1, seed=1)[0]
     scale = D ** -0.5
-    logits, scores = score_clusters(q, index.centroids, C, scale=scale)
+    logits, scores = score_clusters(q, index.centroids, C, scale=scale)   # the select counts its own first level
     retrieved, estimated = budgets(WaveIndex(), C)
     top = select_clusters(scores, index.sizes, C, retrieved, estimated)
     chosen, rest = top[..., :retrieved], top[..., retrieved:]

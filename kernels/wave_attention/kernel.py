@@ -19,9 +19,12 @@ Design
   Kernel 2 (its own, larger cluster blocks) merges those partials into each head's lse, re-reads
   the logits and writes ``sum_g exp(logit - lse)``.
 * **cluster_attention**: grid ``(row blocks, B * Hkv, num_splits)``; a program walks its split's
-  selected clusters in list order, loads each one's (start, size) and runs over its rows in tiles
-  of ``BLOCK_N = 16`` tokens (a tile never spans two clusters; rows past the size are masked *at
-  the load*, ``other=0``, so whatever lies between clusters, even NaN, never enters a dot), with one
+  selected clusters in list order, ``BLOCK_G = 8`` at a time: it loads the group's (start, size),
+  lays the group's tokens end to end and runs over them in tiles of ``BLOCK_N = 32`` (a tile may
+  span clusters; each slot's row comes from the prefix sums of the sizes, and slots past the group's
+  tokens are masked *at the load*, ``other=0``, so whatever lies between clusters, even NaN, never
+  enters a dot). A walk per cluster chained one load round trip per cluster (a split of ~5 clusters
+  took 15 us at 128K); a group needs one. One
   online softmax (exp2 domain, as the dense kernel) across all tiles of all its clusters. The rows
   are read directly from (B, Hkv, N, D) keys / values or, with a page table (constexpr
   ``HAS_TABLE``: the direct path has no table loads), from (S, P, D) page pools, row r being row
@@ -51,8 +54,9 @@ fp32). As in the dense kernel, under the CPU interpreter bf16 dot operands are m
 
 Speed
 -----
-Block sizes, warps and the automatic split count follow simple rules and were **not tuned on a
-GPU** (cluster_attention's ``BLOCK_N = 16`` neither: it is picked for clusters of ~16 tokens).
+Block sizes and warps follow simple rules and were **not tuned on a GPU** (cluster_attention's
+``BLOCK_G`` and ``BLOCK_N`` neither); the automatic split counts come from one sweep
+(benchmarks/probes/wave_splits.py, see reference.py).
 One measurement on an H100 (Triton 3.6, B = 1, Hkv = 8, group = 4, D = Dv = 128, fp32 centroids
 and value sums at the time, kernel times from the profiler): score_clusters 21 us at 8K clusters
 and 78 us at 32K (fp32 centroids read at ~1.9 TB/s); estimate_clusters over 8K clusters 39 us (16
@@ -79,6 +83,7 @@ from ..attention.dense import (
     soft_capped,
     softmax_step,
 )
+from ..cluster_select.kernel import count_top_level, new_histogram
 from .reference import (
     CLUSTER_SPLIT_TOKENS,
     TOKENS_PER_CLUSTER,
@@ -94,14 +99,17 @@ __all__ = ["cluster_attention", "estimate_clusters", "merge_partials", "score_cl
 _LOG2E = tl.constexpr(1.4426950408889634)   # a constexpr: the kernels read it too
 
 # --- launch parameters (NOT TUNED on a GPU) -----------------------------------------------------
-_SCORE_BLOCK_C = 64       # centroids per program of kernel 1 (4 warps; 32..64 were best on an H100)
+_SCORE_BLOCK_C = 64       # centroids per program of kernel 1 (32..64 were best on an H100 with fp32 centroids)
+_SCORE_WARPS = 4          # warps of kernel 1
 _SCORE_BLOCK_M = 16       # query heads per step of kernel 2
 _SCORE_REDUCE_BLOCK_C = 256   # clusters per program of kernel 2: fewer programs re-reduce the partials
 _SCORE_BLOCK_B = 64       # block partials merged per step in kernel 2
 _MERGE_BLOCK_S = 64       # partials per step of merge_partials (a 128K step has ~95: two steps, not six)
-# Tokens per key tile of cluster_attention: clusters hold ~16 tokens on average (often 1..60) and a tile
-# never spans two clusters, so small tiles waste fewer masked slots; tl.dot needs >= 16. NOT TUNED.
-_CLUSTER_BLOCK_N = 16
+# cluster_attention walks its clusters in groups of _CLUSTER_BLOCK_G, their tokens end to end in tiles of
+# _CLUSTER_BLOCK_N (a tile may span clusters): one dependent load chain per group, not one per cluster (clusters
+# hold ~16 tokens on average, often 1..60; at two clusters per split a group is one or two tiles). NOT TUNED.
+_CLUSTER_BLOCK_G = 8
+_CLUSTER_BLOCK_N = 32
 
 
 def _score_scales(scale, softcap, log2_domain):
@@ -173,16 +181,17 @@ def _centroid_logits_kernel(
 
 @triton.jit
 def _cluster_scores_kernel(
-    LOGITS, M_PART, L_PART, SCORES,
-    slb, slh, slc, ssb, ssh, ssc,
+    LOGITS, M_PART, L_PART, SCORES, SIZES, HIST,
+    slb, slh, slc, ssb, ssh, ssc, szb, szh, szc,
     Hkv, group, C, num_blocks,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_HIST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Scores of clusters [pid_c * BLOCK_C, +BLOCK_C) of (batch, kv head) pid_bh.
 
     Grid: (cdiv(C, BLOCK_C), B * Hkv). Merges each head's block partials (M_PART, L_PART, see
     _centroid_logits_kernel) into its lse, then writes SCORES (B, Hkv, C) fp32 =
-    sum over the group's heads of exp(LOGITS - lse).
+    sum over the group's heads of exp(LOGITS - lse). With HAS_HIST it also counts the cluster selection's
+    first level (SIZES (B, Hkv, Ccap) int, HIST a cluster_select histogram, row pid_bh), saving that pass.
     """
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -214,9 +223,12 @@ def _cluster_scores_kernel(
                         mask=row_ok[:, None] & c_ok[None, :], other=float("-inf"))
         score += tl.sum(tl.exp(logit - lse[:, None]), 0)
     tl.store(SCORES + b * ssb + hkv * ssh + offs_c * ssc, score, mask=c_ok)
+    if HAS_HIST:
+        size = tl.load(SIZES + b * szb + hkv * szh + offs_c * szc, mask=c_ok, other=0).to(tl.int32)
+        count_top_level(HIST, pid_bh, score, size, c_ok)
 
 
-def score_clusters(q, centroids, clusters, *, scale, softcap=0.0):
+def score_clusters(q, centroids, clusters, *, scale, softcap=0.0, select_sizes=None):
     """Centroid logits and cluster scores (Triton).
 
     q: (B, Hq, 1, D) fp16/bf16/fp32, any strides; centroids: (B, Hkv, Ccap, D) (fp32; any float
@@ -224,32 +236,40 @@ def score_clusters(q, centroids, clusters, *, scale, softcap=0.0):
     Ccap) are read. scale / softcap (0 = off): as in the attention kernel.
     Returns (logits (B, Hq, clusters), scores (B, Hkv, clusters)), new contiguous fp32 tensors:
     logits = softcap(scale * q.c); scores = sum over a kv head's query heads of their softmax over
-    the clusters.
+    the clusters. With select_sizes ((B, Hkv, >= clusters) int32/int64, the clusters' sizes) also a third
+    tensor: the cluster selection's histogram with its first level counted, for
+    ``cluster_select.select_clusters(..., top_level=)`` on these scores and sizes.
     """
     B, Hq, Hkv, D, C = check_score_inputs(q, centroids, clusters, scale=scale, softcap=softcap)
-    device = _check_device("score_clusters", {"q": q, "centroids": centroids})
+    device = _check_device("score_clusters", {"q": q, "centroids": centroids, "select_sizes": select_sizes})
+    if select_sizes is not None and (select_sizes.dim() != 3 or tuple(select_sizes.shape[:2]) != (B, Hkv)
+                                     or select_sizes.shape[2] < C
+                                     or select_sizes.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"select_sizes must be a ({B}, {Hkv}, >= {C}) int32/int64 tensor, got "
+                         f"{tuple(select_sizes.shape)} {select_sizes.dtype}")
     logits = torch.empty((B, Hq, C), dtype=torch.float32, device=device)
     scores_out = torch.empty((B, Hkv, C), dtype=torch.float32, device=device)
-    if B == 0:
-        return logits, scores_out
-    group = Hq // Hkv
-    num_blocks = triton.cdiv(C, _SCORE_BLOCK_C)
-    m_part = torch.empty((B * Hq, num_blocks), dtype=torch.float32, device=device)
-    l_part = torch.empty_like(m_part)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    qk_scale, softcap_scale = _score_scales(scale, softcap, log2_domain=False)
-    _centroid_logits_kernel[(num_blocks, B * Hkv)](
-        q, centroids, logits, m_part, l_part,
-        q.stride(0), q.stride(1), q.stride(3), *centroids.stride(), *logits.stride(),
-        Hkv, group, C, D, num_blocks, qk_scale, softcap_scale,
-        HAS_SOFTCAP=softcap > 0, BLOCK_C=_SCORE_BLOCK_C, BLOCK_D=BLOCK_D, num_warps=4,
-    )
-    _cluster_scores_kernel[(triton.cdiv(C, _SCORE_REDUCE_BLOCK_C), B * Hkv)](
-        logits, m_part, l_part, scores_out, *logits.stride(), *scores_out.stride(),
-        Hkv, group, C, num_blocks,
-        BLOCK_M=_SCORE_BLOCK_M, BLOCK_C=_SCORE_REDUCE_BLOCK_C, BLOCK_B=_SCORE_BLOCK_B, num_warps=4,
-    )
-    return logits, scores_out
+    hist = None if select_sizes is None else new_histogram(B * Hkv, device)
+    if B > 0:
+        group = Hq // Hkv
+        num_blocks = triton.cdiv(C, _SCORE_BLOCK_C)
+        m_part = torch.empty((B * Hq, num_blocks), dtype=torch.float32, device=device)
+        l_part = torch.empty_like(m_part)
+        BLOCK_D = max(16, triton.next_power_of_2(D))
+        qk_scale, softcap_scale = _score_scales(scale, softcap, log2_domain=False)
+        _centroid_logits_kernel[(num_blocks, B * Hkv)](
+            q, centroids, logits, m_part, l_part,
+            q.stride(0), q.stride(1), q.stride(3), *centroids.stride(), *logits.stride(),
+            Hkv, group, C, D, num_blocks, qk_scale, softcap_scale,
+            HAS_SOFTCAP=softcap > 0, BLOCK_C=_SCORE_BLOCK_C, BLOCK_D=BLOCK_D, num_warps=_SCORE_WARPS,
+        )
+        size_strides = (0, 0, 0) if select_sizes is None else select_sizes.stride()
+        _cluster_scores_kernel[(triton.cdiv(C, _SCORE_REDUCE_BLOCK_C), B * Hkv)](
+            logits, m_part, l_part, scores_out, select_sizes, hist, *logits.stride(), *scores_out.stride(),
+            *size_strides, Hkv, group, C, num_blocks, HAS_HIST=hist is not None,
+            BLOCK_M=_SCORE_BLOCK_M, BLOCK_C=_SCORE_REDUCE_BLOCK_C, BLOCK_B=_SCORE_BLOCK_B, num_warps=4,
+        )
+    return (logits, scores_out) if hist is None else (logits, scores_out, hist)
 
 
 # --- cluster_attention -------------------------------------------------------------------------
@@ -262,8 +282,8 @@ def _cluster_attention_kernel(
     sos, sob, soh, sod, sls, slb, slh,
     Hkv, group, R, num_splits, D, DV, qk_scale, softcap_log2,
     HAS_TABLE: tl.constexpr, PAGE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: rows [pid_m * BLOCK_M, +BLOCK_M) of (batch, kv head) pid_bh, split pid_s of its
     selected clusters.
@@ -275,11 +295,10 @@ def _cluster_attention_kernel(
     page, dim) and TABLE (B, Hkv, Pcap) int32: row r of (b, h) is row r % PAGE of slot TABLE[b, h, r // PAGE].
     Writes OUT (num_splits, B, Hq, Dv) and LSE (num_splits, B, Hq) fp32, normalized per split.
 
-    Both paths run the same tiles in the same order (each selected cluster in list order, cut into
-    tiles of BLOCK_N of its rows, tile t0 holding rows start + t0 + [0, BLOCK_N) of which those < size
-    are real): only the tile addresses differ, so they give bit-identical results for the same rows.
-    Tokens past a cluster's size are masked at the load (other=0): what they hold (even NaN) never
-    enters a product, and their table entries are not read.
+    Both paths run the same tiles in the same order (the selected clusters in list order, BLOCK_G at a
+    time, the group's tokens end to end in tiles of BLOCK_N): only the tile addresses differ, so they give
+    bit-identical results for the same rows. Slots past the group's tokens are masked at the load
+    (other=0): what lies between clusters (even NaN) never enters a product, and no table entry of it is read.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -302,17 +321,25 @@ def _cluster_attention_kernel(
         K = K + b * sk0 + hkv * sk1
         V = V + b * sv0 + hkv * sv1
 
+    offs_g = tl.arange(0, BLOCK_G)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for j in range(lo, hi):
-        c = tl.load(sel_row + j * see).to(tl.int64)
-        start = tl.load(starts_row + c * stc).to(tl.int64)
-        size = tl.load(sizes_row + c * szc)
-        for t0 in range(0, size, BLOCK_N):
+    for g0 in range(lo, hi, BLOCK_G):
+        # A group of BLOCK_G clusters, its tokens laid end to end: slot t of the group is row start_c + t - begin_c
+        # of the cluster c with begin_c <= t < end_c. Every tile's loads depend only on the group's (start, size).
+        j = g0 + offs_g
+        c = tl.load(sel_row + j * see, mask=j < hi, other=0).to(tl.int64)
+        size = tl.maximum(tl.load(sizes_row + c * szc, mask=j < hi, other=0), 0)
+        start = tl.load(starts_row + c * stc, mask=size > 0, other=0).to(tl.int64)
+        end = tl.cumsum(size, 0)
+        begin = end - size
+        for t0 in range(0, tl.sum(size, 0), BLOCK_N):
             t = t0 + offs_n
-            tok_ok = t < size
-            row = start + t                           # int64: rows of a large cache overflow int32
+            inside = (t[:, None] >= begin[None, :]) & (t[:, None] < end[None, :])    # (BLOCK_N, BLOCK_G)
+            tok_ok = tl.sum(inside.to(tl.int32), 1) > 0
+            # int64: rows of a large cache overflow int32
+            row = tl.sum(tl.where(inside, start[None, :] + (t[:, None] - begin[None, :]), 0), 1)
             if HAS_TABLE:
                 slot = tl.load(page_list + (row // PAGE) * spj, mask=tok_ok, other=0).to(tl.int64)
                 k_ptrs = K + slot[:, None] * sk0 + (row % PAGE)[:, None] * skr
@@ -320,7 +347,7 @@ def _cluster_attention_kernel(
             else:
                 k_ptrs = K + row[:, None] * skr
                 v_ptrs = V + row[:, None] * svr
-            # Tokens past the cluster's size are loaded as 0 (never their garbage).
+            # Slots past the group's tokens are loaded as 0 (never what lies between clusters).
             k = tl.load(k_ptrs + offs_d[None, :] * skd, mask=tok_ok[:, None] & d_ok[None, :], other=0.0)
             s = scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP, UPCAST_DOT)
             v = tl.load(v_ptrs + offs_dv[None, :] * svd, mask=tok_ok[:, None] & dv_ok[None, :], other=0.0)
@@ -383,7 +410,8 @@ def cluster_attention(q, keys, values, starts, sizes, selected, *, scale, softca
         *starts.stride(), *sizes.stride(), *selected.stride(), *table_strides, *out.stride(), *lse.stride(),
         Hkv, group, R, num_splits, D, Dv, qk_scale, softcap_log2,
         HAS_TABLE=page_table is not None, PAGE=max(P, 1), HAS_SOFTCAP=softcap > 0, DOT_FP32=dot_fp32,
-        UPCAST_DOT=upcast_dot, BLOCK_M=BLOCK_M, BLOCK_N=_CLUSTER_BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+        UPCAST_DOT=upcast_dot, BLOCK_M=BLOCK_M, BLOCK_N=_CLUSTER_BLOCK_N, BLOCK_G=_CLUSTER_BLOCK_G, BLOCK_D=BLOCK_D,
+        BLOCK_DV=BLOCK_DV,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse

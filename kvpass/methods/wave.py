@@ -190,12 +190,15 @@ class WaveStore(LayerStore):
         index = self._index
         C = index.clusters
         scoring = dict(scale=spec.scale, softcap=spec.softcap)
-        logits, scores = kernels_dispatch.score_clusters(q, index.centroids, C, **scoring)
+        # The scan's selection has its first histogram level counted by the kernel that computes its scores.
+        scan_sizes = index.sizes if self.method.search == "scan" else None
+        logits, scores, top_level = kernels_dispatch.score_clusters(
+            q, index.centroids, C, select_sizes=None if self._codes is not None else scan_sizes, **scoring)
         if self._codes is not None:
             # Pre-RoPE codes choose the clusters, scored by the query rotated to the window distance (wave_codes);
             # estimation keeps the exact logits of the clusters' mean post-RoPE keys.
-            _, scores = kernels_dispatch.score_clusters(self._codes.query(q, self._length - 1), index.codes, C,
-                                                        **scoring)
+            _, scores, top_level = kernels_dispatch.score_clusters(self._codes.query(q, self._length - 1), index.codes,
+                                                                   C, select_sizes=scan_sizes, **scoring)
         retrieved, estimated = budgets(self.method, C)
         if self._selected is None:
             self._selected = torch.zeros(2, dtype=torch.int64, device=q.device)
@@ -206,7 +209,8 @@ class WaveStore(LayerStore):
         else:
             # Retrieved then estimated clusters, each in cluster order; empty clusters rank last; their sizes are
             # added to the read counters on the device.
-            top = kernels_dispatch.select_clusters(scores, index.sizes, C, retrieved, estimated, self._selected)
+            top = kernels_dispatch.select_clusters(scores, index.sizes, C, retrieved, estimated, self._selected,
+                                                   top_level)
             self._scored += C * top.shape[0] * top.shape[1]
         chosen, rest = top[..., :retrieved], top[..., retrieved:]
         ready = None
