@@ -54,18 +54,16 @@ fp32). As in the dense kernel, under the CPU interpreter bf16 dot operands are m
 
 Speed
 -----
-Block sizes and warps follow simple rules and were **not tuned on a GPU** (cluster_attention's
-``BLOCK_G`` and ``BLOCK_N`` neither); the automatic split counts come from one sweep
-(benchmarks/probes/wave_splits.py, see reference.py).
-One measurement on an H100 (Triton 3.6, B = 1, Hkv = 8, group = 4, D = Dv = 128, fp32 centroids
-and value sums at the time, kernel times from the profiler): score_clusters 21 us at 8K clusters
-and 78 us at 32K (fp32 centroids read at ~1.9 TB/s); estimate_clusters over 8K clusters 39 us (16
-splits), over 2K 36 us (4 splits); merge_partials 5 us (+ 3 us for torch.cat). No kernel spilled
-registers there. In the store's decode step at 128K (benchmarks/probes/wave_profile.py, fp16, 148
-retrieved and ~1,900 estimated clusters per kv head, automatic splits) the profiler showed
-cluster_attention 15 us, estimate_clusters 12 us, the centroid logits 13 us and the scores 3 us. An offline sm_90a compile with Triton 3.9 (no GPU) shows small spills (<= 40 bytes) in a few
-configurations of it (fp32 or paged 16-bit operands) and of estimate_clusters (its pre-change version
-too), not investigated.
+Block sizes and warps follow simple rules; cluster_attention's ``BLOCK_G`` and ``BLOCK_N`` were **not tuned
+on a GPU**. The automatic split counts come from one sweep (benchmarks/probes/wave_splits.py, see
+reference.py), the scoring's block and warps from another (benchmarks/probes/wave_score_blocks.py: every
+setting tried was within 15 %). In the store's decode step at 128K on an H100 (Triton 3.6, B = 1, Hkv = 8,
+group = 4, D = Dv = 128, fp16, 148 retrieved and 1,901 estimated clusters per kv head;
+benchmarks/probes/wave_profile.py) the profiler shows the centroid logits 13.1 us (16.7 MB at 1.3 TB/s),
+cluster_attention 12.5 us (64 splits), estimate_clusters 9.4 us (30 splits), the scores with the select's
+first level 6.9 us and merge_partials 5.5 us. An offline sm_90a compile with Triton 3.9 (no GPU) showed small
+spills (<= 40 bytes) in a few configurations of cluster_attention (fp32 or paged 16-bit operands, before its
+grouped walk) and of estimate_clusters, not investigated.
 """
 from __future__ import annotations
 
