@@ -219,6 +219,32 @@ def test_tripartite_matches_a_direct_computation():
     assert 0 < stats["keys_exact"] < 1 and stats["keys_estimated"] > 0 and stats["keys_skipped"] > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU")
+def test_captured_step_with_side_stream_equals_the_eager_step():
+    """Under CUDA-graph capture the steady zone and the estimation run on a side stream: replaying the graph gives
+    the eager step's output bit for bit, replay after replay (the side stream's partials are never overwritten
+    before the merge reads them)."""
+    method = WaveIndex(**SMALL, retrieval=0.2, estimation=0.3)
+    k, v = _tokens(2, 2, 90, D=64, seed=4, dtype=torch.float16)
+    store = WaveStore(method, layer=0)
+    _decode([store], k.cuda(), v.cuda(), 89, Hq=8)
+    q = _query(2, 8, D=64, seed=9, dtype=torch.float16).cuda()
+    eager = store.tripartite(q, SPEC)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        store.tripartite(q, SPEC)                      # warm-up off the default stream, as capture requires
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = store.tripartite(q, SPEC)
+    for _ in range(3):
+        captured.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
+
+
 def test_rows_never_mix():
     """Each row of a batch decodes as it does alone (no padding: the same index range)."""
     method = WaveIndex(**SMALL)

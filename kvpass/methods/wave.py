@@ -20,6 +20,8 @@ materialized cache.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -190,6 +192,17 @@ class WaveStore(LayerStore):
         index = self._index
         C = index.clusters
         scoring = dict(scale=spec.scale, softcap=spec.softcap)
+        # The three parts are independent chains of small, latency-bound kernels. Under CUDA-graph capture the steady
+        # zone (which needs only q) runs on a side stream beside the scoring and the selection, and the estimation
+        # beside the cluster attention; the merge waits for both. Replayed at 128K that saves 6 of 85 us. Launched
+        # eagerly the step is bound by the host (about 1 ms), where GPU concurrency cannot help and the switches
+        # only add host work (benchmarks/probes/wave_streams.py).
+        side = _side_stream(q.device.index) if q.is_cuda and torch.cuda.is_current_stream_capturing() else None
+        n = self._steady
+        with _forked(side):
+            steady_out, steady_lse = kernels_dispatch.attention(
+                q, self._k[:, :, :n], self._v[:, :, :n], mask=None, is_causal=False, window=0,
+                valid=self._valid[:, :n], return_lse=True, **scoring)
         # The scan's selection has its first histogram level counted by the kernel that computes its scores.
         scan_sizes = index.sizes if self.method.search == "scan" else None
         logits, scores, top_level = kernels_dispatch.score_clusters(
@@ -219,12 +232,10 @@ class WaveStore(LayerStore):
             ready = torch.cuda.Event() if q.is_cuda else None
             if ready is not None:
                 ready.record()
-        # The steady zone and the estimation do not need the retrieved pages: they run while those are copied.
-        n = self._steady
-        steady_out, steady_lse = kernels_dispatch.attention(
-            q, self._k[:, :, :n], self._v[:, :, :n], mask=None, is_causal=False, window=0,
-            valid=self._valid[:, :n], return_lse=True, **scoring)
-        est_out, est_lse = kernels_dispatch.estimate_clusters(logits, index.value_means, index.sizes, rest)
+        # The estimation needs the selection but not the retrieved pages: it runs beside the cluster attention (and
+        # the offload's page copies).
+        with _forked(side):
+            est_out, est_lse = kernels_dispatch.estimate_clusters(logits, index.value_means, index.sizes, rest)
         if self._buffer is None:
             keys, values, table = index.keys, index.values, None
         else:
@@ -236,6 +247,7 @@ class WaveStore(LayerStore):
             keys, values, table = self._buffer.pool_k, self._buffer.pool_v, self._buffer.page_table
         ret_out, ret_lse = kernels_dispatch.cluster_attention(q, keys, values, index.starts, index.sizes, chosen,
                                                               page_table=table, **scoring)
+        _join(side, steady_out, steady_lse, est_out, est_lse)
         out = kernels_dispatch.merge_partials([steady_out.permute(2, 0, 1, 3), ret_out, est_out],
                                               [steady_lse.permute(2, 0, 1), ret_lse, est_lse], q.dtype)
         self._count(top.shape[0], top.shape[1], n)
@@ -388,3 +400,31 @@ class WaveStore(LayerStore):
         pages = B * H * math.ceil(self._index_capacity() / index.page)
         retrieved, _ = budgets(self.method, max(1, math.ceil(self._index_capacity() / self.method.cluster_size)))
         return max(math.ceil(self.method.buffer * pages), 2 * B * H * retrieved)
+
+
+@functools.cache
+def _side_stream(device_index: int) -> torch.cuda.Stream:
+    """One side stream per GPU for the decode step's independent attention parts (layers run one at a time)."""
+    return torch.cuda.Stream(device_index)
+
+
+@contextlib.contextmanager
+def _forked(side: torch.cuda.Stream | None):
+    """Run the block on `side` after what the current stream has queued (nothing changes when side is None)."""
+    if side is None:
+        yield
+        return
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+
+
+def _join(side: torch.cuda.Stream | None, *made_on_side: torch.Tensor) -> None:
+    """Make the current stream wait for `side`, and keep the memory of the tensors made there from being reused
+    by `side` before the current stream has read them."""
+    if side is None:
+        return
+    current = torch.cuda.current_stream()
+    current.wait_stream(side)
+    for t in made_on_side:
+        t.record_stream(current)
