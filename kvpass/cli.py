@@ -42,7 +42,8 @@ def _attention_method(args, bits=None):
             return KIVI(bits=int(bits), group=args.group, residual=args.window)
         if args.attention == "wave":
             return WaveIndex(retrieval=args.retrieval, estimation=args.estimation, min_context=args.min_context,
-                             scoring=args.scoring, search=args.search, offload=args.offload, buffer=args.buffer)
+                             recent=args.recent, scoring=args.scoring, search=args.search, offload=args.offload,
+                             buffer=args.buffer)
         return Dense(dtype=args.kv_dtype)
     except ValueError as error:
         raise SystemExit(f"kvpass: {error}") from None
@@ -70,8 +71,9 @@ def _method_name(config: Config) -> str:
                               + ("" if m.score == "bound" else f"-{m.score}")
                               + ("" if m.keys == "pre-rope" else f"-{m.keys}")),
             "kivi": lambda: f"kivi-{m.bits}bit",
-            "wave": lambda: (f"wave-{m.retrieval:g}r-{m.estimation:g}e" + ("" if m.scoring == "centroid" else
-                                                                          f"-{m.scoring}")
+            "wave": lambda: (f"wave-{m.retrieval:g}r-{m.estimation:g}e"
+                             + ("" if m.recent == WaveIndex().recent else f"-{m.recent}recent")
+                             + ("" if m.scoring == "centroid" else f"-{m.scoring}")
                              + ("" if m.search == "scan" else f"-{m.search}")
                              + ("-offload" if m.offload else ""))}.get(m.method, lambda: m.method)()
     f = config.ffn
@@ -143,6 +145,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                                                                                   "by their centroid")
     parser.add_argument("--min-context", type=int, default=wave.min_context, help="wave: tokens before the index is "
                                                                                   "built")
+    parser.add_argument("--recent", type=int, default=wave.recent, help="wave: newest prompt tokens kept exact in the "
+                                                                        "steady zone")
     parser.add_argument("--scoring", choices=WAVE_SCORING, default=wave.scoring, help="wave: how clusters are scored")
     parser.add_argument("--search", choices=WAVE_SEARCH, default=wave.search, help="wave: scan every centroid, or "
                                                                                  "search the prompt queries' graph")

@@ -38,8 +38,23 @@ def test_method_flags_are_validated():
         main(["calibrate", "--attention", "kivi", "--out", "x.safetensors"])
     with pytest.raises(SystemExit, match="search='graph'"):
         main(["eval", "ppl", "--attention", "wave", "--scoring", "pre-rope", "--search", "graph"])
+    with pytest.raises(SystemExit, match="recent=0"):
+        main(["eval", "ppl", "--attention", "wave", "--recent", "0"])
     with pytest.raises(SystemExit, match=r"rope scaling 'yarn:1'.*FACTOR > 1"):
         main(["eval", "passkey", "--rope-scaling", "yarn:1"])
+
+
+def test_wave_flags_reach_the_method_and_its_name():
+    import argparse
+
+    from kvpass.cli import _add_model_args, _config, _method_name
+
+    parser = argparse.ArgumentParser()
+    _add_model_args(parser)
+    config = _config(parser.parse_args(["--attention", "wave", "--recent", "256", "--estimation", "0.5"]))
+    assert (config.attention.recent, config.attention.estimation) == (256, 0.5)
+    assert _method_name(config) == "wave-0.018r-0.5e-256recent"
+    assert _method_name(_config(parser.parse_args(["--attention", "wave"]))) == "wave-0.018r-0.232e"
 
 
 @pytest.mark.slow
