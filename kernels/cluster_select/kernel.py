@@ -57,7 +57,7 @@ _LOW2: tl.constexpr = tl.constexpr(5120)
 _RANKS: tl.constexpr = tl.constexpr(6144)
 _ROW: tl.constexpr = tl.constexpr(6152)
 _PREFIX_TILE: tl.constexpr = tl.constexpr(4096)   # keys per step of _write_kernel's prefix count (>= _MAX_BLOCK)
-_MAX_CHUNKS = 16     # chunks per row up to 64K clusters (_MAX_BLOCK each): bounds _write_kernel's prefix loop
+_MAX_CHUNKS = 16     # programs per row up to 64K clusters (_MAX_BLOCK each); longer rows get more chunks
 _MIN_BLOCK = 64
 _MAX_BLOCK = 4096
 _MAX_SCORE_BITS: tl.constexpr = tl.constexpr(0x7F800000)
@@ -211,7 +211,7 @@ def _write_kernel(SCORES, SIZES, HIST, TOP, COUNTS, ssb, ssh, ssc, szb, szh, szc
 
 
 def _block(clusters: int) -> int:
-    """Chunk size: _MAX_CHUNKS chunks per row (the write kernel's prefix loop) in blocks of _MIN_BLOCK to
+    """Chunk size: _MAX_CHUNKS chunks per row (enough programs at batch 1) in blocks of _MIN_BLOCK to
     _MAX_BLOCK clusters (a longer row gets more chunks)."""
     return min(_MAX_BLOCK, max(_MIN_BLOCK, triton.next_power_of_2(triton.cdiv(clusters, _MAX_CHUNKS))))
 
