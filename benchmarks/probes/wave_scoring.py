@@ -37,6 +37,7 @@ def main() -> None:
                         help="scan every centroid, or search the cluster graph (not with pre-rope)")
     parser.add_argument("--rope-windows", type=int, nargs="+", default=[WaveIndex.rope_window],
                         help="pre-rope: the scoring distances to compare")
+    parser.add_argument("--per-layer", action="store_true", help="also print each layer's mean relative error")
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m")
     codes = calibrate(model, WaveIndex(scoring="pre-rope"), tokenizer=tokenizer) if "pre-rope" in args.scorings else None
@@ -53,7 +54,7 @@ def main() -> None:
     for scoring, window, search in variants:
         for retrieval in args.budgets:
             method = WaveIndex(retrieval=retrieval, scoring=scoring, rope_window=window, search=search)
-            errors, exact, estimated, scored = [], [], [], []
+            errors, exact, estimated, scored, layers = [], [], [], [], []
             for call in calls:
                 spec = AttentionSpec(scale=call.scale, softcap=call.softcap)
                 store = WaveStore(method, layer=call.layer, calibration=codes)
@@ -64,6 +65,7 @@ def main() -> None:
                     truth = call.out[:, :, t : t + 1]
                     errors.append(((out - truth).norm() / truth.norm()).item())
                     store.maintain()
+                layers.append(sum(errors[-args.steps:]) / args.steps)
                 stats = store.stats()
                 exact.append(stats["keys_exact"])
                 estimated.append(stats["keys_estimated"])
@@ -72,6 +74,8 @@ def main() -> None:
             name = (scoring if scoring != "pre-rope" else f"{scoring}-{window}") + ("" if search == "scan" else "+graph")
             print(f"{name:>14} {retrieval:9.3f} {100 * sum(exact) / n:12.2f} {100 * sum(estimated) / n:11.2f} "
                   f"{sum(errors) / len(errors):10.4f} {100 * sum(scored) / n:11.1f}", flush=True)
+            if args.per_layer:
+                print("    per layer: " + " ".join(f"{call.layer}:{e:.3f}" for call, e in zip(calls, layers)))
 
 
 if __name__ == "__main__":
