@@ -67,6 +67,17 @@ def loaded_store(method, k, v, layer=0):
     return store, time.perf_counter() - start
 
 
+def probe_layer(length: int, steps: int, method=None):
+    """The probes' setup: a store holding `length` synthetic tokens (seed 0) under `method` (default WaveIndex()),
+    the layer's AttentionSpec, and `steps` drifting queries (seed 1)."""
+    from kvpass import WaveIndex
+    from kvpass.methods.base import AttentionSpec
+
+    k, v = synthetic_kv(length, seed=0)
+    store, _ = loaded_store(WaveIndex() if method is None else method, k, v)
+    return store, AttentionSpec(scale=D ** -0.5), drifting_queries(steps, seed=1)
+
+
 def per_layer(length: int, steps: int) -> dict:
     """Decode attention time and bytes of one layer at `length` tokens: SDPA, wave (device), wave (offload)."""
     import triton

@@ -15,22 +15,16 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from wave_bench import D, drifting_queries, loaded_store, synthetic_kv  # noqa: E402
+from wave_bench import probe_layer  # noqa: E402
 
 
 def main() -> None:
-    from kvpass import WaveIndex
-    from kvpass.methods.base import AttentionSpec
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=131072)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
-    k, v = synthetic_kv(args.context, seed=0)
-    store, _ = loaded_store(WaveIndex(), k, v)
-    spec = AttentionSpec(scale=D ** -0.5)
-    q = drifting_queries(1, seed=1)[0]
+    store, spec, (q,) = probe_layer(args.context, 1)
     for _ in range(20):
         store.tripartite(q, spec)
     torch.cuda.synchronize()

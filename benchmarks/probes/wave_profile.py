@@ -12,21 +12,17 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from wave_bench import D, drifting_queries, loaded_store, synthetic_kv  # noqa: E402
+from wave_bench import probe_layer  # noqa: E402
 
 
 def main() -> None:
     from kvpass import WaveIndex
-    from kvpass.methods.base import AttentionSpec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=131072)
     parser.add_argument("--offload", action="store_true")
     args = parser.parse_args()
-    k, v = synthetic_kv(args.context, seed=0)
-    store, _ = loaded_store(WaveIndex(offload=args.offload), k, v)
-    spec = AttentionSpec(scale=D ** -0.5)
-    queries = drifting_queries(20, seed=1)
+    store, spec, queries = probe_layer(args.context, 20, WaveIndex(offload=args.offload))
     for q in queries[:10]:
         store.tripartite(q, spec)
     torch.cuda.synchronize()

@@ -12,7 +12,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from wave_bench import D, drifting_queries, loaded_store, synthetic_kv  # noqa: E402
+from wave_bench import probe_layer  # noqa: E402
 
 SPLITS = (None, 8, 16, 32, 64, 128)
 
@@ -27,11 +27,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=131072)
     args = parser.parse_args()
-    k, v = synthetic_kv(args.context, seed=0)
-    store, _ = loaded_store(WaveIndex(), k, v)
+    store, spec, (q,) = probe_layer(args.context, 1)
     index, C = store._index, store._index.clusters
-    q = drifting_queries(1, seed=1)[0]
-    scale = D ** -0.5
+    scale = spec.scale
     logits, scores = score_clusters(q, index.centroids, C, scale=scale)   # the select counts its own first level
     retrieved, estimated = budgets(WaveIndex(), C)
     top = select_clusters(scores, index.sizes, C, retrieved, estimated)

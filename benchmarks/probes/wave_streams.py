@@ -14,25 +14,20 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from wave_bench import D, drifting_queries, loaded_store, synthetic_kv  # noqa: E402
+from wave_bench import probe_layer  # noqa: E402
 
 
 def main() -> None:
     from triton.testing import do_bench
 
-    from kvpass import WaveIndex
     from kvpass.eval.bench import graph_time_ms
     from kvpass.methods import wave
-    from kvpass.methods.base import AttentionSpec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=131072)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    k, v = synthetic_kv(args.context, seed=0)
-    store, _ = loaded_store(WaveIndex(), k, v)
-    spec = AttentionSpec(scale=D ** -0.5)
-    q = drifting_queries(1, seed=1)[0]
+    store, spec, (q,) = probe_layer(args.context, 1)
     with_side = wave._side_stream
     settings = {"side stream": with_side, "one stream": lambda index: None}
     print(f"context {args.context}: ms per step")
