@@ -31,9 +31,10 @@ the output is deterministic.
 The wave scoring kernel can count the first level while it writes the scores (:func:`count_top_level`,
 ``top_level=``), which saves the first kernel.
 
-Speed (H100, Triton 3.6, CUDA-graph replay, ``benchmarks/probes/cluster_select.py``): 8 rows of 8,192
-clusters (a 128K context at batch 1) 30 us against ``torch.topk``'s 61-66 us; 8 x 32,768 88 us against 125;
-64 x 8,192 57 us against 69-73. In the 128K decode step: middle level 6.3 us, low level 3.9, write 9.8.
+Speed (H100, Triton 3.6, CUDA-graph replay, ``benchmarks/probes/cluster_select.py``; output in
+``benchmarks/results/probe-cluster-select-20261123-ranked.txt``): 8 rows of 8,192 clusters (a 128K context at
+batch 1) 30 us against ``torch.topk``'s 66 us; 8 x 32,768 88 us against 126; 64 x 8,192 57 us against 73. In
+the 128K decode step (``probe-wave-profile-20261123.txt``): middle level 6.3 us, low level 3.9, write 9.8.
 """
 from __future__ import annotations
 
