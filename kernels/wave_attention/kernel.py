@@ -61,9 +61,10 @@ setting tried was within 15 %). In the store's decode step at 128K on an H100 (T
 group = 4, D = Dv = 128, fp16, 148 retrieved and 1,901 estimated clusters per kv head;
 benchmarks/probes/wave_profile.py, benchmarks/results/probe-wave-profile-20261123.txt) the profiler shows
 the centroid logits 13.1 us (16.7 MB at 1.3 TB/s), cluster_attention 12.5 us (64 splits), estimate_clusters
-9.4 us (30 splits), the scores with the select's first level 6.9 us and merge_partials 5.5 us. An offline sm_90a compile with Triton 3.9 (no GPU) showed small
-spills (<= 40 bytes) in a few configurations of cluster_attention (fp32 or paged 16-bit operands, before its
-grouped walk) and of estimate_clusters, not investigated.
+9.4 us (30 splits), the scores with the select's first level 6.9 us and merge_partials 5.5 us.
+An offline sm_90a compile with Triton 3.9 (no GPU) showed small spills (<= 40 bytes) in a few configurations of
+cluster_attention (fp32 or paged 16-bit operands, before its grouped walk) and of estimate_clusters, not
+investigated.
 """
 from __future__ import annotations
 
