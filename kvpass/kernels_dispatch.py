@@ -91,16 +91,6 @@ def select_clusters(scores, sizes, clusters, retrieved, estimated, counts, top_l
     return family.select_clusters_reference(scores, sizes, clusters, retrieved, estimated, counts)
 
 
-def copy_pages(src_k, src_v, dst_k, dst_v, table, moves):
-    """Move pages of an offloaded index into slots of the device pool, in place: for each (page, slot) row of moves
-    (m, 2) int64, dst_k[slot] = src_k[page], dst_v[slot] = src_v[page], table[page] = slot. On a GPU the sources and
-    moves may sit in page-locked CPU memory. See kvpass.kernels.page_copy."""
-    from .kernels import page_copy as family
-
-    fn = family.copy_pages if use_triton(dst_k) else family.copy_pages_reference
-    fn(src_k, src_v, dst_k, dst_v, table, moves)
-
-
 def cluster_attention(q, keys, values, starts, sizes, selected, *, page_table, scale, softcap):
     """Exact attention of q (B, Hq, 1, D) over the tokens of the selected clusters (B, Hkv, R), read directly
     from cluster-contiguous keys/values or through page_table from a page pool: split partials (out (S, B, Hq,

@@ -2,10 +2,10 @@
 
 The full clustered K/V of a layer sits in CPU memory (`ClusterIndex(host=True)`); the buffer holds `slots`
 pages of it on the device. Each decode step names the clusters it will attend exactly; `fetch` maps their pages
-to slots and moves the missing ones into the pool with one kernel on a side stream (kvpass.kernels.page_copy: it
-reads the pages and the list of moves straight from pinned host memory, and writes the page table), then returns
-the event the attention kernel's stream must wait for, so the copy overlaps whatever the step launches in between
-(the estimation). The bookkeeping runs on the host (numpy): the step's selection is already there.
+to slots, copies the missing ones host -> device on a side stream, and returns the event the attention kernel's
+stream must wait for, so the copies overlap whatever the step launches in between (the steady-zone attention
+and the centroid estimation). The bookkeeping runs on the host (numpy): the step's selection is already there,
+the page table it produces goes to the device in one small copy.
 
 Eviction picks the least recently used slots among those the current step does not need; a step that needs
 more pages than the buffer holds raises before any state changes, naming the knob (`WaveIndex(buffer=...)`).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import kernels_dispatch
 from .wave_index import ClusterIndex
 
 
@@ -50,8 +49,7 @@ class WaveBuffer:
         self._last_used = np.zeros(slots, dtype=np.int64)        # step that last read the slot (0 = never)
         self.hits = self.misses = self.steps = 0
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._moves = None      # pinned (n, 2) int64: the (page, slot) rows the copy kernel reads
-        self._reading = None    # (event, host tensors) of the copy in flight
+        self._staging_k = self._staging_v = None
 
     def _grow_table(self) -> None:
         """Follow the index when it grows (new runs add pages)."""
@@ -122,36 +120,37 @@ class WaveBuffer:
         return self._copy(missing, victims, after)
 
     def _copy(self, missing: np.ndarray, victims: np.ndarray, after) -> torch.cuda.Event | None:
-        """Move the pages `missing` (flat page keys) into the slots `victims` and record them in the page table. On a
-        GPU the copy kernel runs on the side stream and reads the pages and the move list straight from pinned
-        host memory; returns the event that marks its end (None on the CPU)."""
         index, page = self.index, self.index.page
         B, H = self.page_table.shape[:2]
-        # Page key bh * Pcap + page indexes the flattened pages directly (Pcap = pages per (row, head)).
         flat_k = index.keys.view(B * H * (index.keys.shape[2] // page), page, -1)
         flat_v = index.values.view(B * H * (index.values.shape[2] // page), page, -1)
-        table = self.page_table.view(-1)
+        # Page key bh * Pcap + page indexes the flattened pages directly (Pcap = pages per (row, head)).
+        rows = torch.from_numpy(missing)
+        slots = torch.from_numpy(victims)
+        table_update = torch.from_numpy(victims.astype(np.int32))
         if self._stream is None:
-            moves = torch.from_numpy(np.stack([missing, victims], axis=1))
-            kernels_dispatch.copy_pages(flat_k, flat_v, self.pool_k, self.pool_v, table, moves)
+            self.pool_k[slots] = flat_k[rows]
+            self.pool_v[slots] = flat_v[rows]
+            self.page_table.view(-1)[rows] = table_update
             return None
-        # The previous copy read its move list and the host pages until its event: wait for it before the list is
-        # rewritten and before letting go of those pages (the index may have grown into new host tensors since).
-        if self._reading is not None:
-            self._reading[0].synchronize()
         m = len(missing)
-        if self._moves is None or self._moves.shape[0] < m:
-            self._moves = torch.empty((max(m, self.slots // 4), 2), dtype=torch.int64, pin_memory=True)
-        moves = self._moves[:m]
-        moves.numpy()[:, 0] = missing
-        moves.numpy()[:, 1] = victims
+        if self._staging_k is None or self._staging_k.shape[0] < m:
+            self._staging_k = torch.empty((max(m, self.slots // 4),) + flat_k.shape[1:], dtype=flat_k.dtype,
+                                          pin_memory=True)
+            self._staging_v = torch.empty((self._staging_k.shape[0],) + flat_v.shape[1:], dtype=flat_v.dtype,
+                                          pin_memory=True)
+        torch.index_select(flat_k, 0, rows, out=self._staging_k[:m])
+        torch.index_select(flat_v, 0, rows, out=self._staging_v[:m])
         with torch.cuda.stream(self._stream):
             if after is not None:
                 self._stream.wait_event(after)
-            kernels_dispatch.copy_pages(flat_k, flat_v, self.pool_k, self.pool_v, table, moves)
+            dst = slots.to(self.device, non_blocking=True)
+            self.pool_k.index_copy_(0, dst, self._staging_k[:m].to(self.device, non_blocking=True))
+            self.pool_v.index_copy_(0, dst, self._staging_v[:m].to(self.device, non_blocking=True))
+            self.page_table.view(-1).index_copy_(0, rows.to(self.device, non_blocking=True),
+                                                 table_update.to(self.device, non_blocking=True))
             done = torch.cuda.Event()
             done.record(self._stream)
-        self._reading = (done, flat_k, flat_v)
         return done
 
     def nbytes(self) -> dict[str, int]:
