@@ -9,10 +9,11 @@ the timed inputs; "rows read" the fraction of intermediate channels active in at
 weight rows the kernel reads).
 
 Part 2, end to end: `random:llama:8b` compiled by kvpass (Inductor; `--cudagraphs`: CUDA graphs between the
-attention ops, which BENCHMARKS.md's issue-3 baseline found slower than without), one
-decode step timed at batch 1 and 8 over a random-filled cache of `--context` tokens (kvpass.eval.bench), for the
-dense FFN and for CHESS (+selective), whose thresholds the backend calibrates on random token ids (the model has
-no tokenizer).
+attention ops, which BENCHMARKS.md's issue-3 baseline found slower than without), decode steps at batch 1 and 8
+over a random-filled cache of `--context` tokens, CHESS (+selective) against the dense FFN with their steps
+interleaved (two copies of the model; kvpass.eval.bench.interleaved_decode: the host-bound step drifts with the
+CPU's speed, so back-to-back runs would compare drifts). The CHESS thresholds are calibrated by the backend on
+random token ids (the model has no tokenizer).
 
     python benchmarks/chess_bench.py --out benchmarks/results              # both parts (--parts ffn | e2e)
 """
@@ -97,28 +98,38 @@ def ffn_table(batches, sparsities) -> list[dict]:
 
 
 def end_to_end(batches, context: int, steps: int, sparsity: float, cudagraphs: bool) -> list[dict]:
+    """Each CHESS configuration against dense, their decode steps interleaved (kvpass.eval.bench.
+    interleaved_decode): two copies of the model, one compiled dense, the other with the configuration."""
     import kvpass
     from kvpass.eval import bench
     from kvpass.models import load_model
 
-    model, _ = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")
-    configs = {"dense": kvpass.Config(), f"chess-{sparsity:g}": kvpass.Config(ffn=kvpass.Chess(sparsity=sparsity)),
+    dense_model, _ = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")
+    model, _ = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")   # the same weights (seeded)
+    configs = {f"chess-{sparsity:g}": kvpass.Config(ffn=kvpass.Chess(sparsity=sparsity)),
                f"chess-{sparsity:g}+selective": kvpass.Config(ffn=kvpass.Chess(sparsity=sparsity, selective=True))}
-    rows, dense = [], {}
-    for name, config in configs.items():
-        undo = bench.prepare(model, "kvpass", config, cudagraphs=cudagraphs)
-        try:
-            for batch in batches:
-                row = bench.decode_point(model, "kvpass", batch=batch, context=context, steps=steps)
-                dense.setdefault(batch, row["tokens_per_s"])
-                row.update(name=name, speedup=row["tokens_per_s"] / dense[batch], cudagraphs=cudagraphs)
-                if name != "dense":
+    undo_dense = bench.prepare(dense_model, "kvpass", kvpass.Config(), cudagraphs=cudagraphs)
+    rows = []
+    try:
+        for name, config in configs.items():
+            undo = bench.prepare(model, "kvpass", config, cudagraphs=cudagraphs)
+            try:
+                for batch in batches:
+                    pair = bench.interleaved_decode({"dense": dense_model, name: model}, "kvpass", batch=batch,
+                                                    context=context, steps=steps)
+                    for label, row in pair.items():
+                        row.update(name=label, cudagraphs=cudagraphs, against=name)
+                        rows.append(row)
+                    row = pair[name]
                     row["weight_copy_gib"] = kvpass.report(model)["chess"]["weight_copy_bytes"] / 2**30
-                rows.append(row)
-                print(f"e2e {name:24s} B{batch}: {row['tokens_per_s']:7.1f} tok/s ({row['step_ms']:6.2f} ms/step) "
-                      f"{row['speedup']:5.2f}x dense  peak {row['peak_gib']:.1f} GiB", flush=True)
-        finally:
-            undo()
+                    print(f"e2e B{batch} interleaved: dense {pair['dense']['tokens_per_s']:7.1f} tok/s "
+                          f"({pair['dense']['step_ms']:6.2f} ms/step), {name} {row['tokens_per_s']:7.1f} tok/s "
+                          f"({row['step_ms']:6.2f} ms/step): {row['paired_speedup']:5.2f}x dense (median of "
+                          f"paired steps)", flush=True)
+            finally:
+                undo()
+    finally:
+        undo_dense()
     return rows
 
 

@@ -80,6 +80,30 @@ def test_bench_decode_tiny_cpu_point_writes_a_record(tmp_path, capsys):
     assert "tok/s" in capsys.readouterr().out
 
 
+def test_interleaved_decode_alternates_models_and_pairs_their_steps(monkeypatch):
+    """Two prepared copies of a tiny model decode in turn; each gets its own cache, `steps` timed steps and a
+    paired speed-up against the first; every step of each really runs (the models' forward calls alternate)."""
+    from kvpass.eval import bench
+
+    models = {name: FAMILIES["llama"].build() for name in ("first", "second")}
+    undos = [bench.prepare(model, "kvpass", kvpass.Config(), cudagraphs=False, inner="eager")
+             for model in models.values()]
+    calls = []
+    for name, model in models.items():
+        forward = model.forward
+        monkeypatch.setattr(model, "forward", lambda *a, _f=forward, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    try:
+        rows = bench.interleaved_decode(models, "kvpass", batch=2, context=24, steps=3, warmup=1)
+    finally:
+        for undo in undos:
+            undo()
+    assert calls == ["first", "second"] * 4
+    assert set(rows) == {"first", "second"}
+    for row in rows.values():
+        assert len(row["step_ms_all"]) == 3 and row["tokens_per_s"] > 0 and row["paired_speedup"] > 0
+    assert rows["first"]["paired_speedup"] == 1.0
+
+
 def test_plot_draws_pngs_from_records(tmp_path):
     from kvpass.eval.plot import plot_records
     from kvpass.eval.records import load_records, write_record

@@ -99,49 +99,89 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def decode_point(model, path: str, *, batch: int, context: int, steps: int, warmup: int = 8,
-                 seed: int = 0) -> dict:
-    """Time `steps` decode steps at `context` for one path of an already prepared model (see prepare())."""
+def decode_stepper(model, path: str, *, batch: int, context: int, capacity: int, seed: int = 0):
+    """A function that runs one decode step of `model` (already prepared for `path`, see prepare()) per call:
+    `batch` rows over a cache random-filled with `context` tokens (room for `capacity` in all), the same random
+    token each step, positions context, context + 1, ... Returns the step's logits."""
     from transformers import DynamicCache, StaticCache
 
     from ..cache import KVCache
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    total = context + warmup + steps + 1
     if path == "kvpass":
-        cache = KVCache(model, capacity=total)
+        cache = KVCache(model, capacity=capacity)
         _fill_kvpass_cache(cache, model, batch, context, generator)
     elif path == "hf-eager":
         cache = DynamicCache(config=model.config)
         _fill_hf_cache(cache, model, batch, context, generator)
     else:
-        cache = StaticCache(config=model.config, max_cache_len=total)
+        cache = StaticCache(config=model.config, max_cache_len=capacity)
         _fill_hf_cache(cache, model, batch, context, generator)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     token = torch.randint(0, vocab, (batch, 1), device=device, generator=generator)
+    position = [context]
 
-    def step(position: int):
-        pos = torch.full((batch, 1), position, device=device, dtype=torch.long)
+    @torch.no_grad()
+    def step():
+        pos = torch.full((batch, 1), position[0], device=device, dtype=torch.long)
+        position[0] += 1
         return model(input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True).logits
 
-    with torch.no_grad():
-        for i in range(warmup):  # compiles, and lets Triton specialise on the positions' divisibility
-            step(context + i)
-        _synchronize(device)
-        times = []
-        for i in range(steps):
-            start = time.perf_counter()
-            step(context + warmup + i)
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)  # one late JIT compile must not move the figure
+    return step
+
+
+def _timed(step, device) -> float:
+    """Seconds of one step, host clock between device synchronizations."""
+    _synchronize(device)
+    start = time.perf_counter()
+    step()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def decode_point(model, path: str, *, batch: int, context: int, steps: int, warmup: int = 8,
+                 seed: int = 0) -> dict:
+    """Time `steps` decode steps at `context` for one path of an already prepared model (see prepare())."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    step = decode_stepper(model, path, batch=batch, context=context, capacity=context + warmup + steps + 1,
+                          seed=seed)
+    for _ in range(warmup):  # compiles, and lets Triton specialise on the positions' divisibility
+        step()
+    seconds = statistics.median([_timed(step, device) for _ in range(steps)])  # a late compile must not count
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return {"path": path, "batch": batch, "context": context, "step_ms": seconds * 1e3,
             "tokens_per_s": batch / seconds, "peak_gib": None if peak is None else peak / 2**30}
+
+
+def interleaved_decode(models: dict, path: str, *, batch: int, context: int, steps: int, warmup: int = 8,
+                       seed: int = 0) -> dict[str, dict]:
+    """Decode steps of several prepared models (one per configuration, e.g. {"dense": a, "chess": b}) taken in
+    turn, A B A B ..., so that every configuration sees the same host and device conditions: a host-bound step's
+    time follows the CPU's speed, which drifts by up to 2x within one process (benchmarks/results/
+    probe-decode-step-times-20261124.txt), and back-to-back runs would compare those drifts. Returns, per name,
+    the row decode_point would give plus `step_ms_all` (every step) and, against the first model,
+    `paired_speedup`: the median over steps of first-model time / this model's time in the same round."""
+    device = next(next(iter(models.values())).parameters()).device
+    steppers = {name: decode_stepper(model, path, batch=batch, context=context,
+                                     capacity=context + warmup + steps + 1, seed=seed)
+                for name, model in models.items()}
+    for _ in range(warmup):
+        for step in steppers.values():
+            step()
+    times = {name: [] for name in models}
+    for _ in range(steps):
+        for name, step in steppers.items():
+            times[name].append(_timed(step, device))
+    first = next(iter(models))
+    return {name: {"path": path, "batch": batch, "context": context,
+                   "step_ms": 1e3 * statistics.median(t), "tokens_per_s": batch / statistics.median(t),
+                   "step_ms_all": [1e3 * x for x in t],
+                   "paired_speedup": statistics.median(a / b for a, b in zip(times[first], t))}
+            for name, t in times.items()}
 
 
 def prefill_point(model, *, batch: int, context: int, seed: int = 0) -> dict:
