@@ -19,28 +19,6 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def decode_steps(model, batch: int, context: int):
-    """A function running one decode step per call at batch `batch` over a random-filled kvpass cache of
-    `context` tokens (positions advance on every call)."""
-    from kvpass.cache import KVCache
-    from kvpass.eval.bench import _fill_kvpass_cache
-
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(0)
-    cache = KVCache(model, capacity=context + 64)
-    _fill_kvpass_cache(cache, model, batch, context, generator)
-    token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device, generator=generator)
-    position = [context]
-
-    @torch.no_grad()
-    def step():
-        pos = torch.full((batch, 1), position[0], device=device, dtype=torch.long)
-        position[0] += 1
-        return model(input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True).logits
-
-    return step
-
-
 def main() -> None:
     import kvpass
     from kvpass.eval import bench
@@ -59,7 +37,8 @@ def main() -> None:
         undo = bench.prepare(model, "kvpass", config, cudagraphs=False)
         try:
             for batch in args.batch:
-                step = decode_steps(model, batch, args.context)
+                step = bench.decode_stepper(model, "kvpass", batch=batch, context=args.context,
+                                            capacity=args.context + 64)
                 for _ in range(8):            # compiles, calibrates, specialises
                     step()
                 _synchronize()

@@ -1,5 +1,5 @@
 """Where the host time of a kvpass decode step goes: cProfile over eager decode steps of a kvpass-compiled model
-(`random:llama:8b` by default, a random-filled cache as benchmarks/probes/chess_e2e_profile.py), the functions
+(`random:llama:8b` by default, a random-filled cache: kvpass.eval.bench.decode_stepper), the functions
 with the most own time, then kvpass's own functions by cumulative time.
 
     python benchmarks/probes/decode_host_profile.py --batch 1 --context 4096 --ffn dense chess
@@ -13,7 +13,6 @@ import statistics
 import time
 
 import torch
-from chess_e2e_profile import decode_steps
 
 
 def main() -> None:
@@ -36,7 +35,8 @@ def main() -> None:
         config = kvpass.Config(ffn=kvpass.Chess(sparsity=0.5)) if ffn == "chess" else kvpass.Config()
         undo = bench.prepare(model, "kvpass", config, cudagraphs=False)
         try:
-            step = decode_steps(model, args.batch, args.context)
+            step = bench.decode_stepper(model, "kvpass", batch=args.batch, context=args.context,
+                                        capacity=args.context + 64)
             # 32 warm-up steps: the attention kernel is specialised on the positions' divisibility by 16, so the
             # first steps after a new remainder compile (one compile would swamp the profile).
             for _ in range(32):

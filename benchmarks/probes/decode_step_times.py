@@ -1,5 +1,5 @@
 """Every step's wall time, not a summary: eager kvpass decode of `random:llama:8b` at batch 1 over a 4096-token
-random-filled cache (as benchmarks/probes/chess_e2e_profile.py), CHESS 0.5, dense, CHESS 0.5 again, 40 steps
+random-filled cache (kvpass.eval.bench.decode_stepper), CHESS 0.5, dense, CHESS 0.5 again, 40 steps
 each with Python's garbage collector as is and 40 with the heap frozen (gc.freeze), to tell host-speed drift
 from slow steps of one path.
 
@@ -12,7 +12,6 @@ import statistics
 import time
 
 import torch
-from chess_e2e_profile import decode_steps
 
 
 def main() -> None:
@@ -24,7 +23,7 @@ def main() -> None:
     for ffn in ("chess", "dense", "chess"):
         config = kvpass.Config(ffn=kvpass.Chess(sparsity=0.5)) if ffn == "chess" else kvpass.Config()
         undo = bench.prepare(model, "kvpass", config, cudagraphs=False)
-        step = decode_steps(model, 1, 4096)
+        step = bench.decode_stepper(model, "kvpass", batch=1, context=4096, capacity=4096 + 64)
         for _ in range(32):
             step()
         for freeze in (False, True):

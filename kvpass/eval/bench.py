@@ -9,6 +9,9 @@ is reported. Paths:
   hf-static:       HF StaticCache + torch.compile(mode="reduce-overhead") of the forward
 Beside each: tokens/s, achieved GB/s (bytes one step must read / step time), % of the roofline (the
 same bytes over the measured device-copy bandwidth) and peak memory.
+
+A host-bound step's time follows the CPU's speed, which drifts within one process: to compare configurations,
+`interleaved_decode` takes their steps in turn on one model copy each.
 """
 from __future__ import annotations
 
