@@ -10,7 +10,6 @@ import argparse
 import cProfile
 import pstats
 import statistics
-import time
 
 import torch
 
@@ -41,13 +40,7 @@ def main() -> None:
             # first steps after a new remainder compile (one compile would swamp the profile).
             for _ in range(32):
                 step()
-            times = []
-            for _ in range(args.steps):
-                sync()
-                start = time.perf_counter()
-                step()
-                sync()
-                times.append(1e3 * (time.perf_counter() - start))
+            times = [1e3 * bench.timed_step(step, model.device) for _ in range(args.steps)]
             print(f"\n== ffn {ffn}, B{args.batch} ctx {args.context}: {statistics.median(times):.2f} ms per step "
                   f"(median of {args.steps}, min {min(times):.2f}, max {max(times):.2f}; no profiler)", flush=True)
             profiler = cProfile.Profile()

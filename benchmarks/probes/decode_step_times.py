@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import statistics
-import time
 
 import torch
 
@@ -30,13 +29,7 @@ def main() -> None:
             if freeze:
                 gc.collect()
                 gc.freeze()
-            times = []
-            for _ in range(40):
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                step()
-                torch.cuda.synchronize()
-                times.append(1e3 * (time.perf_counter() - start))
+            times = [1e3 * bench.timed_step(step, model.device) for _ in range(40)]
             gc.unfreeze()
             print(ffn, "gc.freeze" if freeze else "default  ", f"median {statistics.median(times):.1f}",
                   " ".join(f"{t:.0f}" for t in times), flush=True)

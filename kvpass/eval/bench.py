@@ -134,7 +134,7 @@ def decode_stepper(model, path: str, *, batch: int, context: int, capacity: int,
     return step
 
 
-def _timed(step, device) -> float:
+def timed_step(step, device) -> float:
     """Seconds of one step, host clock between device synchronizations."""
     _synchronize(device)
     start = time.perf_counter()
@@ -154,7 +154,7 @@ def decode_point(model, path: str, *, batch: int, context: int, steps: int, warm
                           seed=seed)
     for _ in range(warmup):  # compiles, and lets Triton specialise on the positions' divisibility
         step()
-    seconds = statistics.median([_timed(step, device) for _ in range(steps)])  # a late compile must not count
+    seconds = statistics.median([timed_step(step, device) for _ in range(steps)])  # a late compile must not count
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return {"path": path, "batch": batch, "context": context, "step_ms": seconds * 1e3,
             "tokens_per_s": batch / seconds, "peak_gib": None if peak is None else peak / 2**30}
@@ -178,13 +178,15 @@ def interleaved_decode(models: dict, path: str, *, batch: int, context: int, ste
     times = {name: [] for name in models}
     for _ in range(steps):
         for name, step in steppers.items():
-            times[name].append(_timed(step, device))
-    first = next(iter(models))
-    return {name: {"path": path, "batch": batch, "context": context,
-                   "step_ms": 1e3 * statistics.median(t), "tokens_per_s": batch / statistics.median(t),
-                   "step_ms_all": [1e3 * x for x in t],
-                   "paired_speedup": statistics.median(a / b for a, b in zip(times[first], t))}
-            for name, t in times.items()}
+            times[name].append(timed_step(step, device))
+    first = times[next(iter(models))]
+    rows = {}
+    for name, t in times.items():
+        seconds = statistics.median(t)
+        rows[name] = {"path": path, "batch": batch, "context": context, "step_ms": 1e3 * seconds,
+                      "tokens_per_s": batch / seconds, "step_ms_all": [1e3 * x for x in t],
+                      "paired_speedup": statistics.median(a / b for a, b in zip(first, t))}
+    return rows
 
 
 def prefill_point(model, *, batch: int, context: int, seed: int = 0) -> dict:
