@@ -44,7 +44,7 @@ def calibrated_thresholds(w_gate, w_up, w_down, sparsities, tokens: int = 2048, 
     recorder = chess.Recorder(tokens_per_call=None)
     x = torch.randn(tokens, H, device=w_up.device, generator=torch.Generator(device=w_up.device).manual_seed(seed))
     for chunk in x.to(w_up.dtype).split(512):
-        recorder.ffn(chunk, w_up, None, w_down, None, w_gate, None, "silu", 0, 0)
+        recorder.ffn(chunk, w_up, None, w_down, None, w_gate, None, None, None, "silu", 0)
     return {s: chess.thresholds(recorder, s)["layers.0.thresholds"].to(w_up.device) for s in sparsities}
 
 

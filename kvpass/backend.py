@@ -8,6 +8,7 @@ import weakref
 
 import torch
 
+from . import graph_inputs
 from . import ops  # noqa: F401  (registers torch.ops.kvpass.* before any graph names them)
 from ._logging import configure_from_env, explained_nodes, logger
 from .config import Config
@@ -112,14 +113,19 @@ class Backend:
     def _inner(self, gm, example_inputs):
         if self.inner == "eager":
             return gm.forward
+        # AOTAutograd takes the tensors the rewrite added (thresholds, weight copies) only as graph inputs.
+        gm, added = graph_inputs.lift(gm, example_inputs)
+        example_inputs = [*example_inputs, *added]
         if self.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
             # The stateful kvpass ops are tagged cudagraph_unsafe: with partitioning Inductor captures the
             # pieces between them as CUDA graphs (piecewise, like vLLM) instead of giving up on the graph.
             patches = {"triton.cudagraphs": True, "graph_partition": True} if self.cudagraphs else {}
-            return compile_fx(gm, example_inputs, config_patches=patches)
-        return torch._dynamo.lookup_backend(self.inner)(gm, example_inputs)
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        else:
+            compiled = torch._dynamo.lookup_backend(self.inner)(gm, example_inputs)
+        return graph_inputs.passing(compiled, added)
 
 
 def backend(config: Config, *, inner: str = "inductor", strict: bool = False, cudagraphs: bool = False) -> Backend:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -111,16 +112,20 @@ def merge_partials(outs, lses, dtype):
 
 
 def _decode_sized(x: torch.Tensor) -> bool:
-    if not use_triton(x):
+    """Whether x's call takes the sparse decode kernels: at most MAX_DECODE_TOKENS tokens on the Triton path. Not
+    while a graph is traced on the CPU (KVPASS_KERNELS=triton): the interpreter needs real data, and Inductor
+    launches Triton kernels on GPUs only, so a traced CPU graph takes the dense thresholded path (same zeros)."""
+    if not use_triton(x) or (not x.is_cuda and is_fake(x)):
         return False
     from .kernels.sparse_ffn import MAX_DECODE_TOKENS
 
     return x.numel() // x.shape[-1] <= MAX_DECODE_TOKENS
 
 
-def ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, thresholds, input_major):
-    """The FFN of x (..., H) (kvpass.methods.ffn.dense_ffn has the contract); input_major(w) gives a weight (out,
-    in) as a contiguous (in, out) tensor (kvpass.methods.chess.ChessPlan.input_major). With thresholds, decode-sized calls (at most MAX_DECODE_TOKENS tokens) on the Triton path run the
+def ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, thresholds, w_down_t):
+    """The FFN of x (..., H) (kvpass.methods.ffn.dense_ffn has the contract); w_down_t: None or the down weight as
+    a contiguous (I, Ho) copy (kvpass.methods.chess.ChessPlan.input_major; None reads w_down's transpose, strided
+    and slower). With thresholds, decode-sized calls (at most MAX_DECODE_TOKENS tokens) on the Triton path run the
     sparse kernel, which skips the weight rows of zeroed channels; prompts run densely (kvpass.kernels.sparse_ffn
     says why)."""
     from .methods.ffn import dense_ffn
@@ -129,19 +134,20 @@ def ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, thresholds, i
         return dense_ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, thresholds, activation)
     from .kernels.sparse_ffn import sparse_ffn
 
-    out = sparse_ffn(x.reshape(-1, x.shape[-1]), w_up, b_up, input_major(w_down), b_down, w_gate, b_gate, thresholds,
-                     activation)
+    out = sparse_ffn(x.reshape(-1, x.shape[-1]), w_up, b_up, w_down.t() if w_down_t is None else w_down_t, b_down,
+                     w_gate, b_gate, thresholds, activation)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def sparse_linear(x, weight, bias, threshold: float, input_major):
+def sparse_linear(x, weight, bias, threshold: float, w_t):
     """x (..., K) thresholded at `threshold` through weight (N, K) plus bias; decode-sized calls on the Triton path
-    read only the rows of input_major(weight) (K, N) whose input survives."""
+    read only the rows of w_t (K, N) (the contiguous input-major copy; None: weight's strided transpose) whose input
+    survives."""
     from .methods.ffn import dense_sparse_linear
 
     if not _decode_sized(x):
         return dense_sparse_linear(x, weight, bias, threshold)
     from .kernels.sparse_ffn import sparse_linear as kernel
 
-    out = kernel(x.reshape(-1, x.shape[-1]), input_major(weight), bias, threshold)
+    out = kernel(x.reshape(-1, x.shape[-1]), weight.t() if w_t is None else w_t, bias, threshold)
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -13,6 +13,7 @@ import dataclasses
 import torch
 from torch import fx
 
+from kvpass.graph_inputs import add_tensor
 from kvpass.runtime import MODES
 
 from .attention import AttentionSite, Mismatch, find_attention, rewrite_attention
@@ -77,7 +78,8 @@ def rewrite(gm: fx.GraphModule, runtime_id: int, rewrite_ffn_sites: bool, root: 
 
     plan: None, or the runtime's kvpass.methods.chess.ChessPlan: FFN sites of calibrated layers become thresholded
     and, when selective, so do the query/output projections; example_inputs: the real inputs of gm's placeholders,
-    from which the plan makes the sparse kernels' weight copies now (not at the first decode step)."""
+    from which the plan makes the sparse kernels' weight copies now (not at the first decode step). The thresholds
+    and copies are stored on gm and read by get_attr nodes (kvpass.graph_inputs)."""
     graph = gm.graph
     record = Record(nodes=len(graph.nodes))
     attention, attention_misses = find_attention(graph)
@@ -97,15 +99,21 @@ def rewrite(gm: fx.GraphModule, runtime_id: int, rewrite_ffn_sites: bool, root: 
         record.rewritten[site.variant] += 1
     for site in ffns:
         record.found[site.variant] += 1
-        if rewrite_ffn_sites:
-            rewrite_ffn(graph, site, runtime_id)
-            record.rewritten[site.variant] += 1
+        tensors = None
         if plan is not None:
-            if plan.prepare_ffn(site.layer, values.get(site.down.weight), site.down.transposed):
-                record.sparse_ffn_sites += 1
-            else:
+            down = values.get(site.down.weight)
+            tensors = None if down is None else plan.ffn_tensors(site.layer, down, site.down.transposed)
+            if tensors is None:
                 ffn_misses.append(Mismatch(site.output, f"no CHESS thresholds for layer {site.layer} in the "
-                                                        f"calibration: this FFN stays exact"))
+                                                        f"calibration (or its down weight is unknown): this FFN "
+                                                        f"stays exact"))
+            else:
+                record.sparse_ffn_sites += 1
+        if rewrite_ffn_sites:
+            with graph.inserting_before(site.output):
+                reads = [None if t is None else add_tensor(gm, t) for t in tensors or (None, None)]
+            rewrite_ffn(graph, site, *reads)
+            record.rewritten[site.variant] += 1
     for site in projections:
         threshold = plan.projection_threshold(site.kind, site.layer)
         name = f"{site.kind}-projection"
@@ -114,8 +122,11 @@ def rewrite(gm: fx.GraphModule, runtime_id: int, rewrite_ffn_sites: bool, root: 
             ffn_misses.append(Mismatch(site.projection.node, f"no calibrated {name} input threshold for layer "
                                                              f"{site.layer}: it stays dense"))
             continue
-        plan.prepare_projection(values.get(site.projection.weight), site.projection.transposed)
-        rewrite_projection(graph, site, threshold, runtime_id)
+        weight = values.get(site.projection.weight)
+        copy = None if weight is None else plan.projection_copy(weight, site.projection.transposed)
+        with graph.inserting_before(site.projection.node):
+            read = None if copy is None else add_tensor(gm, copy)
+        rewrite_projection(graph, site, threshold, read)
         record.rewritten[name] += 1
         record.sparse_projections += 1
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from kvpass import ffn_ops  # noqa: F401  (registers torch.ops.kvpass.ffn and sparse_linear)
 from kvpass.methods.ffn import ACTIVATIONS
 
 from .attention import Mismatch
@@ -202,7 +203,10 @@ def weight_args(graph: fx.Graph, p: Projection, half: int | None):
     return weight, bias
 
 
-def rewrite_ffn(graph: fx.Graph, site: FFNSite, runtime_id: int) -> fx.Node:
+def rewrite_ffn(graph: fx.Graph, site: FFNSite, thresholds: fx.Node | None = None,
+                w_down_t: fx.Node | None = None) -> fx.Node:
+    """Replace the site by `kvpass::ffn`: exact, or with CHESS thresholds (I,) and the down weight's input-major
+    copy (I, Ho) read from nodes already in the graph (kvpass.graph_inputs.add_tensor)."""
     with graph.inserting_before(site.output):
         if site.chunked:
             w_gate, b_gate = weight_args(graph, site.up, 0)
@@ -212,8 +216,7 @@ def rewrite_ffn(graph: fx.Graph, site: FFNSite, runtime_id: int) -> fx.Node:
             w_gate, b_gate = weight_args(graph, site.gate, None) if site.gate else (None, None)
         w_down, b_down = weight_args(graph, site.down, None)
         new = graph.call_function(torch.ops.kvpass.ffn.default, args=(
-            site.x, w_up, b_up, w_down, b_down, w_gate, b_gate, site.activation, runtime_id,
-            -1 if site.layer is None else site.layer))
+            site.x, w_up, b_up, w_down, b_down, w_gate, b_gate, thresholds, w_down_t, site.activation))
     replace_node(site.output, new)
     return new
 

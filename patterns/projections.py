@@ -77,12 +77,13 @@ def find_projections(sites: list[AttentionSite]) -> tuple[list[ProjectionSite], 
     return found, misses
 
 
-def rewrite_projection(graph: fx.Graph, site: ProjectionSite, threshold: float, runtime_id: int) -> fx.Node:
-    """Replace the projection by `kvpass::sparse_linear`, its input zeroed below `threshold`."""
+def rewrite_projection(graph: fx.Graph, site: ProjectionSite, threshold: float, w_t: fx.Node | None = None) -> fx.Node:
+    """Replace the projection by `kvpass::sparse_linear`, its input zeroed below `threshold`; w_t: None or a node
+    reading the weight's input-major copy (K, N) for the sparse kernel."""
     p = site.projection
     with graph.inserting_before(p.node):
         weight, bias = weight_args(graph, p, None)
         new = graph.call_function(torch.ops.kvpass.sparse_linear.default,
-                                  args=(p.x, weight, bias, float(threshold), runtime_id))
+                                  args=(p.x, weight, bias, float(threshold), w_t))
     replace_node(p.node, new)
     return new

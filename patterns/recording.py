@@ -14,17 +14,18 @@ from .projections import find_projections, rewrite_projection
 
 
 def recording_backend(recorder):
-    """recorder: has `ffn(<kvpass::ffn args>)` and `projection(<kvpass::sparse_linear args>, kind, layer)`
+    """recorder: has `ffn(<kvpass::ffn args>, layer)` and `projection(<kvpass::sparse_linear args>, kind, layer)`
     (kvpass.calibration.chess.Recorder); returns a torch.compile backend."""
 
     def backend(gm: fx.GraphModule, example_inputs):
         graph = gm.graph
         sites, _ = find_attention(graph)
         projections, _ = find_projections(sites)
-        for ffn in find_ffn(graph)[0]:
-            rewrite_ffn(graph, ffn, 0).target = recorder.ffn
+        for site in find_ffn(graph)[0]:
+            node = rewrite_ffn(graph, site)
+            node.target, node.args = recorder.ffn, (*node.args, site.layer)
         for site in projections:
-            node = rewrite_projection(graph, site, 0.0, 0)
+            node = rewrite_projection(graph, site, 0.0)
             node.target, node.args = recorder.projection, (*node.args, site.kind, site.layer)
         graph.eliminate_dead_code()
         gm.recompile()

@@ -62,8 +62,8 @@ class Recorder:
             rows = rows[keep.to(rows.device)]
         return rows.cpu()
 
-    def ffn(self, x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, runtime, layer):
-        """Signature of kvpass::ffn: records, then returns the exact FFN (in x's dtype)."""
+    def ffn(self, x, w_up, b_up, w_down, b_down, w_gate, b_gate, thresholds, w_down_t, activation, layer):
+        """Signature of kvpass::ffn plus layer: records, then returns the exact FFN (in x's dtype)."""
         act = ACTIVATIONS[activation]
         flat = x.reshape(-1, x.shape[-1]).float()
         up = F.linear(flat, w_up.float(), None if b_up is None else b_up.float())
@@ -80,7 +80,7 @@ class Recorder:
         out = F.linear(hidden, w_down.float(), None if b_down is None else b_down.float())
         return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
-    def projection(self, x, weight, bias, threshold, runtime, kind, layer):
+    def projection(self, x, weight, bias, threshold, w_t, kind, layer):
         """Signature of kvpass::sparse_linear plus kind and layer: records |x|, returns the exact projection."""
         self.inputs.setdefault((kind, layer), []).append(self._sample(x.reshape(-1, x.shape[-1]).float().abs()))
         return F.linear(x, weight, bias)

@@ -60,22 +60,22 @@ class ChessPlan:
             self._copies[key] = (weight, weight.detach().t().contiguous())
         return self._copies[key][1]
 
-    def prepare_ffn(self, layer: int | None, down_weight: torch.Tensor | None, transposed: bool) -> bool:
-        """At rewrite time: whether `layer` has thresholds; with the real down weight as stored (Linear (out, in),
-        Conv1D (in, out)) on a GPU, also make its copy and device thresholds now rather than at the first decode
-        step (which may be a CUDA-graph warm-up)."""
-        if f"layers.{layer}.thresholds" not in self.tensors:
-            return False
-        if down_weight is not None and use_triton(down_weight):
-            weight = down_weight.t() if transposed else down_weight
-            self.input_major(weight)
-            self.ffn_thresholds(layer, weight.shape[1], weight.device)
-        return True
+    def ffn_tensors(self, layer: int | None, down_weight: torch.Tensor, transposed: bool):
+        """At rewrite time, what the layer's `kvpass::ffn` reads: (thresholds (I,) fp32, the input-major copy (I, Ho)
+        of the down weight or None), or None when the layer has no thresholds for this weight. down_weight: the real
+        weight as stored (Linear (Ho, I), Conv1D (I, Ho)); the copy is made (once, now rather than at a decode step
+        that may be a CUDA-graph warm-up) only where the sparse kernels run."""
+        weight = down_weight.t() if transposed else down_weight
+        thresholds = self.ffn_thresholds(layer, weight.shape[1], weight.device)
+        if thresholds is None:
+            return None
+        return thresholds, self.input_major(weight) if use_triton(weight) else None
 
-    def prepare_projection(self, weight: torch.Tensor | None, transposed: bool) -> None:
-        """At rewrite time: the projection weight's copy, made now when its kernels will run (see prepare_ffn)."""
-        if weight is not None and use_triton(weight):
-            self.input_major(weight.t() if transposed else weight)
+    def projection_copy(self, weight: torch.Tensor, transposed: bool) -> torch.Tensor | None:
+        """At rewrite time: the input-major copy (K, N) of a query/output projection weight as stored, where the
+        sparse kernels run (see ffn_tensors), else None."""
+        weight = weight.t() if transposed else weight
+        return self.input_major(weight) if use_triton(weight) else None
 
     def nbytes(self) -> int:
         """Bytes of the weight copies held."""
