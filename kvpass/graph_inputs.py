@@ -10,6 +10,12 @@ Llama-3-8B's down projections are 3.5 GiB). The compiled function is wrapped to 
 
 Dynamo keeps using the graph it handed to the backend after the backend returns (its placeholders are its
 graph arguments), hence a copy rather than new placeholders in place.
+
+What AOTAutograd reads from a Dynamo graph is not public API: the graph module's `meta["dynamo_compile_id"]` and
+`_param_name_to_source`, each placeholder's `_dynamo_source`, and `meta["tensor_dict"]["_dynamo_static_input_type"]`
+for inputs that CUDA graphs must not copy (torch._functorch._aot_autograd.frontend_utils, the same fields
+DDPOptimizer's split graphs carry). tests/test_graph_inputs.py checks the static indices AOTAutograd derives, on
+torch 2.13 (CPU) and 2.11 (H100).
 """
 from __future__ import annotations
 
