@@ -43,6 +43,34 @@ def test_cudagraph_partitions_around_kvpass_ops():
     assert len(backend_of(model).records) <= 3
 
 
+def test_chess_inside_cudagraph_partitions(tmp_path):
+    """CHESS+ with piecewise CUDA graphs generates what it does without them: the sparse kernels, traced into
+    Inductor's code, are captured with the pieces between the attention ops, reading the thresholds and weight
+    copies in place (static graph inputs, tests/test_graph_inputs.py)."""
+    from torch._dynamo.utils import counters
+
+    from test_chess import _artefact
+
+    model = FAMILIES["llama"].build()
+    config = kvpass.Config(ffn=kvpass.Chess(sparsity=0.5, selective=True),
+                           calibration=_artefact(model, tmp_path / "c.safetensors"))
+    model = model.cuda()
+    ids = _prompt(4, 9)
+    outputs = []
+    with torch.no_grad():
+        for cudagraphs in (False, True):
+            counters.clear()
+            kvpass.compile(model, config, cudagraphs=cudagraphs, strict=True)
+            try:
+                for _ in range(1 + cudagraphs):  # with graphs, the second generation replays them
+                    outputs.append(model.generate(ids, max_new_tokens=12, do_sample=False))
+            finally:
+                kvpass.detach(model)
+                torch._dynamo.reset()
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert all(torch.equal(out, outputs[0]) for out in outputs[1:])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_prefill_close_to_hf(dtype):
     reference, model = (FAMILIES["qwen2"].build(dtype=dtype).cuda() for _ in range(2))
