@@ -92,13 +92,28 @@ def print_rows(rows):
         print(f"{case:<16} {kind:<22} {zeroed:>7.2f} {active:>7.2f} {us:>8.1f} {nbytes / us / 1e3:>7.0f}")
 
 
-CANDIDATES = [
+CANDIDATES = [   # changes to the Blocks defaults of the time (results files name them)
     dict(),
     dict(hidden_i=32, ffn_rows_k=32),       # the first tiles
     dict(hidden_i=64, hidden_k=256, num_warps=8),
     dict(ffn_rows_k=32, rows_n=256),
     dict(num_stages=4),
     dict(programs_per_sm=8, min_rows_per_split=128),
+    # the rows kernel (down projection), the slower of the two by bandwidth in the end-to-end profile
+    dict(rows_n=64),
+    dict(rows_n=64, ffn_rows_k=128),
+    dict(ffn_rows_k=128),
+    dict(ffn_rows_k=32),
+    dict(programs_per_sm=2),
+    dict(programs_per_sm=6),
+    # wider rows for the rows kernel: 512 B and more of each active row per program
+    dict(ffn_rows_k=16, rows_n=256),
+    dict(ffn_rows_k=64, rows_n=256),
+    dict(ffn_rows_k=16, rows_n=512),
+    dict(ffn_rows_k=32, rows_n=512),
+    dict(ffn_rows_k=32, rows_n=256, programs_per_sm=8, min_rows_per_split=128),
+    dict(),                                 # again, and the best of the first sweep again: run-to-run spread
+    dict(ffn_rows_k=32, rows_n=256),
 ]
 
 

@@ -107,14 +107,17 @@ class Blocks:
     sharing most zeroed channels; the 4096 x 4096 projection at T = 1): hidden_i 64 with ffn_rows_k 64
     took 112 / 115 us where the first tiles (hidden_i 32, hidden_k 128, rows_k 32, rows_n 128) took
     119 / 120 us; the projection keeps the rows step of 32 (21 us; 24 us with 64). 8 warps, 2 or 4
-    stages, wider tiles and 8 programs per SM were slower or no faster.
+    stages and 8 programs per SM were slower or no faster. A second sweep of the rows kernel (18 configurations,
+    benchmarks/results/probe-sparse-ffn-sweep-20261124.txt, each config's time reproduced within 0.2 us) chose
+    rows_n 256 with ffn_rows_k 32: 104 / 110 us against 110 / 113 us, each program reading 512 contiguous
+    bytes of an active row instead of 256; rows_n 64 or 512, and 16 or 64 rows per step, were slower.
     """
 
     hidden_i: int = 64          # channels per program of kernel 1 (224 programs at I = 14336)
     hidden_k: int = 128         # hidden-dim tile of kernel 1: 256 contiguous bytes of a 16-bit row
-    ffn_rows_k: int = 64        # channels per step of kernel 2 in sparse_ffn
+    ffn_rows_k: int = 32        # channels per step of kernel 2 in sparse_ffn
     linear_rows_k: int = 32     # input channels per step of kernel 2 in sparse_linear
-    rows_n: int = 128           # output columns per program of kernel 2
+    rows_n: int = 256           # output columns per program of kernel 2
     programs_per_sm: int = 4    # kernel 2 aims for this many programs per SM ...
     min_rows_per_split: int = 256   # ... but gives each split at least this many channels
     num_warps: int = 4
