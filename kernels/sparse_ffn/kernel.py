@@ -38,9 +38,9 @@ serves all tokens at once).
 * **Deterministic, no host synchronisation**: no atomics, every output element is summed in a fixed
   order; launch decisions read shapes only (no ``.item()``, no data-dependent shapes), so a CUDA graph
   can capture the calls.
-* **Traceable**: on CUDA the launches go through ``torch.library.wrap_triton``, so the ``kvpass::ffn`` and
+* **Traceable**: traced on CUDA, the launches go through ``torch.library.wrap_triton``, so the ``kvpass::ffn`` and
   ``kvpass::sparse_linear`` ops (``torch.library.triton_op``) are traced into Inductor's graph, which
-  launches the kernels from its generated code with no Python op body per call (kvpass/ops.py). Dummy
+  launches the kernels from its generated code with no Python op body per call (kvpass/ffn_ops.py). Dummy
   pointers for absent biases are tensors the kernel only reads (never an output: an argument aliasing
   a written one would confuse the mutation analysis).
 * **Layout**: any strides are correct; the fast path wants contiguous rows (``w_down_t`` =
@@ -81,6 +81,7 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from ..attention.dense import _check_device, _mma, _sm_count
@@ -279,12 +280,13 @@ def _sum_splits_kernel(PART, BIAS, OUT, splits, size, N, HAS_BIAS: tl.constexpr,
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
 
 
-def _traceable(kernel, device):
-    """The kernel to launch: on CUDA through torch.library.wrap_triton, so that the triton_ops calling it are traced
-    into Inductor's graph; elsewhere (the CPU interpreter) as it is: torch 2.11's wrap_triton rejects interpreted
-    kernels, and an interpreted kernel cannot run on the fake tensors of a trace anyway (kvpass.kernels_dispatch
-    takes the dense path when tracing on a CPU)."""
-    return wrap_triton(kernel) if device.type == "cuda" else kernel
+def _traceable(kernel, like):
+    """The kernel to launch for tensors like `like`: through torch.library.wrap_triton while a graph is traced on
+    CUDA, so that the triton_ops calling it are traced into Inductor's graph; as it is otherwise. Eagerly, a
+    wrapped kernel goes through the wrapper's higher-order op on every call, which took ~1 ms per sparse_ffn on an
+    H100 (measured); on the CPU interpreter torch 2.11's wrap_triton rejects interpreted kernels, and a traced CPU
+    graph never gets here (kvpass.kernels_dispatch takes the dense path)."""
+    return wrap_triton(kernel) if like.is_cuda and is_fake(like) else kernel
 
 
 def _check_tokens(caller, T):
@@ -307,12 +309,12 @@ def _sparse_matmul(a, w_t, bias, threshold, out_dtype, dot_fp32, upcast_dot, blo
     rows_per_split = max(1, triton.cdiv(triton.cdiv(K, splits), block_k)) * block_k
     splits = max(1, triton.cdiv(K, rows_per_split))
     part = torch.empty((splits, T, N), dtype=torch.float32, device=a.device)
-    _traceable(_sparse_rows_kernel, a.device)[(col_blocks, splits)](
+    _traceable(_sparse_rows_kernel, a)[(col_blocks, splits)](
         a, w_t, part, *a.stride(), *w_t.stride(), T, K, N, rows_per_split, float(threshold),
         EVEN_K=K % block_k == 0, DOT_FP32=dot_fp32, UPCAST_DOT=upcast_dot, BLOCK_T=_BLOCK_T, BLOCK_K=block_k,
         BLOCK_N=blocks.rows_n, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
-    _traceable(_sum_splits_kernel, a.device)[(triton.cdiv(T * N, _SUM_BLOCK),)](
+    _traceable(_sum_splits_kernel, a)[(triton.cdiv(T * N, _SUM_BLOCK),)](
         part, part if bias is None else bias.contiguous(), out, splits, T * N, N, HAS_BIAS=bias is not None,
         BLOCK_S=min(triton.next_power_of_2(splits), _SUM_BLOCK_S), BLOCK=_SUM_BLOCK, num_warps=4,
     )
@@ -344,7 +346,7 @@ def sparse_ffn(x, w_up, b_up, w_down_t, b_down, w_gate, b_gate, thresholds, acti
     b2 = b_up if gated else None     # a plain MLP reads no second matrix (W2 = w_up is a placeholder)
     thresholds = thresholds.contiguous()
     hidden = torch.empty((T, I), dtype=torch.float32, device=device)
-    _traceable(_ffn_hidden_kernel, device)[(triton.cdiv(I, blocks.hidden_i),)](
+    _traceable(_ffn_hidden_kernel, x)[(triton.cdiv(I, blocks.hidden_i),)](
         x, w1, thresholds if b1 is None else b1.contiguous(), w_up,
         thresholds if b2 is None else b2.contiguous(), thresholds, hidden,
         *x.stride(), *w1.stride(), *w_up.stride(), T, H, I,
