@@ -59,8 +59,10 @@ order and zeroed by the other.
 Speed (H100 SXM, Triton 3.6, benchmarks/probes/sparse_ffn_bench.py, CUDA-graph replays)
 ----------------------------------------------------------------------------------------
 Llama-3-8B FFN (H = 4096, I = 14336, bf16, SiLU), dense torch 145 us (2.4 TB/s). With the tiles of
-:class:`Blocks`, at 50 % sparsity: T = 1 112 us (1.29x; the bound at the dense bandwidth is 97 us),
-T = 8 tokens sharing most zeroed channels 115 us. With the first tiles (32/128/32/128), T = 1 took
+:class:`Blocks`, at 50 % sparsity: T = 1 104.6 us (1.38x; the bound at the dense bandwidth is 97 us;
+hidden kernel 64.5 us, rows kernel 23.6, split sum 1.9), T = 8 tokens sharing most zeroed channels 108.9 us
+(benchmarks/results/probe-sparse-ffn-bench-20261124.txt). The tiles before the rows kernel's second sweep
+took 112 / 115 us (rows kernel 29.6 us). With the first tiles (32/128/32/128), T = 1 took
 124 / 119 / 118 / 117 us at 30 / 50 / 60 / 70 % sparsity, and T = 8 random tokens, whose union of active
 channels is ~100 %, 141 us (dense 146). The time stops falling past ~50 %: masking a row skips its
 bytes but not its loop step, and the steps of the up half of kernel 1 and of kernel 2 appear bound by
