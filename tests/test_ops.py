@@ -47,8 +47,8 @@ def test_cache_update_schema_and_fake(backend):
 def test_ffn_and_sparse_linear_opcheck(kernels, monkeypatch):
     """Both stateless ops, exact and thresholded, decode-sized and prompt-sized. Under KVPASS_KERNELS=triton on the
     CPU the eager call runs the interpreted kernels while a traced graph takes the dense path
-    (kvpass.kernels_dispatch._decode_sized): those two agree to fp32 summation order (~3e-5 on outputs of ~10,
-    measured), beyond opcheck's exact-path tolerance, so there the AOT comparison is left out. On a GPU both
+    (kvpass.kernels_dispatch._decode_sized): those two agree to fp32 summation order (up to 5e-5 absolute over 40
+    seeds, measured), beyond opcheck's exact-path tolerance, so there the AOT comparison is left out. On a GPU both
     run the kernels."""
     monkeypatch.setenv("KVPASS_KERNELS", kernels)
     device = "cuda" if torch.cuda.is_available() else "cpu"

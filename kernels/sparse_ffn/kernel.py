@@ -62,7 +62,7 @@ Llama-3-8B FFN (H = 4096, I = 14336, bf16, SiLU), dense torch 145 us (2.4 TB/s).
 :class:`Blocks`, at 50 % sparsity: T = 1 104.6 us (1.38x; the bound at the dense bandwidth is 97 us;
 hidden kernel 64.5 us, rows kernel 23.6, split sum 1.9), T = 8 tokens sharing most zeroed channels 108.9 us
 (benchmarks/results/probe-sparse-ffn-bench-20261124.txt). The tiles before the rows kernel's second sweep
-took 112 / 115 us (rows kernel 29.6 us). With the first tiles (32/128/32/128), T = 1 took
+took 112 / 115 us (rows kernel 29.3 us, the sweep's profile). With the first tiles (32/128/32/128), T = 1 took
 124 / 119 / 118 / 117 us at 30 / 50 / 60 / 70 % sparsity, and T = 8 random tokens, whose union of active
 channels is ~100 %, 141 us (dense 146). The time stops falling past ~50 %: masking a row skips its
 bytes but not its loop step, and the steps of the up half of kernel 1 and of kernel 2 appear bound by
@@ -282,13 +282,18 @@ def _sum_splits_kernel(PART, BIAS, OUT, splits, size, N, HAS_BIAS: tl.constexpr,
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
 
 
-def _traceable(kernel, like):
-    """The kernel to launch for tensors like `like`: through torch.library.wrap_triton while a graph is traced on
-    CUDA, so that the triton_ops calling it are traced into Inductor's graph; as it is otherwise. Eagerly, a
+def _tracing_on_cuda(x) -> bool:
+    """Whether the call is being traced into a graph on CUDA: then the launches go through
+    torch.library.wrap_triton, so that the triton_ops calling them are traced into Inductor's graph. Eagerly, a
     wrapped kernel goes through the wrapper's higher-order op on every call, which took ~1 ms per sparse_ffn on an
-    H100 (measured); on the CPU interpreter torch 2.11's wrap_triton rejects interpreted kernels, and a traced CPU
-    graph never gets here (kvpass.kernels_dispatch takes the dense path)."""
-    return wrap_triton(kernel) if like.is_cuda and is_fake(like) else kernel
+    H100 (record bench-chess-20261124T033430637248.json); on the CPU interpreter torch 2.11's wrap_triton rejects
+    interpreted kernels, and a traced CPU graph never gets here (kvpass.kernels_dispatch takes the dense path).
+    Asked once per call (is_fake costs ~2 us)."""
+    return x.is_cuda and is_fake(x)
+
+
+def _launcher(kernel, traced: bool):
+    return wrap_triton(kernel) if traced else kernel
 
 
 def _check_tokens(caller, T):
@@ -297,9 +302,9 @@ def _check_tokens(caller, T):
                          f"use the dense path above that")
 
 
-def _sparse_matmul(a, w_t, bias, threshold, out_dtype, dot_fp32, upcast_dot, block_k):
+def _sparse_matmul(a, w_t, bias, threshold, out_dtype, dot_fp32, upcast_dot, block_k, traced):
     """Kernels 2 and 3: where(|a| >= threshold, a, 0) @ w_t + bias, a (T, K), w_t (K, N), in steps of block_k
-    rows; returns a new (T, N) tensor of out_dtype."""
+    rows; returns a new (T, N) tensor of out_dtype. traced: _tracing_on_cuda of the caller's input."""
     T, K = a.shape
     N = w_t.shape[1]
     blocks = BLOCKS
@@ -311,12 +316,12 @@ def _sparse_matmul(a, w_t, bias, threshold, out_dtype, dot_fp32, upcast_dot, blo
     rows_per_split = max(1, triton.cdiv(triton.cdiv(K, splits), block_k)) * block_k
     splits = max(1, triton.cdiv(K, rows_per_split))
     part = torch.empty((splits, T, N), dtype=torch.float32, device=a.device)
-    _traceable(_sparse_rows_kernel, a)[(col_blocks, splits)](
+    _launcher(_sparse_rows_kernel, traced)[(col_blocks, splits)](
         a, w_t, part, *a.stride(), *w_t.stride(), T, K, N, rows_per_split, float(threshold),
         EVEN_K=K % block_k == 0, DOT_FP32=dot_fp32, UPCAST_DOT=upcast_dot, BLOCK_T=_BLOCK_T, BLOCK_K=block_k,
         BLOCK_N=blocks.rows_n, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
-    _traceable(_sum_splits_kernel, a)[(triton.cdiv(T * N, _SUM_BLOCK),)](
+    _launcher(_sum_splits_kernel, traced)[(triton.cdiv(T * N, _SUM_BLOCK),)](
         part, part if bias is None else bias.contiguous(), out, splits, T * N, N, HAS_BIAS=bias is not None,
         BLOCK_S=min(triton.next_power_of_2(splits), _SUM_BLOCK_S), BLOCK=_SUM_BLOCK, num_warps=4,
     )
@@ -348,7 +353,8 @@ def sparse_ffn(x, w_up, b_up, w_down_t, b_down, w_gate, b_gate, thresholds, acti
     b2 = b_up if gated else None     # a plain MLP reads no second matrix (W2 = w_up is a placeholder)
     thresholds = thresholds.contiguous()
     hidden = torch.empty((T, I), dtype=torch.float32, device=device)
-    _traceable(_ffn_hidden_kernel, x)[(triton.cdiv(I, blocks.hidden_i),)](
+    traced = _tracing_on_cuda(x)
+    _launcher(_ffn_hidden_kernel, traced)[(triton.cdiv(I, blocks.hidden_i),)](
         x, w1, thresholds if b1 is None else b1.contiguous(), w_up,
         thresholds if b2 is None else b2.contiguous(), thresholds, hidden,
         *x.stride(), *w1.stride(), *w_up.stride(), T, H, I,
@@ -356,7 +362,8 @@ def sparse_ffn(x, w_up, b_up, w_down_t, b_down, w_gate, b_gate, thresholds, acti
         EVEN_K=H % blocks.hidden_k == 0, UPCAST_DOT=upcast_dot, BLOCK_T=_BLOCK_T, BLOCK_I=blocks.hidden_i,
         BLOCK_K=blocks.hidden_k, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
-    return _sparse_matmul(hidden, w_down_t, b_down, 0.0, x.dtype, dot_fp32, upcast_dot, blocks.ffn_rows_k)
+    return _sparse_matmul(hidden, w_down_t, b_down, 0.0, x.dtype, dot_fp32, upcast_dot, blocks.ffn_rows_k,
+                          traced)
 
 
 def sparse_linear(x, w_t, bias, threshold):
@@ -375,4 +382,5 @@ def sparse_linear(x, w_t, bias, threshold):
         out = torch.zeros((T, N), dtype=torch.float32, device=device)
         return (out if bias is None else out + bias.float()).to(x.dtype)
     dot_fp32, upcast_dot = _dot_modes(x, [w_t], device)
-    return _sparse_matmul(x, w_t, bias, threshold, x.dtype, dot_fp32, upcast_dot, BLOCKS.linear_rows_k)
+    return _sparse_matmul(x, w_t, bias, threshold, x.dtype, dot_fp32, upcast_dot, BLOCKS.linear_rows_k,
+                          _tracing_on_cuda(x))
