@@ -75,7 +75,7 @@ class Backend:
 
     # -- the compile entry point ---------------------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        from kvpass.patterns import rewrite
+        from kvpass.rewrite import rewrite
 
         from .attach import attach, backend_of
 

@@ -250,7 +250,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .patterns import CATALOGUE, find_attention, find_ffn
+    from .patterns.matchers import CATALOGUE, find_attention, find_ffn
 
     if args.catalogue:
         for entry in CATALOGUE:

@@ -1,4 +1,4 @@
-"""The stateless CHESS ops, registered when the rewrite first needs them (patterns/ffn.py imports this module):
+"""The stateless CHESS ops, registered when the rewrite first needs them (patterns/matchers/ffn.py imports this module):
 `torch.library.triton_op` inspects its functions' source and imports triton and parts of Inductor, which would
 double the time of `import kvpass`. Import this module before loading a graph or exported program that names them.
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kvpass
-from kvpass.patterns import CATALOGUE, find_attention, find_ffn
+from kvpass.patterns.matchers import CATALOGUE, find_attention, find_ffn
 
 from families import FAMILIES
 

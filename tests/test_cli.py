@@ -1,6 +1,6 @@
 """The command line: the README's main job (`kvpass generate`) and `kvpass inspect`."""
 import pytest
-from kvpass.patterns import CATALOGUE
+from kvpass.patterns.matchers import CATALOGUE
 
 from kvpass.cli import main
 

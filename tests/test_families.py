@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import kvpass
 from kvpass.attach import backend_of
-from kvpass.patterns import rewrite
+from kvpass.rewrite import rewrite
 
 from families import FAMILIES
 

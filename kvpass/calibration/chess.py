@@ -150,7 +150,7 @@ def measured_sparsity(recorder: Recorder, tensors: dict[str, torch.Tensor], rule
 def record(model: torch.nn.Module, windows: torch.Tensor, max_values: int = MAX_VALUES,
            progress: bool = True) -> Recorder:
     """Run `model` over `windows` (K, L) token ids (one eager-compiled forward each, no cache) and record."""
-    from ..patterns.recording import recording_backend
+    from .recording import recording_backend
 
     cfg = model.config.get_text_config(decoder=True)
     widest = max(getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size, cfg.hidden_size)

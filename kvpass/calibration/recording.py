@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .attention import find_attention
-from .ffn import find_ffn, rewrite_ffn
-from .projections import find_projections, rewrite_projection
+from kvpass.patterns.matchers import find_attention, find_ffn, find_projections, rewrite_ffn, rewrite_projection
 
 
 def recording_backend(recorder):

@@ -1,4 +1,4 @@
-"""Graph rewrites: find attention and FFN sites in a Dynamo FX graph and replace them with kvpass ops.
+"""The graph pass: find attention and FFN sites in a Dynamo FX graph and replace them with kvpass ops.
 
 `rewrite(gm, ...)` runs every matcher, rewrites what the config asks for, and returns a `Record`
 (the match table, what was rewritten, what did not match and why). Rewriting happens on the Dynamo
@@ -16,14 +16,10 @@ from torch import fx
 from kvpass.graph_inputs import add_tensor
 from kvpass.runtime import MODES
 
-from .attention import AttentionSite, Mismatch, find_attention, rewrite_attention
-from .catalogue import CATALOGUE, Entry
-from .ffn import FFNSite, find_ffn, rewrite_ffn
-from .graph import module_path, real_values
-from .projections import ProjectionSite, find_projections, rewrite_projection
+from kvpass.patterns.matchers import (Mismatch, find_attention, find_ffn, find_projections, module_path, real_values,
+                                     rewrite_attention, rewrite_ffn, rewrite_projection)
 
-__all__ = ["CATALOGUE", "Entry", "Record", "rewrite", "find_attention", "find_ffn", "find_projections",
-           "AttentionSite", "FFNSite", "ProjectionSite", "Mismatch"]
+__all__ = ["Record", "rewrite"]
 
 
 @dataclasses.dataclass
