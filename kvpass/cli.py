@@ -1,11 +1,18 @@
 """The `kvpass` command line: `generate` (the main job), `inspect` (what matched and why), `eval ppl`,
-`eval passkey`, `bench decode` and `plot` (every eval/bench command writes a JSON record under --out)."""
+`eval passkey`, `bench decode` and `plot` (every eval/bench command writes a JSON record under --out).
+
+A mistake in what the user asked for (a flag out of range, an unknown name, a missing or unreadable file, a model
+whose packages are missing) is one line, `kvpass: error: ...`, and exit status 2 (`main`); the commands check their
+flags, names and files before loading a model. `KVPASS_LOGS=debug` shows the traceback instead."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pathlib
 import sys
 import time
+import traceback
 
 import torch
 
@@ -31,38 +38,38 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def _attention_method(args, bits=None):
     """The KV-cache method the flags describe, at `bits` (default: --bits, else the method's default); a bad
-    value raises the config's ValueError, shown as an error."""
+    value raises the config's ValueError, which main shows as one line."""
     bits = bits if bits is not None else args.bits
     bits = {"antkv": 1.0, "kivi": 2}.get(args.attention) if bits is None else bits
-    try:
-        if args.attention == "antkv":
-            return AnTKV(bits=bits, anchor_ratio=args.anchor_ratio, window=args.window, score=args.score,
-                         keys=args.keys)
-        if args.attention == "kivi":
-            return KIVI(bits=int(bits), group=args.group, residual=args.window)
-        if args.attention == "wave":
-            return WaveIndex(retrieval=args.retrieval, estimation=args.estimation, min_context=args.min_context,
-                             recent=args.recent, scoring=args.scoring, search=args.search, offload=args.offload,
-                             buffer=args.buffer)
-        return Dense(dtype=args.kv_dtype)
-    except ValueError as error:
-        raise SystemExit(f"kvpass: {error}") from None
+    if args.attention == "antkv":
+        return AnTKV(bits=bits, anchor_ratio=args.anchor_ratio, window=args.window, score=args.score, keys=args.keys)
+    if args.attention == "kivi":
+        return KIVI(bits=int(bits), group=args.group, residual=args.window)
+    if args.attention == "wave":
+        return WaveIndex(retrieval=args.retrieval, estimation=args.estimation, min_context=args.min_context,
+                         recent=args.recent, scoring=args.scoring, search=args.search, offload=args.offload,
+                         buffer=args.buffer)
+    return Dense(dtype=args.kv_dtype)
 
 
 def _ffn_method(args, sparsity=None):
     """The FFN method the flags describe (None: FFN sites left to Inductor), CHESS at `sparsity` (default
     --sparsity)."""
-    try:
-        if args.ffn == "chess":
-            return Chess(sparsity=args.sparsity if sparsity is None else sparsity, selective=args.selective,
-                         rule=args.rule)
-    except ValueError as error:
-        raise SystemExit(f"kvpass: {error}") from None
+    if args.ffn == "chess":
+        return Chess(sparsity=args.sparsity if sparsity is None else sparsity, selective=args.selective,
+                     rule=args.rule)
     return DenseFFN() if args.ffn == "dense" else None
 
 
 def _config(args) -> Config:
-    return Config(attention=_attention_method(args), ffn=_ffn_method(args), calibration=args.calibration)
+    """The flags' config, validated; a --calibration artefact is read once here, so a missing, truncated or foreign
+    file is refused before the model loads (the backend would otherwise meet it inside the first compile)."""
+    from .calibration.artefact import Calibration
+
+    config = Config(attention=_attention_method(args), ffn=_ffn_method(args), calibration=args.calibration)
+    if config.calibration is not None:
+        Calibration.load(config.calibration)
+    return config
 
 
 def _method_name(config: Config) -> str:
@@ -94,10 +101,7 @@ def _check_calibration_text(config: Config, evaluation) -> None:
     text = DEFAULT_CALIBRATION if config.calibration is None else Calibration.load(config.calibration).meta["text"]
     if isinstance(text, dict) and text.get("sha256") is None:
         return  # random token ids
-    try:
-        check_distinct(text["name"] if isinstance(text, dict) else text, evaluation)
-    except ValueError as error:
-        raise SystemExit(f"kvpass: {error}") from None
+    check_distinct(text["name"] if isinstance(text, dict) else text, evaluation)
 
 
 def _compiled_runs(model, config: Config, inner: str):
@@ -160,14 +164,27 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                              f"{', '.join(ROPE_SCALINGS)})")
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device this machine does not have before loading anything (torch fails only later, deep in the first
+    move to it)."""
+    try:
+        kind = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device}: {error}") from None
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+    if kind.type == "cuda" and (kind.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use --device "
+                         f"cuda:0")
+
+
 def _load(args):
     from .models import load_model
 
-    try:
-        scaling = None if args.rope_scaling is None else parse_rope_scaling(args.rope_scaling)
-        return load_model(args.model, dtype=_DTYPES[args.dtype], device=args.device, rope_scaling=scaling)
-    except ValueError as error:
-        raise SystemExit(f"kvpass: {error}") from None
+    _check_device(args.device)
+    scaling = None if args.rope_scaling is None else parse_rope_scaling(args.rope_scaling)
+    return load_model(args.model, dtype=_DTYPES[args.dtype], device=args.device, rope_scaling=scaling)
 
 
 def _encode(tokenizer, prompt: str, chat: bool, device) -> dict:
@@ -183,13 +200,16 @@ def cmd_generate(args) -> int:
     from .attach import compile as compile_model
     from .report import report
 
-    if args.max_new_tokens < 1:
-        raise SystemExit(f"--max-new-tokens={args.max_new_tokens}: must be at least 1")
-    model, tokenizer = _load(args)
-    if tokenizer is None:
-        raise SystemExit(f"--model {args.model} has no tokenizer (random weights are for speed runs: kvpass bench "
+    _positive("--max-new-tokens", args.max_new_tokens)
+    if not args.prompt:
+        raise ValueError("--prompt is empty: give the model some text to continue, e.g. --prompt 'The sky is blue "
+                         "because'")
+    if args.model.startswith("random:"):  # refused before building weights it could not use
+        raise ValueError(f"--model {args.model} has no tokenizer (random weights are for speed runs: kvpass bench "
                          f"decode); generate needs a real model such as smollm2-135m")
-    compile_model(model, _config(args), inner=args.inner)
+    config = _config(args)
+    model, tokenizer = _load(args)
+    compile_model(model, config, inner=args.inner)
     inputs = _encode(tokenizer, args.prompt, not args.raw, args.device)
     prompt_len = inputs["input_ids"].shape[1]
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -209,7 +229,7 @@ def cmd_generate(args) -> int:
     new = out.shape[1] - prompt_len
     rep = report(model)
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.dtype}, "
-          f"{args.device}); kvpass {json.dumps(_config(args).to_dict()['attention'])}, inner={args.inner}")
+          f"{args.device}); kvpass {json.dumps(config.to_dict()['attention'])}, inner={args.inner}")
     print(f"prompt: {args.prompt!r}")
     print(f"generated: {tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)!r}")
     print(f"rewritten: {rep['rewritten']} (attention sites {rep['attention_sites']}, FFN sites {rep['ffn_sites']}, "
@@ -235,8 +255,12 @@ def cmd_calibrate(args) -> int:
     if args.ffn == "chess":
         methods += [_ffn_method(args, sparsity) for sparsity in args.sparsity]
     if not methods:
-        raise SystemExit(f"kvpass: --attention {args.attention} --ffn {args.ffn} needs no calibration "
+        raise ValueError(f"--attention {args.attention} --ffn {args.ffn} needs no calibration "
                          f"(--attention antkv, --attention wave --scoring pre-rope and --ffn chess do)")
+    if args.text is not None:
+        from .eval.texts import load_text
+
+        load_text(args.text)  # an unknown name is refused before the model loads
     model, tokenizer = _load(args)
     start = time.perf_counter()
     calibration = calibrate(model, methods, tokenizer=tokenizer, text=args.text, tokens=args.tokens,
@@ -279,21 +303,23 @@ def cmd_inspect(args) -> int:
 def _positive(name: str, values) -> None:
     for value in values if isinstance(values, (list, tuple)) else [values]:
         if value < 1:
-            raise SystemExit(f"{name}={value}: must be at least 1")
+            raise ValueError(f"{name}={value}: must be at least 1")
 
 
 def cmd_eval_ppl(args) -> int:
     from .eval.lengths import check_length
     from .eval.ppl import perplexity, text_windows
     from .eval.records import write_record
+    from .eval.texts import load_text
 
     _positive("--seqlen", args.seqlen)
     _positive("--max-windows", args.max_windows)
+    config = _config(args)
+    text = load_text(args.text)
+    _check_calibration_text(config, text)
     model, tokenizer = _load(args)
     check_length(model, args.seqlen, "--seqlen")
-    batches, text = text_windows(tokenizer, args.text, args.seqlen, args.max_windows)
-    config = _config(args)
-    _check_calibration_text(config, text)
+    batches, text = text_windows(tokenizer, text, args.seqlen, args.max_windows)
     results = []
     for name in _compiled_runs(model, config, args.inner):
         row = perplexity(model, batches, decode_tail=args.decode_tail)
@@ -319,9 +345,9 @@ def cmd_eval_passkey(args) -> int:
     from .eval.records import write_record
     from .eval.texts import load_text
 
-    model, tokenizer = _load(args)
-    haystack = None if args.task == "passkey" else load_text(args.haystack).text
     config = _config(args)
+    haystack = None if args.task == "passkey" else load_text(args.haystack).text
+    model, tokenizer = _load(args)
     results = []
     for name in _compiled_runs(model, config, args.inner):
         rows = run_passkey(model, tokenizer, lengths=args.lengths, depths=args.depths, trials=args.trials,
@@ -344,11 +370,11 @@ def cmd_bench_decode(args) -> int:
     _positive("--batch", args.batch)
     _positive("--context", args.context)
     _positive("--steps", args.steps)
+    config = _config(args)
     model, _ = _load(args)
     check_length(model, max(args.context) + args.steps + 8, "--context + steps")
     device = next(model.parameters()).device
     bandwidth = bench.measured_bandwidth(device)
-    config = _config(args)
     kv_dtype = config.attention.torch_dtype or next(model.parameters()).dtype
     print(f"{args.model} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
           f"device copy {bandwidth / 1e9:.0f} GB/s; kvpass {json.dumps(config.to_dict()['attention'])}")
@@ -464,8 +490,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ._logging import configure_from_env
 
-    configure_from_env()
-    return args.run(args)
+    try:
+        configure_from_env()
+        return args.run(args)
+    except (ValueError, ImportError) as error:
+        if not _for_the_user(error) or os.environ.get("KVPASS_LOGS", "").strip().lower() == "debug":
+            raise
+        print(f"kvpass: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+
+
+def _for_the_user(error: BaseException) -> bool:
+    """Whether `error` is a message for the user rather than a bug: a ValueError that kvpass's own code raised (its
+    convention for a bad value: the message names it and the fix; a ValueError from inside torch or transformers
+    stays a traceback), or a missing package of a registry model or text (the message gives the pip command)."""
+    from .eval.texts import TextNotInstalledError
+    from .models import ModelNotInstalledError
+
+    if isinstance(error, (ModelNotInstalledError, TextNotInstalledError)):
+        return True
+    frames = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(error.__traceback__)]
+    return (isinstance(error, ValueError) and bool(frames)
+            and pathlib.Path(frames[-1]).resolve().is_relative_to(_PACKAGE))
+
+
+_PACKAGE = pathlib.Path(__file__).resolve().parent
 
 
 if __name__ == "__main__":

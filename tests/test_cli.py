@@ -1,8 +1,37 @@
-"""The command line: the README's main job (`kvpass generate`) and `kvpass inspect`."""
+"""The command line: the README's main job (`kvpass generate`) and `kvpass inspect`; a user's mistake is one line
+(`kvpass: error: ...`, exit status 2, no traceback), found before a model loads."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 from kvpass.patterns.matchers import CATALOGUE
 
 from kvpass.cli import main
+
+
+def _refused(capsys, argv, *needles) -> str:
+    """Run main(argv): it must refuse with exit status 2 and one stderr line holding each needle, no traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvpass: error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the command loads or builds a model: its user errors must be found before that."""
+    import kvpass.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"load_model{args} ran before the user error was found")
+
+    monkeypatch.setattr(kvpass.models, "load_model", refuse)
 
 
 def test_inspect_catalogue_lists_every_entry(capsys):
@@ -11,15 +40,16 @@ def test_inspect_catalogue_lists_every_entry(capsys):
     assert all(entry.name in out for entry in CATALOGUE)
 
 
-def test_generate_refuses_a_model_without_tokenizer():
-    with pytest.raises(SystemExit, match="no tokenizer"):
-        main(["generate", "--model", "random:smollm2:135m", "--max-new-tokens", "2"])
+def test_generate_refuses_a_model_without_tokenizer(capsys, no_model):
+    _refused(capsys, ["generate", "--model", "random:llama:1b", "--max-new-tokens", "2"], "random:llama:1b",
+             "no tokenizer", "smollm2-135m")
 
 
 @pytest.mark.slow
 def test_generate_main_job(capsys):
     assert main(["generate", "--max-new-tokens", "6", "--inner", "aot_eager", "--json"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "generated: " in out and "tokens/s" in out
     assert "'sdpa-native-gqa': 30" in out or "'sdpa-repeat-kv-mask': 30" in out
 
@@ -31,17 +61,113 @@ def test_inspect_real_model(capsys):
     assert out.count("matched   ") == 60 and "unmatched" not in out
 
 
-def test_method_flags_are_validated():
-    with pytest.raises(SystemExit, match="bits=3.0"):
-        main(["eval", "ppl", "--attention", "antkv", "--bits", "3"])
-    with pytest.raises(SystemExit, match="needs no calibration"):
-        main(["calibrate", "--attention", "kivi", "--out", "x.safetensors"])
-    with pytest.raises(SystemExit, match="search='graph'"):
-        main(["eval", "ppl", "--attention", "wave", "--scoring", "pre-rope", "--search", "graph"])
-    with pytest.raises(SystemExit, match="recent=0"):
-        main(["eval", "ppl", "--attention", "wave", "--recent", "0"])
-    with pytest.raises(SystemExit, match=r"rope scaling 'yarn:1'.*FACTOR > 1"):
-        main(["eval", "passkey", "--rope-scaling", "yarn:1"])
+def test_method_flags_are_validated_before_the_model_loads(capsys, no_model):
+    for command in (["eval", "ppl"], ["eval", "passkey"], ["generate"], ["bench", "decode"]):
+        _refused(capsys, [*command, "--attention", "antkv", "--bits", "3"], "bits=3.0")
+    _refused(capsys, ["generate", "--attention", "kivi", "--bits", "3"], "bits=3")
+    _refused(capsys, ["calibrate", "--attention", "kivi", "--out", "x.safetensors"], "needs no calibration")
+    _refused(capsys, ["eval", "ppl", "--attention", "wave", "--scoring", "pre-rope", "--search", "graph"],
+             "search='graph'")
+    _refused(capsys, ["eval", "ppl", "--attention", "wave", "--recent", "0"], "recent=0")
+    _refused(capsys, ["generate", "--max-new-tokens", "0"], "--max-new-tokens=0")
+
+
+def test_rope_scaling_is_one_line(capsys, no_model):
+    _refused(capsys, ["eval", "passkey", "--device", "cpu", "--rope-scaling", "yarn:1"], "rope scaling 'yarn:1'",
+             "FACTOR > 1")
+
+
+def test_cuda_device_on_a_machine_without_cuda(capsys, monkeypatch, no_model):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _refused(capsys, ["generate", "--device", "cuda"], "--device cuda", "use --device cpu")
+    _refused(capsys, ["eval", "ppl", "--device", "cuda:1"], "--device cuda:1", "use --device cpu")
+    _refused(capsys, ["inspect", "--device", "gpu"], "--device gpu", "cpu")
+
+
+def test_unknown_text_is_one_line(capsys, no_model):
+    _refused(capsys, ["eval", "ppl", "--text", "no-such-text"], "unknown text 'no-such-text'", "enwiki")
+    _refused(capsys, ["eval", "passkey", "--task", "needle", "--haystack", "no-such-text"], "'no-such-text'")
+    _refused(capsys, ["calibrate", "--text", "no-such-text", "--out", "x.safetensors"], "'no-such-text'")
+
+
+def test_unreadable_calibration_file_is_one_line(capsys, tmp_path, no_model):
+    from kvpass.calibration.artefact import FORMAT, VERSION, Calibration
+
+    good = tmp_path / "good.safetensors"
+    Calibration({"format": FORMAT, "version": VERSION, "sections": {}}, {"x": torch.zeros(1000)}).save(good)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:500])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    for bad in (truncated, garbage):
+        with pytest.raises(ValueError, match="re-run `kvpass calibrate"):
+            Calibration.load(bad)
+        _refused(capsys, ["eval", "ppl", "--attention", "antkv", "--calibration", str(bad)], str(bad),
+                 "kvpass calibrate")
+        _refused(capsys, ["generate", "--ffn", "chess", "--calibration", str(bad)], str(bad), "kvpass calibrate")
+    _refused(capsys, ["generate", "--attention", "antkv", "--calibration", str(tmp_path / "missing.safetensors")],
+             "missing.safetensors", "does not exist")
+
+
+def test_plot_of_a_missing_folder_or_a_stray_file_is_one_line(capsys, tmp_path):
+    _refused(capsys, ["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "png")], "nope", "does not exist")
+    (tmp_path / "notes.json").write_text("{not json")
+    _refused(capsys, ["plot", str(tmp_path / "notes.json")], "notes.json", "not a JSON record")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    _refused(capsys, ["plot", str(tmp_path / "other.json")], "other.json", "not a kvpass record")
+    (tmp_path / "empty").mkdir()
+    _refused(capsys, ["plot", str(tmp_path / "empty")], "no eval ppl")
+
+
+def test_registry_model_without_its_packages_is_one_line(capsys, monkeypatch, tmp_path):
+    import kvpass.models
+
+    spec = kvpass.models.ModelSpec(name="absent-model", package="kvpass_absent_package", file="absent.gguf",
+                                   pip_install="pip install kvpass-absent-package==1.0")
+    monkeypatch.setitem(kvpass.models.MODELS, "absent-model", spec)
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path))   # no converted copy to fall back on
+    _refused(capsys, ["generate", "--model", "absent-model", "--device", "cpu"], "'absent-model'",
+             "pip install kvpass-absent-package==1.0")
+
+
+def test_empty_prompt_is_refused_before_the_model_loads(capsys, no_model):
+    _refused(capsys, ["generate", "--raw", "--prompt", ""], "--prompt is empty")
+
+
+def test_debug_logs_show_the_traceback_and_bugs_keep_theirs(monkeypatch):
+    import logging
+
+    import kvpass.cli
+
+    logger = logging.getLogger("kvpass")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    monkeypatch.setenv("KVPASS_LOGS", "debug")
+    try:
+        with pytest.raises(ValueError, match="bits=3.0"):
+            main(["eval", "ppl", "--attention", "antkv", "--bits", "3"])
+    finally:
+        logger.level, logger.handlers[:], logger.propagate = saved[0], saved[1], saved[2]
+    monkeypatch.delenv("KVPASS_LOGS")
+    # A ValueError from inside a library, or any other error, is a bug: it keeps its traceback.
+    monkeypatch.setattr(kvpass.cli, "cmd_plot", lambda args: json.loads("{"))
+    with pytest.raises(json.JSONDecodeError):
+        main(["plot", "x"])
+    monkeypatch.setattr(kvpass.cli, "cmd_plot", lambda args: None.missing)
+    with pytest.raises(AttributeError):
+        main(["plot", "x"])
+
+
+def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
+    """The real entry point, in a fresh process: the message, the status, and no traceback unless asked for."""
+    command = [sys.executable, "-m", "kvpass.cli", "plot", str(tmp_path / "nope")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.strip().splitlines() == [f"kvpass: error: '{tmp_path / 'nope'}' does not exist; give record "
+                                                f"files or folders of them (the eval and bench commands write them "
+                                                f"under their --out, e.g. runs/eval)"], done.stderr
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "KVPASS_LOGS": "debug"})
+    assert done.returncode == 1 and "Traceback" in done.stderr and "does not exist" in done.stderr
 
 
 def test_wave_flags_reach_the_method_and_its_name():
@@ -69,8 +195,9 @@ def test_calibrate_writes_an_artefact_the_eval_reads(tmp_path, capsys):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert sorted(meta["sections"]) == ["antkv-0.375bit", "antkv-1bit"] and meta["text"]["name"] == "lee"
     assert Calibration.load(out).section("antkv-1bit")["layers.29.values"].shape == (3, 8, 256, 8)
-    with pytest.raises(SystemExit, match="calibration text 'lee' is the evaluation text"):
-        main(["eval", "ppl", "--text", "lee", "--attention", "antkv", "--calibration", str(out)])
+    capsys.readouterr()   # the calibration's progress bars
+    _refused(capsys, ["eval", "ppl", "--text", "lee", "--attention", "antkv", "--calibration", str(out)],
+             "calibration text 'lee' is the evaluation text")
 
 
 @pytest.mark.slow

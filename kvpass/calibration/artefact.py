@@ -83,16 +83,20 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> Calibration:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = pathlib.Path(path)
         if not path.is_file():
             raise ValueError(f"calibration={str(path)!r} does not exist; make one with `kvpass calibrate --model ... "
                              f"--out {path}` or leave calibration=None to calibrate automatically")
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get("kvpass")
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
-        meta = json.loads(raw) if raw else {}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                raw = (handle.metadata() or {}).get("kvpass")
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+            meta = json.loads(raw) if raw else {}
+        except (SafetensorError, json.JSONDecodeError) as error:  # a half-copied file, or not an artefact at all
+            raise ValueError(f"calibration {str(path)!r} cannot be read ({error}): it is truncated or not a kvpass "
+                             f"artefact; re-run `kvpass calibrate --model ... --out {path}`") from None
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a kvpass calibration artefact (no '{FORMAT}' metadata)")
         if meta.get("version") != VERSION:

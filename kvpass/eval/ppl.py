@@ -31,12 +31,12 @@ def windows(token_ids: torch.Tensor, seqlen: int, max_windows: int) -> torch.Ten
     return token_ids[: count * seqlen].view(count, seqlen)
 
 
-def text_windows(tokenizer, text: str, seqlen: int, max_windows: int):
-    """The first windows of a registry text (or .txt file), tokenized whole without special tokens:
-    ((K, seqlen) token ids, the loaded kvpass.eval.texts.Text)."""
-    from .texts import load_text
+def text_windows(tokenizer, text, seqlen: int, max_windows: int):
+    """The first windows of a registry text (or .txt file, or an already loaded kvpass.eval.texts.Text), tokenized
+    whole without special tokens: ((K, seqlen) token ids, the loaded Text)."""
+    from .texts import Text, load_text
 
-    loaded = load_text(text)
+    loaded = text if isinstance(text, Text) else load_text(text)
     ids = tokenizer(loaded.text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     return windows(ids, seqlen, max_windows), loaded
 

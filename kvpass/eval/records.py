@@ -54,9 +54,20 @@ def write_record(out_dir: str | pathlib.Path, command: str, results: list[dict],
 
 
 def load_records(paths) -> list[dict]:
-    """Records from files and/or folders (every *.json inside)."""
+    """Records from files and/or folders (every *.json inside); ValueError names a path that is missing or a file
+    that is not a record."""
     records = []
     for path in map(pathlib.Path, paths):
+        if not path.exists():
+            raise ValueError(f"{str(path)!r} does not exist; give record files or folders of them (the eval and bench "
+                             f"commands write them under their --out, e.g. runs/eval)")
         for file in sorted(path.glob("*.json")) if path.is_dir() else [path]:
-            records.append(json.loads(file.read_text()))
+            try:
+                record = json.loads(file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{str(file)!r} is not a JSON record ({error})") from None
+            if not isinstance(record, dict) or "command" not in record:
+                raise ValueError(f"{str(file)!r} is not a kvpass record (no 'command'); the eval and bench commands "
+                                 f"write records")
+            records.append(record)
     return records
