@@ -224,6 +224,9 @@ def cmd_generate(args) -> int:
             torch.cuda.synchronize()
         return out, time.perf_counter() - start
 
+    # The first call traces and compiles the prefill and decode graphs, silently: say so before it starts.
+    print(f"compiling {args.model} with kvpass (first call" + ("; ~1-3 min on a CPU" if model.device.type == "cpu"
+                                                              else "") + ")...", file=sys.stderr, flush=True)
     out, first = timed()   # includes tracing and compiling the prefill and decode graphs
     out, steady = timed()  # the same generation on the compiled graphs
     new = out.shape[1] - prompt_len
@@ -332,12 +335,32 @@ def cmd_eval_ppl(args) -> int:
     for row in results[1:]:
         row["ratio_to_dense"] = row["ppl"] / results[0]["ppl"]
         print(f"{row['name']}: {row['ratio_to_dense']:.4f} x dense perplexity")
+    for note in _decode_only_notes(config.attention, args.seqlen, args.decode_tail):
+        print(f"note: {note}")
     path = write_record(args.out, "eval ppl", results, config=config.to_dict(), model=args.model,
                         rope_scaling=args.rope_scaling,
                         protocol={"tokenization": "whole text, no special tokens", "windows": "non-overlapping",
                                   "decode_tail": args.decode_tail}, text_source=text.source)
     print(f"record: {path}")
     return 0
+
+
+def _decode_only_notes(method, seqlen: int, decode_tail: int) -> list[str]:
+    """What a perplexity run could not show of a method that acts only in decode (the wave index: prompts attend
+    exactly), so that a ratio of 1.0000 is not read as "no loss"."""
+    if method.method != "wave":
+        return []
+    notes = []
+    if not decode_tail:
+        notes.append("the wave index acts only in decode (prompts attend exactly), so prefill perplexity is dense's; "
+                     "use --decode-tail N (e.g. 128) to score the last N tokens of each window through decode")
+    # A window's sequence holds at most seqlen - 1 tokens (the last is only a target); the index is built after the
+    # step that reaches min_context and first read by the next one (measured: read at seqlen = min_context + 2).
+    if seqlen - 1 <= method.min_context:
+        notes.append(f"the wave index never engages in {seqlen}-token windows (min_context={method.min_context}: "
+                     f"shorter sequences attend exactly); use --seqlen above {method.min_context + 1} or a smaller "
+                     f"--min-context")
+    return notes
 
 
 def cmd_eval_passkey(args) -> int:

@@ -34,6 +34,34 @@ def no_model(monkeypatch):
     monkeypatch.setattr(kvpass.models, "load_model", refuse)
 
 
+class _Chars:
+    """A tokenizer for a tiny random model: one id per character."""
+
+    pad_token_id = 0
+    chat_template = None
+
+    def __call__(self, text, return_tensors="pt", **kwargs):
+        ids = torch.tensor([[ord(c) % 128 for c in text]])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def decode(self, ids, **kwargs):
+        return "".join(chr(97 + int(i) % 26) for i in ids)
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    """`--model` loads a 2-layer random Llama with a character tokenizer (seconds to compile, not minutes)."""
+    import kvpass.models
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    monkeypatch.setattr(kvpass.models, "load_model", lambda *args, **kwargs: (model, _Chars()))
+    return model
+
+
 def test_inspect_catalogue_lists_every_entry(capsys):
     assert main(["inspect", "--catalogue"]) == 0
     out = capsys.readouterr().out
@@ -50,6 +78,7 @@ def test_generate_main_job(capsys):
     assert main(["generate", "--max-new-tokens", "6", "--inner", "aot_eager", "--json"]) == 0
     captured = capsys.readouterr()
     out = captured.out
+    assert "compiling smollm2-135m with kvpass (first call" in captured.err
     assert "generated: " in out and "tokens/s" in out
     assert "'sdpa-native-gqa': 30" in out or "'sdpa-repeat-kv-mask': 30" in out
 
@@ -168,6 +197,53 @@ def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120,
                           env={**os.environ, "KVPASS_LOGS": "debug"})
     assert done.returncode == 1 and "Traceback" in done.stderr and "does not exist" in done.stderr
+
+
+def test_wave_notes_say_when_perplexity_cannot_show_the_index():
+    from kvpass.cli import _decode_only_notes
+    from kvpass.config import Dense, WaveIndex
+
+    wave = WaveIndex()  # min_context 1024
+    assert _decode_only_notes(Dense(), 1024, 0) == []
+    prefill = _decode_only_notes(wave, 256, 0)
+    assert len(prefill) == 2 and "acts only in decode" in prefill[0] and "--decode-tail" in prefill[0]
+    assert "never engages in 256-token windows" in prefill[1] and "min_context=1024" in prefill[1]
+    assert _decode_only_notes(wave, 4096, 0) == [prefill[0]]
+    assert _decode_only_notes(wave, 4096, 128) == []
+    # The boundary measured on the tiny model below: read by the last step at min_context + 2, never before.
+    assert len(_decode_only_notes(wave, 1025, 8)) == 1 and _decode_only_notes(wave, 1026, 8) == []
+
+
+def test_eval_ppl_says_the_wave_index_never_engaged(capsys, tmp_path, tiny_model):
+    """Windows of min_context + 1 tokens: the index is never read (the record has no decode reads), and the
+    command says so instead of printing a bare ratio."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 4)
+    argv = ["eval", "ppl", "--text", str(text), "--attention", "wave", "--min-context", "32", "--recent", "8",
+            "--seqlen", "33", "--max-windows", "1", "--decode-tail", "8", "--inner", "eager", "--out",
+            str(tmp_path / "out")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "x dense perplexity" in out
+    assert "note: the wave index never engages in 33-token windows (min_context=32" in out
+    record = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert [row["name"] for row in record["results"]] == ["dense", "wave-0.018r-0.232e-8recent"]
+    assert "decode_reads" not in record["results"][1]
+
+
+def test_generate_says_it_is_compiling_before_the_first_call(capsys, monkeypatch, tiny_model):
+    seen = []
+    generate = type(tiny_model).generate   # kvpass wraps the class's generate, so watch it there
+
+    def watched(self, *args, **kwargs):
+        seen.append(capsys.readouterr().err)   # what was printed before this call
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_model), "generate", watched)
+    assert main(["generate", "--model", "tiny", "--device", "cpu", "--raw", "--prompt", "hello", "--max-new-tokens",
+                 "2", "--inner", "eager"]) == 0
+    assert seen[0].strip().splitlines()[-1] == "compiling tiny with kvpass (first call; ~1-3 min on a CPU)..."
+    assert "generated: " in capsys.readouterr().out
 
 
 def test_wave_flags_reach_the_method_and_its_name():
