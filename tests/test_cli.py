@@ -297,3 +297,42 @@ def test_chess_calibration_reaches_its_sparsity_on_held_out_text(tmp_path, capsy
         for rule in ("chess", "cats"):
             measured = chess.measured_sparsity(held_out, tensors, rule)
             assert all(abs(measured[kind] - s) <= 0.02 for kind in ("ffn", "q", "o")), (s, rule, measured)
+
+
+def test_plot_draws_dense_once_with_readable_labels(tmp_path):
+    """Every eval ppl record carries its own dense row: the chart draws it once per protocol, and no label runs
+    into another or off the figure."""
+    from kvpass.eval.plot import _perplexity_figure, _perplexity_groups, _pyplot, plot_records
+
+    def record(model, mode, seqlen, windows, tokens, dense, name, ppl):
+        """One `kvpass eval ppl` record: its dense row, then the method's."""
+        return {"command": "eval ppl", "model": model, "results": [
+            {"name": n, "ppl": v, "mode": mode, "seqlen": seqlen, "windows": windows, "tokens": tokens,
+             "text": "enwiki"} for n, v in (("dense", dense), (name, ppl))]}
+
+    methods = ["antkv-0.375bit-0.01anchors-attention_variance", "kivi-2bit", "chess+selective-0.5", "cats-0.5"]
+    records = [record("smollm2-135m", "prefill", 1024, 4, 4092, 21.74, name, 30.0 + i)
+               for i, name in enumerate(methods)]
+    # Same model, length and tokens scored, other windows: another protocol, another dense.
+    records.append(record("qwen2.5-0.5b", "decode", 32000, 1, 512, 26.8, "wave-0.018r-0.232e", 26.3))
+    records.append(record("qwen2.5-0.5b", "decode", 32000, 2, 512, 31.8, "wave-0.018r-0.232e", 31.8))
+    groups = _perplexity_groups(records)
+    assert [list(rows) for rows in groups.values()] == [["dense", *methods], ["dense", "wave-0.018r-0.232e"],
+                                                        ["dense", "wave-0.018r-0.232e"]]
+    fig = _perplexity_figure(records)
+    try:
+        fig.canvas.draw()
+        width, height = fig.canvas.get_width_height()
+        drawn_x = [label for ax in fig.axes for tick, label in zip(ax.get_xticks(), ax.get_xticklabels())
+                   if ax.get_xlim()[0] <= tick <= ax.get_xlim()[1]]   # matplotlib also lists ticks past the limits
+        labels = [text for ax in fig.axes for text in [ax.title, ax.xaxis.label, *ax.texts, *ax.get_yticklabels()]
+                  if text.get_text()] + drawn_x
+        boxes = [text.get_window_extent() for text in labels]
+        assert all(0 <= box.x0 and box.x1 <= width and 0 <= box.y0 and box.y1 <= height for box in boxes)
+        clashes = [(labels[i].get_text(), labels[j].get_text()) for i in range(len(boxes))
+                   for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+        assert not clashes, clashes
+        assert sum(label.get_text() == "dense" for label in labels) == len(groups)
+    finally:
+        _pyplot().close(fig)
+    assert plot_records(records, tmp_path)[0].read_bytes()[:4] == b"\x89PNG"
