@@ -59,25 +59,47 @@ def detach(model: torch.nn.Module) -> None:
         compiled = model.__dict__.get("_compiled_call_impl")
         if compiled is not None and getattr(compiled, "_kvpass_backend", None) is backend:
             del model.__dict__["_compiled_call_impl"]
+        elif backend.engine is not None and compiled is backend.engine:
+            model.__dict__["_compiled_call_impl"] = backend.engine.compiled_call  # model.compile's own call stays
+        backend.engine = None
+        backend.runtime.static_decode = False
 
 
 def compile(model: torch.nn.Module, config: Config, *, inner: str = "inductor", strict: bool = False,
-            cudagraphs: bool = False, **compile_kwargs) -> torch.nn.Module:
+            cudagraphs: bool = False, capture: bool = True, **compile_kwargs) -> torch.nn.Module:
     """Compile `model` in place with kvpass (so `model.generate` runs compiled through the kvpass cache).
-    Arguments as for `kvpass.backend`; the rest go to `model.compile`."""
+    capture: replay each decode step from a CUDA graph (kvpass.engine; on CUDA, for methods that meet the
+    captured-decode contract). Other arguments as for `kvpass.backend`; the rest go to `model.compile`."""
     backend = attach(model, Backend(config, inner=inner, strict=strict, cudagraphs=cudagraphs))
     backend.runtime.calibration()  # now, not inside the first generate: a wrong artefact fails here
     model = _unwrap(model)
     model.compile(backend=backend, **compile_kwargs)
     model._compiled_call_impl._kvpass_backend = backend  # lets detach() undo exactly this compile
+    install_engine(model, backend, capture=capture and not cudagraphs)
     return model
+
+
+def install_engine(model: torch.nn.Module, backend: Backend, *, capture: bool = True) -> None:
+    """Put the decode engine in front of `model`'s compiled call (model.compile made it), if the attention method
+    meets the captured-decode contract; its decode graphs then use kvpass::decode_attention. Inductor's own
+    piecewise CUDA graphs (cudagraphs=True) cannot nest inside the engine's recording: capture is off with them."""
+    from .engine import DecodeEngine
+    from .methods import captured_decode_supported
+
+    compiled = model.__dict__.get("_compiled_call_impl")
+    if compiled is None or backend.engine is not None or not captured_decode_supported(backend.config.attention):
+        return
+    backend.engine = DecodeEngine(backend.runtime, compiled, capture=capture)
+    backend.runtime.static_decode = True
+    model.__dict__["_compiled_call_impl"] = backend.engine
 
 
 def _generate_with_kvpass_cache(model, generate, *args, **kwargs):
     """HF generate with a fresh kvpass cache unless the caller chose a cache (or decoding) we cannot serve."""
     config = kwargs.get("generation_config") or model.generation_config
     num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
-    wants_own_cache = (kwargs.get("past_key_values") is not None or kwargs.get("use_cache") is False
+    wants_own_cache = (kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+                       or kwargs.get("use_cache") is False
                        or kwargs.get("cache_implementation") is not None
                        or getattr(config, "cache_implementation", None) is not None)
     if not wants_own_cache:
@@ -85,9 +107,9 @@ def _generate_with_kvpass_cache(model, generate, *args, **kwargs):
             warnings.warn("kvpass: beam search is not supported by the kvpass cache; this generate call uses HF's "
                           "own cache, and kvpass attention runs one-shot over it", stacklevel=2)
         else:
-            from .cache import KVCache
+            from .cache import KVCache, cache_argument
 
-            kwargs["past_key_values"] = KVCache(model, capacity=_expected_length(config, args, kwargs))
+            kwargs[cache_argument(model)] = KVCache(model, capacity=_expected_length(config, args, kwargs))
     return generate(model, *args, **kwargs)
 
 

@@ -21,18 +21,25 @@ class KvpassMatchError(RuntimeError):
     """Raised with strict=True when a requested rewrite did not cover every site."""
 
 
-def _module_being_compiled() -> torch.nn.Module | None:
-    """The nn.Module whose forward Dynamo is tracing (best effort: private API, None if unavailable)."""
+def _compiled_module(gm: torch.fx.GraphModule) -> torch.nn.Module | None:
+    """The module whose forward Dynamo traced `gm` from: the root of the graph's own module paths (L['self'], or
+    L['args'][0] when a decorator wraps forward), looked up in the locals of the frame being compiled, the way
+    Dynamo evaluates its own sources. None outside Dynamo or when the graph names no module."""
+    from kvpass.patterns.matchers import module_root
+
+    roots = {module_root(node) for node in gm.graph.nodes} - {None}
+    if len(roots) != 1:
+        return None
+    (name, indices), = roots
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        tx = InstructionTranslator.current_tx()
-    except Exception:  # noqa: BLE001 - no translator (called outside Dynamo) or the API moved
+        value = InstructionTranslator.current_tx().f_locals[name]
+        for index in indices:
+            value = value[index]
+    except Exception:  # noqa: BLE001 - called outside Dynamo, or its private API moved: bind nothing
         return None
-    for value in getattr(tx, "f_locals", {}).values():
-        if isinstance(value, torch.nn.Module):
-            return value
-    return None
+    return value if isinstance(value, torch.nn.Module) else None
 
 
 class Backend:
@@ -55,6 +62,7 @@ class Backend:
         self.runtime = Runtime(config)
         self.records = []
         self._model = None
+        self.engine = None  # the kvpass.engine.DecodeEngine driving the model's decode steps, once installed
 
     # -- binding to a model --------------------------------------------------------------------------
     def bind(self, model: torch.nn.Module) -> None:
@@ -77,19 +85,30 @@ class Backend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         from kvpass.rewrite import rewrite
 
-        from .attach import attach, backend_of
+        from .attach import attach, backend_of, install_engine
 
         configure_from_env()
-        root = _module_being_compiled()
+        root = _compiled_module(gm)
         if root is not None and self.model is None and backend_of(root) is None:
-            attach(root, self)  # model.compile(backend=...) used directly: bind now so report(model) works
+            self._bind_at_first_compile(root, attach, install_engine)
         record, misses = rewrite(gm, self.runtime.id, rewrite_ffn_sites=self.config.ffn is not None,
                                  root=root, explain=explained_nodes(), plan=self.runtime.chess_plan(),
-                                 example_inputs=example_inputs)
+                                 example_inputs=example_inputs, captured_decode=self.runtime.static_decode)
         self.records.append(record)
         logger.info("compile %d (%d nodes):\n%s", len(self.records), record.nodes, record.table())
         self._check(record, misses)
         return self._inner(gm, example_inputs)
+
+    def _bind_at_first_compile(self, root: torch.nn.Module, attach, install_engine) -> None:
+        """model.compile(backend=...) used directly: the backend meets its model only now, inside the first call.
+        Bind now (report(model) works, later generate calls use the kvpass cache) and say what this call misses."""
+        attach(root, self)
+        install_engine(root, self, capture=not self.cudagraphs)  # model.compile made the call the engine fronts
+        if hasattr(root, "generate"):
+            warnings.warn(f"kvpass: the backend met its {type(root).__name__} at its first compile; a generate call "
+                          f"already running keeps the cache HF made for it (kvpass attention reads it, correctly), "
+                          f"and later calls use the kvpass cache. kvpass.compile(model, config) binds before the "
+                          f"first call.", stacklevel=3)
 
     def _check(self, record, misses) -> None:
         problems = []

@@ -8,10 +8,18 @@ and returns everything stored, and HF's own attention computes the method's refe
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops  # noqa: F401  (registers torch.ops.kvpass.*)
+
+
+def cache_argument(model) -> str:
+    """The name under which this model's forward (and so generate) takes a cache: `cache` since transformers 5.2x
+    renamed it (the old `past_key_values` still works there, with a FutureWarning), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 class _RuntimeLayer(CacheLayerMixin):

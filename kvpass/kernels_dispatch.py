@@ -15,14 +15,15 @@ def use_triton(t: torch.Tensor) -> bool:
     return choice == "triton" or (choice == "auto" and t.is_cuda)
 
 
-def attention(q, k, v, *, mask, is_causal, scale, softcap, window, valid=None, return_lse=False):
-    """q: (B, Hq, Lq, D) are the last Lq of the S keys in k, v: (B, Hkv, S, D|Dv); mask: None or bool
-    (Bm, Hm, Lq, S) over all keys; valid: None or (B, S) bool (False: a padding slot). With return_lse also the
-    (B, Hq, Lq) fp32 log-sum-exp. See kernels/attention for the full contract."""
+def attention(q, k, v, *, mask, is_causal, scale, softcap, window, valid=None, return_lse=False, q_start=None):
+    """q: (B, Hq, Lq, D) are the last Lq of the S keys in k, v: (B, Hkv, S, D|Dv), or the Lq keys from q_start
+    (an int, or a (1,) int64 device tensor read by the kernel); mask: None or bool (Bm, Hm, Lq, S) over all keys;
+    valid: None or (B, S) bool (False: a padding slot). With return_lse also the (B, Hq, Lq) fp32 log-sum-exp.
+    See kernels/attention for the full contract."""
     from .kernels import attention as family
 
     fn = family.attention_over_store if use_triton(q) else family.attention_over_store_reference
-    return fn(q, k, v, valid, scale=scale, causal=is_causal, window=window, softcap=softcap, mask=mask,
+    return fn(q, k, v, valid, q_start, scale=scale, causal=is_causal, window=window, softcap=softcap, mask=mask,
               return_lse=return_lse)
 
 

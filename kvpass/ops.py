@@ -4,6 +4,10 @@ treat them as opaque calls with known output shapes (`register_fake`).
 - `kvpass::attention`: stateful attention keyed by (runtime id, layer id). Tagged cudagraph_unsafe so
   Inductor splits CUDA graphs around it (piecewise capture), and it copies what it stores, never
   keeping references to its inputs.
+- `kvpass::decode_attention`: one decode step of the same, driven by the runtime's decode engine
+  (kvpass/engine.py): it stores the new token at the position the runtime holds on the device and masks by
+  the runtime's per-slot validity, so its arguments never change between steps and a CUDA graph recorded
+  once replays it. It allocates nothing whose size depends on the length and never synchronizes.
 - `kvpass::cache_update`: the kvpass HF cache's update. The attention rewrite fuses it into
   `kvpass::attention`; left unfused it still gives the right answer (stores the new k/v, returns all).
 The stateless FFN ops (`kvpass::ffn`, `kvpass::sparse_linear`) are in kvpass/ffn_ops.py.
@@ -46,6 +50,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: b
 
 @attention.register_fake
 def _(q, k, v, mask, is_causal, scale, softcap, window, mode, runtime, layer, past):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("kvpass::decode_attention", mutates_args=(), tags=_UNSAFE_FOR_CUDAGRAPHS)
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float, window: int, runtime: int,
+                     layer: int) -> Tensor:
+    """q: (B, Hq, 1, D); k, v: (B, Hkv, 1, D|Dv), the new token. Returns (B, Hq, 1, Dv), contiguous.
+    The runtime (kvpass.runtime.Runtime.decode) stores k, v and attends over everything stored."""
+    spec = AttentionSpec(scale=float(scale), softcap=float(softcap), window=int(window))
+    return _runtime.lookup(runtime).decode(q, k, v, spec, layer).contiguous()
+
+
+@decode_attention.register_fake
+def _(q, k, v, scale, softcap, window, runtime, layer):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 

@@ -33,6 +33,8 @@ def report(model) -> dict:
         "graphs": len(backend.records),
         "attention_modes": {MODES[m]: n for m, n in last.modes.items()},
     })
+    if backend.engine is not None:
+        base["decode_engine"] = backend.engine.report()
     plan = backend.runtime.chess_plan()
     if plan is not None:
         base["chess"] = {"sparse_ffn_sites": last.sparse_ffn_sites, "sparse_projections": last.sparse_projections,
@@ -44,6 +46,7 @@ def report(model) -> dict:
 def _runtime_part(runtime) -> dict:
     held = runtime.nbytes()
     part = {"layer_stats": stats} if (stats := runtime.layer_stats()) else {}
-    return {**part, "kv_bytes": sum(held.values()), "kv_bytes_by_part": held, "tokens_held": runtime.tokens_held(),
+    return {**part, "kv_bytes": sum(held.values()), "kv_bytes_by_part": held,
+            "kv_bytes_allocated": runtime.allocated_nbytes(), "tokens_held": runtime.tokens_held(),
             "sequences": runtime.sequences_started,
             "attention_calls": {f"{mode}/{phase}": n for (mode, phase), n in sorted(runtime.calls.items())}}

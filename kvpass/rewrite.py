@@ -16,8 +16,8 @@ from torch import fx
 from kvpass.graph_inputs import add_tensor
 from kvpass.runtime import MODES
 
-from kvpass.patterns.matchers import (Mismatch, find_attention, find_ffn, find_projections, module_path, real_values,
-                                     rewrite_attention, rewrite_ffn, rewrite_projection)
+from kvpass.patterns.matchers import (Mismatch, find_attention, find_ffn, find_projections, is_decode_step, module_path,
+                                     real_values, rewrite_attention, rewrite_ffn, rewrite_projection)
 
 __all__ = ["Record", "rewrite"]
 
@@ -37,6 +37,7 @@ class Record:
     unmatched_attention: list[str] = dataclasses.field(default_factory=list)
     unmatched_ffn: list[str] = dataclasses.field(default_factory=list)
     nodes: int = 0
+    captured_decode_sites: int = 0   # decode steps given kvpass::decode_attention (replayable, kvpass.engine)
 
     @property
     def unmatched(self) -> list[str]:
@@ -49,6 +50,8 @@ class Record:
         modes = ", ".join(f"{MODES[m]}: {n}" for m, n in sorted(self.modes.items())) or "-"
         rows.append(f"attention sites {self.attention_sites}, FFN sites {self.ffn_sites}, layers {self.layers}, "
                     f"attention modes {{{modes}}}, unmatched {len(self.unmatched)}")
+        if self.captured_decode_sites:
+            rows.append(f"decode steps for the decode engine (kvpass::decode_attention): {self.captured_decode_sites}")
         if self.sparse_ffn_sites or self.sparse_projections:
             rows.append(f"sparse (CHESS): {self.sparse_ffn_sites} FFN sites, {self.sparse_projections} projections")
         rows += [f"  unmatched: {u}" for u in self.unmatched]
@@ -69,8 +72,11 @@ def _window_of(root: torch.nn.Module | None, node: fx.Node) -> int:
 
 
 def rewrite(gm: fx.GraphModule, runtime_id: int, rewrite_ffn_sites: bool, root: torch.nn.Module | None = None,
-            explain: set[str] = frozenset(), plan=None, example_inputs=()) -> tuple[Record, list[Mismatch]]:
+            explain: set[str] = frozenset(), plan=None, example_inputs=(),
+            captured_decode: bool = False) -> tuple[Record, list[Mismatch]]:
     """Rewrite `gm` in place. Returns the record and the mismatches (for warnings and explanations).
+
+    captured_decode: decode-step sites become kvpass::decode_attention (the runtime's decode engine drives them).
 
     plan: None, or the runtime's kvpass.methods.chess.ChessPlan: FFN sites of calibrated layers become thresholded
     and, when selective, so do the query/output projections; example_inputs: the real inputs of gm's placeholders,
@@ -91,7 +97,8 @@ def rewrite(gm: fx.GraphModule, runtime_id: int, rewrite_ffn_sites: bool, root: 
     for site in attention:
         record.found[site.variant] += 1
         record.modes[site.mode] += 1
-        rewrite_attention(graph, site, runtime_id, _window_of(root, site.output))
+        rewrite_attention(graph, site, runtime_id, _window_of(root, site.output), captured_decode)
+        record.captured_decode_sites += captured_decode and is_decode_step(site)
         record.rewritten[site.variant] += 1
     for site in ffns:
         record.found[site.variant] += 1

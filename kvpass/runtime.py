@@ -11,6 +11,8 @@ import collections
 import itertools
 import weakref
 
+import torch
+
 from .config import Chess, Config
 from .methods import LayerStore, OneShot, make_store
 from .methods.base import AttentionSpec
@@ -40,6 +42,13 @@ class Runtime:
         self._model = None                   # weakref to the model served (set by the backend when bound)
         self._calibrations: dict[str, object] = {}  # method name -> its Calibration
         self._chess_plan = None
+        # Decode-engine state (kvpass/engine.py), on the device and address-stable so a recorded CUDA graph stays
+        # valid: the slot the next decode token goes to, and which slots of each row hold a real token (left
+        # padding does not). Shared by every layer: all layers hold the same slots.
+        self.static_decode = False        # set when a decode engine drives this runtime's decode steps
+        self._slot: torch.Tensor | None = None    # (1,) int64
+        self._valid: torch.Tensor | None = None   # (B, capacity) bool
+        self.pool_version = 0             # bumped whenever a buffer a recorded graph reads is reallocated
 
     def bind_model(self, model) -> None:
         self._model = None if model is None else weakref.ref(model)
@@ -78,13 +87,25 @@ class Runtime:
         capacity: tokens per row the sequence is expected to reach, so stores allocate once."""
         if kind not in ("cache", "explicit"):
             raise ValueError(f"sequence kind={kind!r}; use 'cache' or 'explicit'")
-        self._stores.clear()
+        # Static stores are emptied in place (their addresses are what a recorded decode graph reads); the others
+        # are dropped. Either way nothing of the last sequence is visible to the next.
+        self._stores = {layer: store for layer, store in self._stores.items() if store.reset()}
+        if self._valid is not None:
+            self._valid.zero_()
         self.sequence_kind = kind
         self.capacity = capacity
         self.sequences_started += 1
 
-    def end_sequence(self) -> None:
+    def release(self) -> None:
+        """Free every store and the decode state (the memory is needed elsewhere); recordings that read them go
+        stale and are dropped before any replay."""
         self._stores.clear()
+        self._valid = None
+        self.pool_version += 1
+        self.sequence_kind = None
+
+    def end_sequence(self) -> None:
+        self._stores = {layer: store for layer, store in self._stores.items() if store.reset()}
         self.sequence_kind = None
 
     # -- used by the ops ----------------------------------------------------------------------------
@@ -111,11 +132,75 @@ class Runtime:
             store = self.store(layer)
             if mode == MODE_CACHED:
                 self.check_past(store, past)
-            store.append(k, v)
+            self.append(layer, k, v, mask)
             self.calls[(MODES[mode], phase)] += 1
             return store.attend(q, mask, is_causal, spec)
         self.calls[("one-shot", phase)] += 1
         return OneShot(self.config.attention, self.calibration()).attend(q, k, v, mask, is_causal, spec, layer)
+
+    def append(self, layer: int, k, v, mask=None) -> None:
+        """Store new tokens' k, v (B, Hkv, L, D|Dv) in `layer`; mask: None or HF's bool mask (.., L, past + L),
+        from which the decode engine's slot validity is kept (padding)."""
+        store = self.store(layer)
+        start = store.length
+        store.append(k, v)
+        if self.static_decode:
+            self._mark_valid(store, mask, start, k.shape[2])
+
+    # -- the decode engine's step (kvpass/engine.py) --------------------------------------------------
+    def decode(self, q, k, v, spec: AttentionSpec, layer: int):
+        """kvpass::decode_attention: store the new token at the device-held slot and attend over every valid
+        slot. Runs once when a step is recorded, then only replays: no host state changes here."""
+        store = self._stores.get(layer)
+        if store is None or self._slot is None:
+            raise RuntimeError(f"kvpass decode step at layer {layer} before any prefill stored its prompt: the decode "
+                               f"engine starts after a prompt of at least one token")
+        self.calls[("decode-engine", "decode")] += 1  # op bodies run: eager steps and recordings, not replays
+        return store.decode(q, k, v, spec, self._slot, self._valid)
+
+    def begin_decode_step(self) -> int:
+        """Host side before one decode step: make room for one more token in every store, point the device slot
+        at it and mark it valid in every row. Returns the slot."""
+        slot = self.tokens_held()
+        for store in self._stores.values():
+            self.pool_version += store.reserve(slot + 1)
+        self._valid_for(next(iter(self._stores.values())), slot + 1)[:, slot] = True
+        self._slot.fill_(slot)
+        return slot
+
+    def end_decode_step(self) -> None:
+        """Host side after one decode step ran (or was replayed): every store holds one more token."""
+        for store in self._stores.values():
+            store.advance(1)
+
+    def positions_of_next_token(self) -> torch.Tensor:
+        """(B, 1) int64 position of the next token of each row: slots held minus the row's left padding (its
+        first valid slot), for callers that pass no position_ids."""
+        first = self._valid.to(torch.int8).argmax(dim=1)
+        return (self.tokens_held() - first).unsqueeze(1)
+
+    def _valid_for(self, store, length: int) -> torch.Tensor:
+        """The (B, capacity) validity of the slots, (re)allocated to the stores' batch, capacity and device."""
+        batch, capacity, device = store.batch, store.capacity, store.device
+        valid = self._valid
+        if valid is None or valid.shape[0] != batch or valid.shape[1] < capacity or valid.device != device:
+            self._valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+            if valid is not None and valid.shape[0] == batch and valid.device == device:
+                self._valid[:, : valid.shape[1]] = valid
+            self.pool_version += valid is not None
+        if self._slot is None or self._slot.device != device:
+            self._slot = torch.zeros(1, dtype=torch.int64, device=device)
+        return self._valid
+
+    def _mark_valid(self, store, mask, start: int, count: int) -> None:
+        """Record which of the slots [start, start + count) just stored hold real tokens: a token sees itself
+        unless it is padding, so the diagonal of HF's bool mask (True = attend) says; no mask: all real."""
+        valid = self._valid_for(store, start + count)
+        if mask is None:
+            valid[:, start : start + count] = True
+        else:
+            own = torch.diagonal(mask[:, 0, -count:, start : start + count], dim1=-2, dim2=-1)  # (Bm, count)
+            valid[:, start : start + count] = own.expand(valid.shape[0], count)
 
     def cache_update(self, k, v, layer: int, past: int):
         """Unfused cache plumbing (reference semantics): store the new k/v, return all keys/values."""
@@ -126,7 +211,7 @@ class Runtime:
                 f"kvpass cache path (layer {layer}: HF attends over materialized keys) never sees. Run the model compiled: "
                 f"kvpass.compile(model, config) (inner='eager' runs the rewritten graph without Inductor)")
         self.check_past(store, past)
-        store.append(k, v)
+        self.append(layer, k, v)
         self.calls[("materialized", "prefill" if k.shape[2] > 1 else "decode")] += 1
         keys, values = store.materialize()
         return keys.to(k.dtype), values.to(v.dtype)
@@ -137,6 +222,11 @@ class Runtime:
         for store in self._stores.values():
             total.update(store.nbytes())
         return dict(total)
+
+    def allocated_nbytes(self) -> int:
+        """Bytes the stores and the decode state have allocated (static stores keep spare capacity)."""
+        state = sum(t.nbytes for t in (self._valid, self._slot) if t is not None)
+        return state + sum(store.allocated_nbytes() for store in self._stores.values())
 
     def layer_stats(self) -> list[dict]:
         """Each layer's method counters (e.g. the wave index's keys read), for layers that keep any."""

@@ -429,3 +429,36 @@ def test_kernels_compile_for_hopper():
 
     assert_what_runs_compiles_for_hopper(lambda: test_dense_matches_reference(next(iter(DENSE_CASES))),
                                          lambda: test_split_kv_matches_reference(next(iter(SPLIT_CASES))))
+
+
+DEVICE_Q_START_CASES = {
+    # q_start as a (1,) device tensor (the captured decode step): the launch is planned for the whole store (a
+    # NaN tail of `extra` slots past kv_len) and the kernel reads where the queries are.
+    "decode-gqa4-d80": (Case(41, D=80, Lq=1, kv_len=33, group=4, extra=90), None),
+    "decode-gqa8-split4-bf16": (Case(42, D=128, Lq=1, kv_len=300, group=8, extra=200, dtype=BF16,
+                                     pads=(0, 50, 299)), 4),
+    "decode-window-softcap-split3": (Case(43, D=64, Lq=1, kv_len=250, group=2, window=40, softcap=20.0,
+                                          extra=120, pads=(0, 230, 10)), 3),
+    "decode-kv1-d96": (Case(44, D=96, Lq=1, kv_len=1, group=3, extra=64, pads=(0, 1, 0)), None),
+}
+
+
+@pytest.mark.parametrize("name", list(DEVICE_Q_START_CASES))
+def test_q_start_read_on_the_device_matches_reference(name):
+    c, num_splits = DEVICE_Q_START_CASES[name]
+    (q, k, v, valid, q_start), kw = make_inputs(c)
+    on_device = torch.tensor([q_start], dtype=torch.int64, device=DEVICE)
+    out = attention_over_store(q, k, v, valid, on_device, **kw, num_splits=num_splits)
+    ref = attention_over_store_reference(q, k, v, valid, q_start, **kw)
+    assert torch.isfinite(out).all(), "a slot past the query (NaN) leaked into the output"
+    err = rel_err(out, ref)
+    assert err <= tolerance(c), f"relative error {err:.2e} > {tolerance(c):.0e}"
+
+
+def test_q_start_on_the_device_refuses_a_mask_and_a_wrong_tensor():
+    (q, k, v, valid, q_start), kw = make_inputs(Case(45, Lq=1, kv_len=20, mask="causal"))
+    with pytest.raises(ValueError, match="takes no mask"):
+        attention_over_store(q, k, v, valid, torch.tensor([q_start], device=DEVICE), **kw)
+    kw["mask"] = None
+    with pytest.raises(ValueError, match=r"\(1,\) int64"):
+        attention_over_store(q, k, v, valid, torch.tensor([q_start], dtype=torch.int32, device=DEVICE), **kw)

@@ -163,6 +163,18 @@ def key_range(pid_m, pid_s, R, group, q_start, kv_len, window, num_splits,
 
 
 @triton.jit
+def query_slots(q_start, kv_len, Lq, Q_START_ON_DEVICE: tl.constexpr):
+    """(q_start, kv_len) of this launch. With Q_START_ON_DEVICE, q_start is a pointer to one int64 slot
+    index read now (a captured decode step replays one launch while the position moves: the host cannot
+    pass it), and kv_len = q_start + Lq; otherwise both are the ints the host passed."""
+    if Q_START_ON_DEVICE:
+        start = tl.load(q_start).to(tl.int32)
+        return start, start + Lq
+    else:
+        return q_start, kv_len
+
+
+@triton.jit
 def load_q(Q, b, head, qi, row_ok, sqb, sqh, sql, sqd, D, BLOCK_D: tl.constexpr):
     """The (BLOCK_M, BLOCK_D) queries of the rows, 0 past D and for rows >= R."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -295,7 +307,7 @@ def _attn_fwd_kernel(
     svb, svh, svs, svd,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_LSE: tl.constexpr, IS_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, Q_START_ON_DEVICE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: rows [pid_m*BLOCK_M, +BLOCK_M) of (batch, kv head) pid_bh, key chunk pid_s.
@@ -309,12 +321,14 @@ def _attn_fwd_kernel(
     stride 0) iff HAS_MASK, and then CAUSAL and HAS_WINDOW must be False (the mask decides).
     DOT_FP32: fp32 semantics for mixed/fp32 inputs (p stays fp32); otherwise p is rounded to v's
     16-bit dtype. UPCAST_DOT: the tl.dot multiplies run on fp32 copies of their operands.
+    Q_START_ON_DEVICE: q_start is a pointer to the slot of the first query (see :func:`query_slots`).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
     b, hkv, R, rows, row_ok, qi, head = program_rows(pid_m, pid_bh, Hkv, group, Lq, BLOCK_M)
     q = load_q(Q, b, head, qi, row_ok, sqb, sqh, sql, sqd, D, BLOCK_D)
+    q_start, kv_len = query_slots(q_start, kv_len, Lq, Q_START_ON_DEVICE)
     q_pos = q_start + qi
     lo, hi = key_range(pid_m, pid_s, R, group, q_start, kv_len, window, num_splits,
                        CAUSAL, HAS_WINDOW, IS_SPLIT, BLOCK_M, BLOCK_N)
@@ -409,7 +423,8 @@ def _check_device(caller: str, inputs: dict) -> torch.device:
 
 
 def launch_attention(kernel, store_args, store_meta, store, q, valid, mask, dims, *, scale, causal,
-                     window, softcap, num_splits, return_lse, caller, launch_config=_launch_config):
+                     window, softcap, num_splits, return_lse, caller, launch_config=_launch_config,
+                     q_start_on_device=None):
     """Host side shared by the attention kernels: launch plan, outputs, split-KV and its combine.
 
     kernel: a @triton.jit kernel taking the parameters of :func:`_attn_fwd_kernel` up to
@@ -420,6 +435,8 @@ def launch_attention(kernel, store_args, store_meta, store, q, valid, mask, dims
     dims: what :func:`check_attention_inputs` returned for these inputs (already checked).
     launch_config: (rows, block_d, fp32_dots) -> (BLOCK_M, BLOCK_N, num_warps, num_stages), as
         :func:`_launch_config`, the dense kernel's rule.
+    q_start_on_device: None, or a (1,) int64 tensor on q's device holding the first query's slot, read by
+        the kernel (dims then carry the largest q_start the store allows, which sizes the launch).
     Other arguments as in :func:`attention_over_store`; caller names the function in errors.
     Returns out (B, Hq, Lq, Dv) in q's dtype, or (out, lse (B, Hq, Lq) fp32) if return_lse.
     """
@@ -490,12 +507,14 @@ def launch_attention(kernel, store_args, store_meta, store, q, valid, mask, dims
     kernel[grid](
         q, valid_u8, mask_u8, dst, m_part, l_part, lse,
         *q.stride(), *valid_strides, *mask_strides, *out.stride(), *lse_strides,
-        Hkv, group, Lq, q_start, kv_len, window, num_splits, D, Dv,
+        Hkv, group, Lq, q_start if q_start_on_device is None else q_start_on_device, kv_len, window,
+        num_splits, D, Dv,
         qk_scale, softcap_log2,
         *store_args,
         CAUSAL=causal, HAS_WINDOW=has_window, HAS_VALID=valid is not None, HAS_MASK=mask is not None,
         HAS_SOFTCAP=softcap > 0, HAS_LSE=return_lse, IS_SPLIT=is_split, DOT_FP32=dot_fp32,
-        UPCAST_DOT=upcast_dot, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+        UPCAST_DOT=upcast_dot, Q_START_ON_DEVICE=q_start_on_device is not None,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         **store_meta, num_warps=num_warps, num_stages=num_stages,
     )
     if is_split:
@@ -520,7 +539,9 @@ def attention_over_store(q, k, v, valid=None, q_start=None, *, scale, causal=Tru
     valid: (B, S) bool, whether each slot holds a real token (left padding -> False); None: all
        slots are valid (then every slot below kv_len must hold finite values).
     q_start: python int, or None for S - Lq (the queries are the last Lq slots of the store);
-       kv_len = q_start + Lq keys are attended.
+       kv_len = q_start + Lq keys are attended. Or a (1,) int64 tensor on q's device, read by the kernel
+       (what a captured decode step needs: its position moves between replays of one launch); then
+       mask must be None, and the launch (split-KV) is planned for the whole store.
     scale: score multiplier. causal / window (0 = none) / softcap (0 = off): see reference.py.
     mask: (1|B, 1|Hq, Lq, kv_len) bool over all keys (past + new), any strides, e.g. Hugging
        Face's attention mask; when given it replaces causal and window (see reference.py).
@@ -532,10 +553,23 @@ def attention_over_store(q, k, v, valid=None, q_start=None, *, scale, causal=Tru
     Returns a new contiguous (B, Hq, Lq, Dv) tensor of q's dtype (and lse if return_lse); rows
     with no visible key are 0.
     """
-    dims = check_attention_inputs(q, k, v, valid, q_start, scale=scale, window=window,
-                                  softcap=softcap, mask=mask)
+    on_device = q_start if isinstance(q_start, torch.Tensor) else None
+    if on_device is not None:
+        check_device_q_start(on_device, q, mask)
+    dims = check_attention_inputs(q, k, v, valid, None if on_device is not None else q_start, scale=scale,
+                                  window=window, softcap=softcap, mask=mask)
     return launch_attention(
         _attn_fwd_kernel, (k, v, *k.stride(), *v.stride()), {}, {"k": k, "v": v}, q, valid, mask,
         dims, scale=scale, causal=causal, window=window, softcap=softcap, num_splits=num_splits,
-        return_lse=return_lse, caller="attention_over_store",
+        return_lse=return_lse, caller="attention_over_store", q_start_on_device=on_device,
     )
+
+
+def check_device_q_start(q_start: torch.Tensor, q: torch.Tensor, mask) -> None:
+    """A q_start tensor must be one int64 on q's device, and comes without a mask (a mask sized for one
+    position cannot serve a launch whose position moves)."""
+    if q_start.shape != (1,) or q_start.dtype != torch.int64 or q_start.device != q.device:
+        raise ValueError(f"q_start as a tensor must be (1,) int64 on {q.device}, got {tuple(q_start.shape)} "
+                         f"{q_start.dtype} on {q_start.device}")
+    if mask is not None:
+        raise ValueError("q_start as a tensor takes no mask: visibility comes from causal, window and valid")

@@ -119,12 +119,15 @@ def attention_over_store_reference(q, k, v, valid=None, q_start=None, *, scale, 
     """fp32 reference. Shapes as in :func:`kvpass.kernels.attention.attention_over_store`.
 
     q: (B, Hq, Lq, D); k: (B, Hkv, S, D); v: (B, Hkv, S, Dv); valid: (B, S) bool or None (all
-    valid); q_start: int or None (``S - Lq``); mask: (1|B, 1|Hq, Lq, kv_len) bool or None.
+    valid); q_start: int, None (``S - Lq``) or a (1,) int64 tensor (read on the host here); mask:
+    (1|B, 1|Hq, Lq, kv_len) bool or None.
     Returns a contiguous (B, Hq, Lq, Dv) tensor of q's dtype, and with return_lse also the
     (B, Hq, Lq) fp32 natural-log logsumexp of each row's visible scores (-inf: nothing visible).
     ``num_splits`` is accepted (and ignored) so the two functions are call-compatible.
     """
     del num_splits
+    if isinstance(q_start, torch.Tensor):
+        q_start = int(q_start)
     B, Hq, Hkv, Lq, S, D, Dv, q_start, kv_len = check_attention_inputs(
         q, k, v, valid, q_start, scale=scale, window=window, softcap=softcap, mask=mask
     )

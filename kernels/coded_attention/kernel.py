@@ -46,6 +46,7 @@ from ..attention.dense import (
     launch_attention,
     load_q,
     program_rows,
+    query_slots,
     scores,
     softmax_step,
     visible,
@@ -150,7 +151,7 @@ def _coded_fwd_kernel(
     INV_FREQ, POSITION_OFFSET, rot_half, rope_scaling,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_LSE: tl.constexpr, IS_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, Q_START_ON_DEVICE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SUB_K: tl.constexpr, SUB_V: tl.constexpr, ROPE: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -166,6 +167,7 @@ def _coded_fwd_kernel(
     pid_s = tl.program_id(2)
     b, hkv, R, rows, row_ok, qi, head = program_rows(pid_m, pid_bh, Hkv, group, Lq, BLOCK_M)
     q = load_q(Q, b, head, qi, row_ok, sqb, sqh, sql, sqd, D, BLOCK_D)
+    q_start, kv_len = query_slots(q_start, kv_len, Lq, Q_START_ON_DEVICE)
     q_pos = q_start + qi
     lo, hi = key_range(pid_m, pid_s, R, group, q_start, kv_len, window, num_splits,
                        CAUSAL, HAS_WINDOW, IS_SPLIT, BLOCK_M, BLOCK_N)

@@ -7,6 +7,7 @@ is reported. Paths:
   kvpass-<method>: the model compiled with kvpass (optionally CUDA graphs between the kvpass ops)
   hf-eager:        HF DynamicCache, uncompiled
   hf-static:       HF StaticCache + torch.compile(mode="reduce-overhead") of the forward
+  peer:            the gpt-fast-style fp16 step over the same weights (kvpass.eval.peer), one CUDA graph
 Beside each: tokens/s, achieved GB/s (bytes one step must read / step time), % of the roofline (the
 same bytes over the measured device-copy bandwidth) and peak memory.
 
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-PATHS = ("kvpass", "hf-eager", "hf-static")
+PATHS = ("kvpass", "peer", "hf-eager", "hf-static")
 
 
 def measured_bandwidth(device) -> float:
@@ -93,7 +94,7 @@ def _fill_hf_cache(cache, model, batch, context, generator) -> None:
 def _fill_kvpass_cache(cache, model, batch, context, generator) -> None:
     """Put random K/V straight into the runtime stores and advance HF's counters to match."""
     for layer, (k, v) in enumerate(_random_kv(model, batch, context, generator)):
-        cache.runtime.store(layer).append(k, v)
+        cache.runtime.append(layer, k, v)
         cache.layers[layer].seen = context
 
 
@@ -108,10 +109,18 @@ def decode_stepper(model, path: str, *, batch: int, context: int, capacity: int,
     token each step, positions context, context + 1, ... Returns the step's logits."""
     from transformers import DynamicCache, StaticCache
 
-    from ..cache import KVCache
+    from ..cache import KVCache, cache_argument
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    if path == "peer":
+        from .peer import PeerDecoder
+
+        peer = PeerDecoder(model, batch=batch, capacity=capacity)
+        peer.fill(context, generator)
+        peer_token = torch.randint(0, vocab, (batch, 1), device=device, generator=generator)
+        return lambda: peer.step(peer_token)
     if path == "kvpass":
         cache = KVCache(model, capacity=capacity)
         _fill_kvpass_cache(cache, model, batch, context, generator)
@@ -121,7 +130,6 @@ def decode_stepper(model, path: str, *, batch: int, context: int, capacity: int,
     else:
         cache = StaticCache(config=model.config, max_cache_len=capacity)
         _fill_hf_cache(cache, model, batch, context, generator)
-    vocab = model.config.get_text_config(decoder=True).vocab_size
     token = torch.randint(0, vocab, (batch, 1), device=device, generator=generator)
     position = [context]
 
@@ -129,7 +137,7 @@ def decode_stepper(model, path: str, *, batch: int, context: int, capacity: int,
     def step():
         pos = torch.full((batch, 1), position[0], device=device, dtype=torch.long)
         position[0] += 1
-        return model(input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True).logits
+        return model(input_ids=token, position_ids=pos, use_cache=True, **{cache_argument(model): cache}).logits
 
     return step
 

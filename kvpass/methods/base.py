@@ -8,6 +8,17 @@ A `LayerStore` holds one layer's cache for one batch of sequences in the method'
 
 so the compiled graph only ever carries the new tokens, and the past stays in the store. `materialize`
 gives the reference view (dense K/V of everything stored) used when a graph could not be fused.
+
+A store that meets the captured-decode contract (`captured_decode = True`) also serves the decode engine
+(kvpass/engine.py), which replays each decode step from a CUDA graph:
+
+    store.reserve(length)               # host, before a step: room for `length` tokens (may reallocate)
+    out = store.decode(q, k, v, ...)    # inside the step: fixed shapes, static buffers, no host sync
+    store.advance(1)                    # host, after the step (or its replay)
+    store.reset()                       # a new sequence: empty, same buffers
+
+Work that does not fit a fixed-shape step (e.g. clustering a full segment) belongs outside the graph, at step
+counts the host knows.
 """
 from __future__ import annotations
 
@@ -34,6 +45,8 @@ class AttentionSpec:
 class LayerStore:
     """One layer's KV cache in a method's representation. Subclasses implement the four methods."""
 
+    # True for stores that meet the captured-decode contract (see the module docstring).
+    captured_decode = False
     # True for methods whose representation depends on the queries (AnTKV's anchors): they must see attend()
     # calls, so the unfused cache path (store + materialize, HF attends) cannot give their semantics.
     needs_queries = False
@@ -70,9 +83,33 @@ class LayerStore:
         """Bytes held, by component (e.g. {"keys": ..., "values": ...})."""
         raise NotImplementedError
 
+    def allocated_nbytes(self) -> int:
+        """Bytes of device memory the store has allocated (held plus spare capacity)."""
+        return sum(self.nbytes().values())
+
     def stats(self) -> dict:
         """Per-layer counters for kvpass.report (empty for methods without any)."""
         return {}
+
+    def reset(self) -> bool:
+        """Empty the store for a new sequence, keeping its buffers (their addresses are what a recorded decode
+        graph reads). Returns False if this store is not reusable: the runtime then drops it."""
+        return False
+
+    # -- captured decode (only stores with captured_decode = True) ------------------------------------------
+    def reserve(self, length: int) -> bool:
+        """Make room for `length` tokens per row; True if a buffer was reallocated (recorded graphs go stale)."""
+        raise NotImplementedError
+
+    def decode(self, q, k, v, spec: AttentionSpec, slot: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One decode step, capturable: store k, v (B, Hkv, 1, D|Dv) at `slot` ((1,) int64 on the device, the same
+        for every row) and attend q (B, Hq, 1, D) over the slots [0, slot] that `valid` ((B, >= capacity) bool)
+        marks, causal, windowed and soft-capped by spec. Returns (B, Hq, 1, Dv). Changes no host state."""
+        raise NotImplementedError
+
+    def advance(self, count: int) -> None:
+        """Host bookkeeping after `count` decode steps ran on the device."""
+        raise NotImplementedError
 
 
 class OneShot:
@@ -93,15 +130,24 @@ class OneShot:
         return store.attend(q, mask, is_causal, spec)
 
 
-def make_store(method: AttentionMethod, layer: int, capacity: int | None = None, calibration=None) -> LayerStore:
-    """The store of `method` for one layer; calibration: the kvpass.calibration.Calibration of methods that
-    learn from data (AnTKV's codebooks, the wave index's pre-RoPE query moments), None for the others."""
+def _store_class(method: AttentionMethod) -> type[LayerStore]:
     from .antkv import AnTKVStore
     from .dense import DenseStore
     from .kivi import KIVIStore
     from .wave import WaveStore
 
+    return {"antkv": AnTKVStore, "wave": WaveStore, "dense": DenseStore, "kivi": KIVIStore}[method.method]
+
+
+def make_store(method: AttentionMethod, layer: int, capacity: int | None = None, calibration=None) -> LayerStore:
+    """The store of `method` for one layer; calibration: the kvpass.calibration.Calibration of methods that
+    learn from data (AnTKV's codebooks, the wave index's pre-RoPE query moments), None for the others."""
+    cls = _store_class(method)
     if method.method in ("antkv", "wave"):
-        return {"antkv": AnTKVStore, "wave": WaveStore}[method.method](method, layer, capacity, calibration=calibration)
-    stores = {"dense": DenseStore, "kivi": KIVIStore}
-    return stores[method.method](method, layer, capacity)
+        return cls(method, layer, capacity, calibration=calibration)
+    return cls(method, layer, capacity)
+
+
+def captured_decode_supported(method: AttentionMethod) -> bool:
+    """Whether `method`'s store meets the captured-decode contract (the decode engine can drive it)."""
+    return _store_class(method).captured_decode

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import kernels_dispatch
 from ..config import Dense
@@ -13,6 +14,7 @@ _MIN_CAPACITY = 256
 
 class DenseStore(LayerStore):
     method: Dense
+    captured_decode = True
 
     def __init__(self, method: Dense, layer: int, capacity: int | None = None):
         super().__init__(method, layer, capacity)
@@ -24,14 +26,29 @@ class DenseStore(LayerStore):
     def length(self) -> int:
         return self._length
 
-    def _reserve(self, k: torch.Tensor, v: torch.Tensor, needed: int) -> None:
-        if self._k is not None and needed <= self._k.shape[2]:
-            return
+    @property
+    def batch(self) -> int:
+        return self._k.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self._k.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self._k.device
+
+    def _allocate(self, k: torch.Tensor, v: torch.Tensor, needed: int) -> bool:
+        """Buffers for `needed` slots shaped like k, v (B, Hkv, *, D|Dv); True if they were reallocated."""
+        same = self._k is not None and (k.shape[0], k.shape[1], k.shape[3], v.shape[3], k.device) == (
+            self._k.shape[0], self._k.shape[1], self._k.shape[3], self._v.shape[3], self._k.device)
+        if same and needed <= self.capacity:
+            return False
         dtype = self.method.torch_dtype or k.dtype
-        if self._k is None:  # first allocation: the whole expected sequence, so decode never reallocates
+        if not same:  # first allocation (or a new batch shape): the whole expected sequence, so decode never grows
             capacity = max(_MIN_CAPACITY, needed, self.capacity_hint or 0)
         else:
-            capacity = max(needed, 2 * self._k.shape[2])
+            capacity = max(needed, 2 * self.capacity)
         B, H, _, D = k.shape
         new_k = torch.empty(B, H, capacity, D, dtype=dtype, device=k.device)
         new_v = torch.empty(B, H, capacity, v.shape[-1], dtype=dtype, device=v.device)
@@ -39,14 +56,15 @@ class DenseStore(LayerStore):
             new_k[:, :, : self._length] = self._k[:, :, : self._length]
             new_v[:, :, : self._length] = self._v[:, :, : self._length]
         self._k, self._v = new_k, new_v
+        return True
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self._k is not None and (k.shape[0], k.shape[1], k.shape[3]) != (self._k.shape[0], self._k.shape[1], self._k.shape[3]):
+        if self._length and (k.shape[0], k.shape[1], k.shape[3]) != (self._k.shape[0], self._k.shape[1], self._k.shape[3]):
             raise ValueError(f"layer {self.layer}: new keys of shape {tuple(k.shape)} do not fit the stored "
                              f"(batch, kv heads, head dim) = {(self._k.shape[0], self._k.shape[1], self._k.shape[3])}; "
                              f"start a new sequence (kvpass.reset(model) or a new kvpass cache) for a new batch")
         L = k.shape[2]
-        self._reserve(k, v, self._length + L)
+        self._allocate(k, v, self._length + L)
         # Copy, never alias: the caller's tensors may be CUDA-graph or Inductor buffers reused next step.
         self._k[:, :, self._length : self._length + L] = k
         self._v[:, :, self._length : self._length + L] = v
@@ -54,8 +72,33 @@ class DenseStore(LayerStore):
 
     def attend(self, q, mask, is_causal, spec: AttentionSpec):
         k, v = self.materialize()
+        if q.is_cuda and q.shape[2] == self._length and spec.softcap == 0 and (mask is not None or not spec.window):
+            # The whole store is this prompt: dense adds nothing to its attention, so torch's fastest kernel
+            # (flash without a mask; past = 0, so its top-left causal alignment is the right one) does it.
+            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                                  is_causal=is_causal and mask is None, scale=spec.scale,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
         return kernels_dispatch.attention(q, k, v, mask=mask, is_causal=is_causal, scale=spec.scale,
                                           softcap=spec.softcap, window=spec.window)
+
+    # -- captured decode ----------------------------------------------------------------------------------
+    def reset(self) -> bool:
+        self._length = 0
+        return True
+
+    def reserve(self, length: int) -> bool:
+        return self._allocate(self._k[:, :, :0], self._v[:, :, :0], length)
+
+    def decode(self, q, k, v, spec: AttentionSpec, slot, valid):
+        # index_copy_ with a device index: the write position is data, not a Python int, so replays move it.
+        self._k.index_copy_(2, slot, k.to(self._k.dtype))
+        self._v.index_copy_(2, slot, v.to(self._v.dtype))
+        return kernels_dispatch.attention(q, self._k, self._v, mask=None, is_causal=True, scale=spec.scale,
+                                          softcap=spec.softcap, window=spec.window, valid=valid[:, : self.capacity],
+                                          q_start=slot)
+
+    def advance(self, count: int) -> None:
+        self._length += count
 
     def materialize(self):
         if self._k is None:
@@ -63,6 +106,11 @@ class DenseStore(LayerStore):
         return self._k[:, :, : self._length], self._v[:, :, : self._length]
 
     def nbytes(self):
+        """Bytes of the tokens held (not of the buffers' spare capacity: `allocated_nbytes`)."""
         if self._k is None:
             return {"keys": 0, "values": 0}
-        return {"keys": self._k.nbytes, "values": self._v.nbytes}
+        per_slot = self._k.nbytes // self.capacity, self._v.nbytes // self.capacity
+        return {"keys": per_slot[0] * self._length, "values": per_slot[1] * self._length}
+
+    def allocated_nbytes(self) -> int:
+        return 0 if self._k is None else self._k.nbytes + self._v.nbytes

@@ -188,13 +188,29 @@ def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[Mismatch]
     return sites, misses
 
 
-def rewrite_attention(graph: fx.Graph, site: AttentionSite, runtime_id: int, window: int) -> fx.Node:
-    """Replace the site's output with one kvpass::attention call; returns the new node."""
+def is_decode_step(site: AttentionSite) -> bool:
+    """The site attends one new token per row over the kvpass cache: a decode step (Dynamo specializes a
+    length of 1, so a decode graph knows it statically)."""
+    shape = shape_of(site.q)
+    return site.mode == MODE_CACHED and shape is not None and len(shape) == 4 and shape[2] == 1
+
+
+def rewrite_attention(graph: fx.Graph, site: AttentionSite, runtime_id: int, window: int,
+                      captured_decode: bool = False) -> fx.Node:
+    """Replace the site's output with one kvpass op call; returns the new node.
+
+    captured_decode: a decode step (is_decode_step) becomes kvpass::decode_attention, which reads its position
+    and padding from the runtime's device state rather than HF's mask and a Python int, so one graph serves
+    every step and can be replayed from a CUDA graph (kvpass.engine). Otherwise kvpass::attention."""
     with graph.inserting_before(site.output):
         scale = graph.call_function(operator.truediv, (1.0, site.scale)) if site.scale_divides else site.scale
-        new = graph.call_function(torch.ops.kvpass.attention.default, args=(
-            site.q, site.k, site.v, site.mask, site.is_causal, scale, site.softcap, window, site.mode,
-            runtime_id, site.layer, site.past))
+        if captured_decode and is_decode_step(site):
+            new = graph.call_function(torch.ops.kvpass.decode_attention.default, args=(
+                site.q, site.k, site.v, scale, site.softcap, window, runtime_id, site.layer))
+        else:
+            new = graph.call_function(torch.ops.kvpass.attention.default, args=(
+                site.q, site.k, site.v, site.mask, site.is_causal, scale, site.softcap, window, site.mode,
+                runtime_id, site.layer, site.past))
     new.meta.update({key: site.output.meta[key] for key in ("nn_module_stack", "stack_trace", "source_fn_stack")
                      if key in site.output.meta})
     site.output.replace_all_uses_with(new)

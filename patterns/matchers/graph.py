@@ -11,14 +11,29 @@ _VIEW_METHODS = {"view", "reshape", "contiguous"}
 _VIEW_FUNCTIONS = {torch.reshape, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.contiguous}
 
 
+# Dynamo names the module a node was traced in by a Python expression over the compiled frame's locals:
+# L['self'].model.layers.3 for a plain forward, L['args'][0].model.layers.3 when the forward is wrapped by a
+# decorator that takes *args (transformers 5.25 wraps it so). The root is that leading local expression.
+_ROOT = re.compile(r"^L\['(\w+)'\]((?:\[\d+\])*)\.?")
+
+
 def module_path(node: fx.Node) -> str:
-    """The innermost module the node was traced in, e.g. "model.layers.3.self_attn" ("" if unknown)."""
+    """The innermost module the node was traced in, relative to the compiled module, e.g.
+    "model.layers.3.self_attn" ("" if unknown)."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    # Dynamo writes L['self'].model.layers.3 (older torch: L__self___model_layers_3); keep the dotted form.
-    return re.sub(r"^L\['self'\]\.?", "", path)
+    return _ROOT.sub("", list(stack.values())[-1][0])
+
+
+def module_root(node: fx.Node) -> tuple[str, tuple[int, ...]] | None:
+    """Where the compiled module sits in the frame's locals: ("self", ()) for L['self'], ("args", (0,)) for
+    L['args'][0]; None if the node carries no module path of that form."""
+    stack = node.meta.get("nn_module_stack") or {}
+    match = _ROOT.match(list(stack.values())[-1][0]) if stack else None
+    if match is None:
+        return None
+    return match.group(1), tuple(int(i) for i in re.findall(r"\d+", match.group(2)))
 
 
 def layer_of(node: fx.Node) -> int | None:

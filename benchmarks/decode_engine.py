@@ -1,0 +1,247 @@
+"""The decode engine on the GPU: checks, and speed against the fp16 peer measured in the same process.
+
+--part check (small random Llama models, about a minute):
+  * greedy tokens of kvpass.compile (captured decode) = HF's own greedy tokens, fp32, a left-padded batch of 4;
+  * captured logits = uncaptured logits (kvpass.compile(..., capture=False)) bit for bit, bf16, every step;
+  * 256 decode steps of one generation: one recording, no compile after the warm-up steps, no re-record.
+--part speed: `random:llama:8b` in bf16, kvpass dense (captured decode) and the peer (kvpass.eval.peer: static KV,
+  SDPA, the whole step in one CUDA graph) over the same weights, their steps interleaved (A B A B ...) over a
+  random-filled cache; B1 at 4K, 32K, 128K and B8 at 32K (sequential where both caches do not fit together).
+  Beside tok/s: the GPU time of one replayed step (the recorded graph replayed back to back) over the wall time of
+  a step (GPU-busy fraction), peak GiB, the runtime's KV bytes by part, recordings and compiles.
+--part e2e: what a user runs: a real prefill of a random prompt and HF `generate` through kvpass.compile, against
+  HF's own SDPA prefill of the same prompt; prefill time, decode tok/s, peak GiB, KV bytes by part.
+
+    python benchmarks/decode_engine.py --part check
+    python benchmarks/decode_engine.py --part speed --out benchmarks/results
+    python benchmarks/decode_engine.py --part e2e --out benchmarks/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import kvpass
+from kvpass.attach import backend_of
+from kvpass.eval import bench
+from kvpass.eval.records import environment
+from kvpass.models import load_model
+
+DENSE = kvpass.Config(attention=kvpass.Dense())
+
+
+def _tiny(dtype, layers=4, seed=0):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(num_hidden_layers=layers, hidden_size=256, intermediate_size=512,
+                                   num_attention_heads=8, num_key_value_heads=2, vocab_size=512,
+                                   max_position_embeddings=4096)
+    return transformers.LlamaForCausalLM(cfg).to("cuda", dtype).eval()
+
+
+def _padded_prompt(batch=4, length=24, vocab=512):
+    ids = torch.randint(3, vocab, (batch, length), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):  # row r has 3r pad tokens on the left
+        ids[row, : 3 * row], mask[row, : 3 * row] = 0, 0
+    return ids, mask
+
+
+def check() -> dict:
+    results = {}
+    # 1. tokens = HF's greedy (fp32: no bf16 rounding differences between kernels)
+    reference, model = _tiny(torch.float32), _tiny(torch.float32)
+    kvpass.compile(model, DENSE)
+    ids, mask = _padded_prompt()
+    with torch.no_grad():
+        want = reference.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False)
+        got = [model.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False) for _ in range(2)]
+    engine = kvpass.report(model)["decode_engine"]
+    results["greedy_equals_hf"] = all(torch.equal(g, want) for g in got)
+    results["greedy_engine"] = engine
+    alone = [model.generate(ids[r : r + 1, int((mask[r] == 0).sum()):], max_new_tokens=48, do_sample=False)
+             for r in range(ids.shape[0])]
+    results["padded_rows_equal_alone"] = all(torch.equal(a[0, -48:], got[0][r, -48:]) for r, a in enumerate(alone))
+    # 2. captured = uncaptured, bit for bit (bf16)
+    captured, uncaptured = _tiny(torch.bfloat16), _tiny(torch.bfloat16)
+    kvpass.compile(captured, DENSE)
+    kvpass.compile(uncaptured, DENSE, capture=False)
+    with torch.no_grad():
+        runs = [m.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True) for m in (captured, uncaptured)]
+    results["captured_logits_bitwise_equal"] = all(torch.equal(a, b) for a, b in zip(runs[0].logits, runs[1].logits))
+    results["captured_engine"] = kvpass.report(captured)["decode_engine"]
+    results["uncaptured_engine"] = kvpass.report(uncaptured)["decode_engine"]
+    # 3. 256 steps: one recording, no compile after warm-up
+    long = _tiny(torch.bfloat16)
+    kvpass.compile(long, DENSE)
+    backend = backend_of(long)
+    with torch.no_grad():
+        long.generate(ids[:1], max_new_tokens=8, do_sample=False)
+        graphs_after_warmup = len(backend.records)
+        long.generate(ids[:1], max_new_tokens=256, do_sample=False)
+    report = kvpass.report(long)
+    results["steps_256"] = {"graphs_compiled_after_warmup": len(backend.records) - graphs_after_warmup,
+                            "engine": report["decode_engine"]}
+    ok = (results["greedy_equals_hf"] and results["padded_rows_equal_alone"]
+          and results["captured_logits_bitwise_equal"] and results["steps_256"]["graphs_compiled_after_warmup"] == 0
+          and report["decode_engine"]["records"] == 1)
+    results["ok"] = bool(ok)
+    return results
+
+
+def _replay_ms(graph) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+
+
+def _stepper_gpu_ms(name, model, backend, peers) -> float | None:
+    """GPU time of one step: its recorded CUDA graph replayed back to back (no host work between replays)."""
+    if name == "kvpass":
+        recordings = backend.engine.recordings
+        return _replay_ms(next(iter(recordings.values())).graph) if recordings else None
+    graph = peers[-1]._graph if peers else None
+    return None if graph is None else _replay_ms(graph)
+
+
+def speed(points, steps: int, warmup: int) -> list[dict]:
+    from kvpass.eval import peer as peer_module
+
+    model = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")[0]
+    kvpass.compile(model, DENSE)
+    backend = backend_of(model)
+    device = torch.device("cuda")
+    bandwidth = bench.measured_bandwidth(device)
+    peers = []  # the PeerDecoder of the current point, to replay its graph
+    original = peer_module.PeerDecoder.__init__
+
+    def remember(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        peers.append(self)
+
+    peer_module.PeerDecoder.__init__ = remember
+    rows = []
+    for batch, context in points:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        capacity = context + warmup + steps + 1
+        weights = bench.step_bytes(model, batch, 0, torch.bfloat16)
+        kv_bytes = bench.step_bytes(model, batch, capacity, torch.bfloat16) - weights
+        together = 2 * kv_bytes + weights < 0.85 * torch.cuda.mem_get_info()[1]
+        graphs_before = len(backend.records)
+        row = {"batch": batch, "context": context, "interleaved": together, "bandwidth_Bps": bandwidth,
+               "step_bytes_kvpass": bench.step_bytes(model, batch, context, torch.bfloat16),
+               "step_bytes_peer": bench.step_bytes(model, batch, capacity, torch.bfloat16)}
+        groups = [("kvpass", "peer")] if together else [("kvpass",), ("peer",)]
+        for names in groups:
+            steppers = {name: bench.decode_stepper(model, name, batch=batch, context=context, capacity=capacity)
+                        for name in names}
+            for _ in range(warmup):
+                for step in steppers.values():
+                    step()
+            times = {name: [] for name in names}
+            for _ in range(steps):  # interleaved when both are here: host drift hits both alike
+                for name, step in steppers.items():
+                    times[name].append(bench.timed_step(step, device))
+            for name in names:
+                seconds = statistics.median(times[name])
+                gpu_ms = _stepper_gpu_ms(name, model, backend, peers)
+                row[name] = {"step_ms": 1e3 * seconds, "tokens_per_s": batch / seconds, "gpu_ms_replayed": gpu_ms,
+                             "gpu_busy": None if gpu_ms is None else gpu_ms / (1e3 * seconds),
+                             "step_ms_all": [1e3 * t for t in times[name]]}
+            if "kvpass" in names:
+                report = kvpass.report(model)
+                row.update(kv_bytes_by_part=report["kv_bytes_by_part"], decode_engine=report["decode_engine"],
+                           graphs_compiled=len(backend.records) - graphs_before)
+            steppers.clear()
+            peers.clear()
+            if not together and "kvpass" in names:
+                backend.runtime.release()  # the peer's cache needs the room
+            torch.cuda.empty_cache()
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        row["kvpass_over_peer"] = row["kvpass"]["tokens_per_s"] / row["peer"]["tokens_per_s"]
+        rows.append(row)
+        print(f"B{batch} ctx {context}: kvpass {row['kvpass']['tokens_per_s']:.1f} tok/s ({row['kvpass']['step_ms']:.2f} "
+              f"ms, GPU {row['kvpass']['gpu_ms_replayed'] or float('nan'):.2f} ms) | peer "
+              f"{row['peer']['tokens_per_s']:.1f} tok/s ({row['peer']['step_ms']:.2f} ms, GPU "
+              f"{row['peer']['gpu_ms_replayed'] or float('nan'):.2f} ms) | ratio {row['kvpass_over_peer']:.3f} | "
+              f"interleaved {together} | engine {row['decode_engine']} | compiles {row['graphs_compiled']}", flush=True)
+    peer_module.PeerDecoder.__init__ = original
+    return rows
+
+
+def e2e(contexts, new_tokens: int) -> list[dict]:
+    model = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")[0]
+    kvpass.compile(model, DENSE)
+    vocab = model.config.vocab_size
+    rows = []
+    for context in contexts:
+        ids = torch.randint(0, vocab, (1, context), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        with torch.no_grad():
+            hf = []
+            for _ in range(3):  # HF's own forward (SDPA), uncompiled: model.forward bypasses model.compile
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                model.forward(ids, use_cache=False, logits_to_keep=1)
+                torch.cuda.synchronize()
+                hf.append(time.perf_counter() - start)
+            model.generate(ids, max_new_tokens=8, do_sample=False)  # compiles prefill + decode, records the step
+            torch.cuda.reset_peak_memory_stats()
+            timings = {}
+            for n in (1, new_tokens):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                torch.cuda.synchronize()
+                timings[n] = time.perf_counter() - start
+        report = kvpass.report(model)
+        prefill = timings[1]
+        decode_rate = (new_tokens - 1) / (timings[new_tokens] - prefill)
+        row = {"context": context, "new_tokens": new_tokens, "kvpass_prefill_s": prefill,
+               "hf_sdpa_prefill_s": min(hf), "prefill_ratio_hf_over_kvpass": min(hf) / prefill,
+               "kvpass_decode_tokens_per_s": decode_rate, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+               "kv_bytes_by_part": report["kv_bytes_by_part"], "decode_engine": report["decode_engine"],
+               "graphs_compiled": report["graphs"]}
+        rows.append(row)
+        print(f"e2e ctx {context}: prefill kvpass {prefill:.3f} s vs HF SDPA {min(hf):.3f} s; decode "
+              f"{decode_rate:.1f} tok/s; peak {row['peak_gib']:.1f} GiB; engine {report['decode_engine']}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("check", "speed", "e2e"), required=True)
+    parser.add_argument("--out", default=None, help="folder for the JSON record")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--points", default="1x4096,1x32768,1x131072,8x32768", help="BxCONTEXT,...")
+    parser.add_argument("--contexts", default="4096,32768", help="e2e prompt lengths")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args(argv)
+    if args.part == "check":
+        result = check()
+        print(json.dumps(result, indent=1))
+    elif args.part == "speed":
+        points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
+        result = speed(points, args.steps, args.warmup)
+    else:
+        result = e2e([int(c) for c in args.contexts.split(",")], args.new_tokens)
+    record = {"kind": f"decode-engine-{args.part}", "environment": environment(), "args": vars(args),
+              "result": result}
+    if args.out:
+        import pathlib
+
+        path = pathlib.Path(args.out) / f"decode-engine-{args.part}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1, default=str))
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

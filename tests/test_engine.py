@@ -1,0 +1,122 @@
+"""The decode engine (kvpass/engine.py) on the CPU: the captured-decode op path, its static stores and state.
+
+CUDA graphs themselves need a GPU (tests/test_cuda.py); here every decode step runs the same compiled graph and
+the same kvpass::decode_attention ops eagerly, which is what a recording replays."""
+import pytest
+import torch
+
+import kvpass
+from kvpass.attach import backend_of
+from kvpass.cache import KVCache, cache_argument
+from kvpass.eval.peer import PeerDecoder
+
+from families import FAMILIES
+
+INNER = "aot_eager"
+
+
+def _padded(batch=3, length=9, vocab=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        ids[row, : 2 * row], mask[row, : 2 * row] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "gpt2"])
+def test_engine_decode_equals_hf_greedy_for_a_left_padded_batch(name):
+    reference, model = FAMILIES[name].build(), FAMILIES[name].build()
+    kvpass.compile(model, kvpass.Config(), inner=INNER, strict=True)
+    ids, mask = _padded()
+    with torch.no_grad():
+        want = reference.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert torch.equal(got, want)
+    report = kvpass.report(model)
+    assert report["decode_engine"]["eager_steps"] == 9 and report["decode_engine"]["records"] == 0
+    assert report["attention_calls"]["decode-engine/decode"] == 9 * report["layers"]
+    assert "CUDA" in report["decode_engine"]["not_captured"]
+
+
+def test_one_decode_graph_serves_every_step_of_two_generations_and_stores_keep_their_addresses():
+    model = FAMILIES["llama"].build()
+    kvpass.compile(model, kvpass.Config(), inner=INNER)
+    backend = backend_of(model)
+    ids, _ = _padded(batch=1, length=7)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=40, do_sample=False)
+        stores = {layer: store._k.data_ptr() for layer, store in backend.runtime._stores.items()}
+        model.generate(ids[:, :5], max_new_tokens=30, do_sample=False)
+    # one decode graph for all 68 steps; prefill graphs: one per prompt length until Dynamo makes it dynamic
+    assert sum(record.captured_decode_sites > 0 for record in backend.records) == 1
+    assert sum(record.captured_decode_sites == 0 for record in backend.records) <= 2
+    assert {layer: store._k.data_ptr() for layer, store in backend.runtime._stores.items()} == stores
+    assert backend.runtime.tokens_held() == 5 + 29  # the second sequence only: nothing carried over
+
+
+def test_decode_graph_uses_the_decode_op_and_no_mask():
+    model = FAMILIES["llama"].build()
+    kvpass.compile(model, kvpass.Config(), inner="eager")
+    ids, _ = _padded(batch=1, length=6)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    prefill, decode = backend_of(model).records
+    assert prefill.captured_decode_sites == 0 and decode.captured_decode_sites == decode.attention_sites == 2
+
+
+def test_capture_false_and_model_compile_directly_run_the_engine_too():
+    ids, _ = _padded(batch=1, length=6)
+    reference = FAMILIES["llama"].build()
+    with torch.no_grad():
+        want = reference.generate(ids, max_new_tokens=6, do_sample=False)
+    off, direct = FAMILIES["llama"].build(), FAMILIES["llama"].build()
+    kvpass.compile(off, kvpass.Config(), inner=INNER, capture=False)
+    direct.compile(backend=kvpass.backend(kvpass.Config(), inner=INNER))
+    with torch.no_grad(), pytest.warns(UserWarning, match="met its LlamaForCausalLM at its first compile"):
+        assert torch.equal(direct.generate(ids, max_new_tokens=6, do_sample=False), want)  # HF's cache this time
+    with torch.no_grad():
+        assert torch.equal(off.generate(ids, max_new_tokens=6, do_sample=False), want)
+        assert torch.equal(direct.generate(ids, max_new_tokens=6, do_sample=False), want)  # the engine now
+    assert "capture is off" in kvpass.report(off)["decode_engine"]["not_captured"]
+    assert kvpass.report(direct)["decode_engine"]["eager_steps"] == 5
+
+
+def test_methods_without_the_contract_keep_the_uncaptured_op():
+    model = FAMILIES["llama"].build()
+    kvpass.compile(model, kvpass.Config(attention=kvpass.KIVI(bits=4)), inner="eager")
+    ids, _ = _padded(batch=1, length=6)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "decode_engine" not in kvpass.report(model)
+    assert all(record.captured_decode_sites == 0 for record in backend_of(model).records)
+
+
+def test_peer_step_equals_the_model_when_its_cache_is_exactly_full():
+    model = FAMILIES["llama"].build()
+    ids, _ = _padded(batch=2, length=8)
+    with torch.no_grad():
+        out = model(ids[:, :-1], use_cache=True)
+        want = model(ids[:, -1:], use_cache=True, **{cache_argument(model): out.past_key_values}).logits[:, -1]
+        peer = PeerDecoder(model, batch=2, capacity=8)
+        for layer, (k, v) in enumerate(zip(peer.keys, peer.values)):
+            k[:, :, :7] = out.past_key_values.layers[layer].keys[:, :, :7]  # the cache now holds 8
+            v[:, :, :7] = out.past_key_values.layers[layer].values[:, :, :7]
+        peer.slot.fill_(7)
+        got = peer.step(ids[:, -1:])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_new_batch_size_reallocates_and_bumps_the_pool_version():
+    model = FAMILIES["llama"].build()
+    kvpass.compile(model, kvpass.Config(), inner="eager")
+    runtime = backend_of(model).runtime
+    with torch.no_grad():
+        model.generate(_padded(batch=1)[0], max_new_tokens=3, do_sample=False)
+        version = runtime.pool_version
+        model.generate(_padded(batch=1)[0], max_new_tokens=3, do_sample=False)
+        assert runtime.pool_version == version
+        ids, mask = _padded(batch=2)
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert runtime.pool_version > version
+    assert isinstance(KVCache(model), KVCache)
