@@ -179,38 +179,18 @@ def speed(points, steps: int, warmup: int) -> list[dict]:
 def e2e(contexts, new_tokens: int) -> list[dict]:
     model = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")[0]
     kvpass.compile(model, DENSE)
-    vocab = model.config.vocab_size
     rows = []
     for context in contexts:
-        ids = torch.randint(0, vocab, (1, context), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-        with torch.no_grad():
-            hf = []
-            for _ in range(3):  # HF's own forward (SDPA), uncompiled: model.forward bypasses model.compile
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                model.forward(ids, use_cache=False, logits_to_keep=1)
-                torch.cuda.synchronize()
-                hf.append(time.perf_counter() - start)
-            model.generate(ids, max_new_tokens=8, do_sample=False)  # compiles prefill + decode, records the step
-            torch.cuda.reset_peak_memory_stats()
-            timings = {}
-            for n in (1, new_tokens):
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-                torch.cuda.synchronize()
-                timings[n] = time.perf_counter() - start
+        hf = bench.sdpa_prefill_seconds(model, context=context)
+        row = bench.generate_point(model, context=context, new_tokens=new_tokens)
         report = kvpass.report(model)
-        prefill = timings[1]
-        decode_rate = (new_tokens - 1) / (timings[new_tokens] - prefill)
-        row = {"context": context, "new_tokens": new_tokens, "kvpass_prefill_s": prefill,
-               "hf_sdpa_prefill_s": min(hf), "prefill_ratio_hf_over_kvpass": min(hf) / prefill,
-               "kvpass_decode_tokens_per_s": decode_rate, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-               "kv_bytes_by_part": report["kv_bytes_by_part"], "decode_engine": report["decode_engine"],
-               "graphs_compiled": report["graphs"]}
+        row.update(hf_sdpa_prefill_s=hf, prefill_fraction_of_sdpa=hf / row["prefill_s"],
+                   kv_bytes_by_part=report["kv_bytes_by_part"], kv_bytes_allocated=report["kv_bytes_allocated"],
+                   decode_engine=report["decode_engine"], graphs_compiled=report["graphs"])
         rows.append(row)
-        print(f"e2e ctx {context}: prefill kvpass {prefill:.3f} s vs HF SDPA {min(hf):.3f} s; decode "
-              f"{decode_rate:.1f} tok/s; peak {row['peak_gib']:.1f} GiB; engine {report['decode_engine']}", flush=True)
+        print(f"e2e ctx {context}: prefill kvpass {row['prefill_s']:.3f} s vs HF SDPA {hf:.3f} s "
+              f"({row['prefill_fraction_of_sdpa']:.2f}x); decode {row['decode_tokens_per_s']:.1f} tok/s; peak "
+              f"{row['peak_gib']:.1f} GiB; engine {report['decode_engine']}", flush=True)
     return rows
 
 

@@ -398,31 +398,41 @@ def cmd_bench_decode(args) -> int:
     check_length(model, max(args.context) + args.steps + 8, "--context + steps")
     device = next(model.parameters()).device
     bandwidth = bench.measured_bandwidth(device)
-    kv_dtype = config.attention.torch_dtype or next(model.parameters()).dtype
+    kv_dtype = getattr(config.attention, "torch_dtype", None) or next(model.parameters()).dtype
     print(f"{args.model} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
           f"device copy {bandwidth / 1e9:.0f} GB/s; kvpass {json.dumps(config.to_dict()['attention'])}")
+    # kvpass and the peer run together, their steps interleaved (the peer reuses the model's modules, not its
+    # compiled call); HF's paths each prepare the model their own way, so they run alone.
+    together = [p for p in ("kvpass", "peer") if p in args.paths]
+    groups = ([together] if together else []) + [[p] for p in args.paths if p not in together]
     results = []
-    for path in args.paths:
-        undo = bench.prepare(model, path, config, cudagraphs=args.cudagraphs, inner=args.inner)
+    for paths in groups:
+        undo = bench.prepare(model, paths[0], config, cudagraphs=args.cudagraphs, inner=args.inner)
         try:
             for batch in args.batch:
                 for context in args.context:
                     try:
-                        row = bench.decode_point(model, path, batch=batch, context=context, steps=args.steps)
-                        if path != "hf-static" and context <= args.prefill_max:
-                            row.update(bench.prefill_point(model, batch=batch, context=context))
+                        rows = bench.interleaved_paths(model, paths, batch=batch, context=context, steps=args.steps)
+                        if "kvpass" in rows:
+                            rows["kvpass"].update(_kvpass_state(model))
+                            if context <= args.prefill_max:
+                                rows["kvpass"].update(bench.prefill_point(model, batch=batch, context=context))
                     except torch.cuda.OutOfMemoryError:
                         torch.cuda.empty_cache()
-                        row = {"path": path, "batch": batch, "context": context, "error": "out of memory"}
-                        print(f"{path:14s} B{batch:<3d} ctx {context:>7d}: out of memory")
-                        results.append(row)
+                        for path in paths:
+                            results.append({"path": path, "batch": batch, "context": context, "error": "out of memory"})
+                            print(f"{path:14s} B{batch:<3d} ctx {context:>7d}: out of memory")
                         continue
-                    bytes_per_step = bench.step_bytes(model, batch, context, kv_dtype)
-                    row.update({"bytes_per_step": bytes_per_step,
-                                "roofline_tokens_per_s": batch * bandwidth / bytes_per_step})
-                    results.append(row)
-                    print(bench.format_row(row, bytes_per_step, bandwidth) + (
-                        f"; prefill {row['prefill_tokens_per_s']:.0f} tok/s" if "prefill_tokens_per_s" in row else ""))
+                    for row in rows.values():
+                        bytes_per_step = bench.step_bytes(model, batch, context, kv_dtype)
+                        row.update({"bytes_per_step": bytes_per_step,
+                                    "roofline_tokens_per_s": batch * bandwidth / bytes_per_step})
+                        if "peer" in rows and row["path"] != "peer":
+                            row["over_peer"] = row["tokens_per_s"] / rows["peer"]["tokens_per_s"]
+                        results.append(row)
+                        print(bench.format_row(row, bytes_per_step, bandwidth) + (
+                            f"; prefill {row['prefill_tokens_per_s']:.0f} tok/s" if "prefill_tokens_per_s" in row
+                            else "") + (f"; {row['over_peer']:.3f}x peer" if "over_peer" in row else ""))
         finally:
             undo()
     path = write_record(args.out, "bench decode", results, config=config.to_dict(), model=args.model,
@@ -430,6 +440,15 @@ def cmd_bench_decode(args) -> int:
                         steps=args.steps)
     print(f"record: {path}")
     return 0
+
+
+def _kvpass_state(model) -> dict:
+    """The kvpass row's extras: bytes held by part and allocated, graphs compiled, the decode engine's counts."""
+    from .report import report
+
+    state = report(model)
+    return {key: state[key] for key in ("kv_bytes_by_part", "kv_bytes_allocated", "graphs", "decode_engine")
+            if key in state}
 
 
 def cmd_plot(args) -> int:
@@ -492,14 +511,15 @@ def main(argv: list[str] | None = None) -> int:
     pk.add_argument("--out", default="runs/eval")
     pk.set_defaults(run=cmd_eval_passkey)
     be = sub.add_parser("bench", help="speed and memory").add_subparsers(dest="what", required=True)
-    dec = be.add_parser("decode", help="decode (and prefill) tokens/s and peak memory vs HF eager and HF static")
+    dec = be.add_parser("decode", help="decode (and prefill) tokens/s and peak memory vs the fp16 peer (and HF)")
     _add_model_args(dec)
     dec.set_defaults(model="random:smollm2:135m", run=cmd_bench_decode)
     dec.add_argument("--batch", type=int, nargs="+", default=[1])
     dec.add_argument("--context", type=int, nargs="+", default=[256, 1024])
     dec.add_argument("--steps", type=int, default=10)
-    dec.add_argument("--paths", nargs="+", choices=["kvpass", "hf-eager", "hf-static"],
-                     default=["kvpass", "hf-eager", "hf-static"])
+    dec.add_argument("--paths", nargs="+", choices=["kvpass", "peer", "hf-eager", "hf-static"],
+                     default=["kvpass", "peer"], help="kvpass and peer (the gpt-fast-style fp16 step, "
+                                                      "kvpass.eval.peer) run interleaved")
     dec.add_argument("--cudagraphs", action="store_true", help="CUDA graphs (kvpass: between its ops; HF static: "
                                                                "reduce-overhead)")
     dec.add_argument("--prefill-max", type=int, default=8192, help="also time a prefill at contexts up to this")

@@ -71,14 +71,17 @@ def test_cli_bad_arguments_are_clear(tmp_path, capsys):
 @pytest.mark.slow
 def test_bench_decode_tiny_cpu_point_writes_a_record(tmp_path, capsys):
     assert main(["bench", "decode", "--model", "random:smollm2:135m", "--context", "32", "--steps", "2",
-                 "--paths", "kvpass", "hf-eager", "--inner", "aot_eager", "--prefill-max", "32",
+                 "--paths", "kvpass", "peer", "hf-eager", "--inner", "aot_eager", "--prefill-max", "32",
                  "--out", str(tmp_path)]) == 0
     record = json.loads(next(tmp_path.glob("bench-decode-*.json")).read_text())
     assert record["command"] == "bench decode" and record["environment"]["versions"]["torch"]
     rows = {row["path"]: row for row in record["results"]}
-    assert set(rows) == {"kvpass", "hf-eager"}
+    assert set(rows) == {"kvpass", "peer", "hf-eager"}
     for row in rows.values():
-        assert row["tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["bytes_per_step"] > 0
+        assert row["tokens_per_s"] > 0 and row["bytes_per_step"] > 0
+    kvpass_row = rows["kvpass"]
+    assert kvpass_row["prefill_tokens_per_s"] > 0 and kvpass_row["over_peer"] > 0
+    assert kvpass_row["kv_bytes_by_part"]["keys"] > 0 and kvpass_row["decode_engine"]["eager_steps"] > 0
     assert "tok/s" in capsys.readouterr().out
 
 

@@ -197,6 +197,75 @@ def interleaved_decode(models: dict, path: str, *, batch: int, context: int, ste
     return rows
 
 
+def interleaved_paths(model, paths, *, batch: int, context: int, steps: int, warmup: int = 8, seed: int = 0) -> dict:
+    """Decode steps of several paths over ONE prepared model (kvpass and the peer coexist: the peer reuses the
+    model's modules, not its compiled call), taken in turn A B A B ... so host drift hits all alike. Returns, per
+    path, the row decode_point would give plus `step_ms_all`."""
+    device = next(model.parameters()).device
+    capacity = context + warmup + steps + 1
+    steppers = {path: decode_stepper(model, path, batch=batch, context=context, capacity=capacity, seed=seed)
+                for path in paths}
+    for _ in range(warmup):
+        for step in steppers.values():
+            step()
+    times = {path: [] for path in paths}
+    for _ in range(steps):
+        for path, step in steppers.items():
+            times[path].append(timed_step(step, device))
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    rows = {}
+    for path, t in times.items():
+        seconds = statistics.median(t)
+        rows[path] = {"path": path, "batch": batch, "context": context, "step_ms": 1e3 * seconds,
+                      "tokens_per_s": batch / seconds, "step_ms_all": [1e3 * x for x in t],
+                      "peak_gib": None if peak is None else peak / 2**30}
+    return rows
+
+
+def generate_point(model, *, context: int, new_tokens: int, seed: int = 0) -> dict:
+    """What a user runs: HF `generate` of `new_tokens` after a real prefill of a random `context`-token prompt
+    through `model` as prepared (e.g. kvpass.compile). Times a 1-token generate (the prefill) and a full one, each
+    after a warm-up generate that compiles and records; decode tok/s = (new_tokens - 1) / (full - prefill)."""
+    device = next(model.parameters()).device
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(0, vocab, (1, context), device=device,
+                        generator=torch.Generator(device=device).manual_seed(seed))
+    seconds = {}
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=8, do_sample=False)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for n in (1, new_tokens):
+            _synchronize(device)
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            _synchronize(device)
+            seconds[n] = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return {"context": context, "new_tokens": new_tokens, "prefill_s": seconds[1],
+            "prefill_tokens_per_s": context / seconds[1],
+            "decode_tokens_per_s": (new_tokens - 1) / (seconds[new_tokens] - seconds[1]),
+            "peak_gib": None if peak is None else peak / 2**30}
+
+
+def sdpa_prefill_seconds(model, *, context: int, seed: int = 0, repeats: int = 3) -> float:
+    """Best of `repeats` uncompiled HF forwards (the model's own SDPA attention) over a random prompt: the prefill
+    kvpass's is compared with. model.forward bypasses model.compile (which wraps only __call__)."""
+    device = next(model.parameters()).device
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(0, vocab, (1, context), device=device,
+                        generator=torch.Generator(device=device).manual_seed(seed))
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            _synchronize(device)
+            start = time.perf_counter()
+            model.forward(ids, use_cache=False, logits_to_keep=1)
+            _synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def prefill_point(model, *, batch: int, context: int, seed: int = 0) -> dict:
     """One prefill of `context` tokens through `model` as it is (compiled or not): tokens/s and peak memory."""
     device = next(model.parameters()).device
