@@ -90,6 +90,8 @@ class Runtime:
         # Static stores are emptied in place (their addresses are what a recorded decode graph reads); the others
         # are dropped. Either way nothing of the last sequence is visible to the next.
         self._stores = {layer: store for layer, store in self._stores.items() if store.reset()}
+        for store in self._stores.values():
+            store.capacity_hint = capacity  # a kept store grows to it at the sequence's first append, not mid-decode
         if self._valid is not None:
             self._valid.zero_()
         self.sequence_kind = kind

@@ -42,11 +42,14 @@ class DenseStore(LayerStore):
         """Buffers for `needed` slots shaped like k, v (B, Hkv, *, D|Dv); True if they were reallocated."""
         same = self._k is not None and (k.shape[0], k.shape[1], k.shape[3], v.shape[3], k.device) == (
             self._k.shape[0], self._k.shape[1], self._k.shape[3], self._v.shape[3], self._k.device)
-        if same and needed <= self.capacity:
+        # A sequence's first append also honours its capacity hint: growing before decode starts, not in the middle
+        # of it, keeps the decode engine's recordings valid for the whole generation.
+        hinted = 0 if self._length else (self.capacity_hint or 0)
+        if same and max(needed, hinted) <= self.capacity:
             return False
         dtype = self.method.torch_dtype or k.dtype
-        if not same:  # first allocation (or a new batch shape): the whole expected sequence, so decode never grows
-            capacity = max(_MIN_CAPACITY, needed, self.capacity_hint or 0)
+        if not same or hinted > self.capacity:  # the whole expected sequence, so decode never grows
+            capacity = max(_MIN_CAPACITY, needed, hinted, self.capacity_hint or 0)
         else:
             capacity = max(needed, 2 * self.capacity)
         B, H, _, D = k.shape
