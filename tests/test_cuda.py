@@ -1,5 +1,6 @@
 """On a CUDA device (run through the device tool; skipped elsewhere): the Triton kernels inside compiled
-models, CUDA-graph partitioning around the stateful op, and a model-dtype (bf16) cache."""
+models, the decode engine's recorded steps against unrecorded ones, CUDA-graph partitioning around the stateful
+op, and a model-dtype (bf16) cache."""
 import pytest
 import torch
 
@@ -25,7 +26,56 @@ def test_compiled_generate_on_cuda_matches_hf(name):
         expected = reference.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
         kvpass.compile(model, kvpass.Config(ffn=kvpass.DenseFFN()), strict=True)
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False), expected)
-    assert kvpass.report(model)["attention_calls"]["kvpass-cache/decode"] == 2 * 23
+    engine = kvpass.report(model)["decode_engine"]
+    assert engine["records"] == 1 and engine["eager_steps"] == 2 and engine["replays"] == 21, engine
+
+
+def _padded_batch(batch=4, length=14):
+    ids = _prompt(5, length, batch=batch)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        ids[row, : 3 * row], mask[row, : 3 * row] = 0, 0
+    return ids, mask
+
+
+def test_recorded_decode_steps_equal_unrecorded_ones_bit_for_bit():
+    """bf16, a left-padded batch of 4: the replayed steps' logits are the eager steps' logits, exactly."""
+    captured, uncaptured = (FAMILIES["llama"].build(dtype=torch.bfloat16).cuda() for _ in range(2))
+    kvpass.compile(captured, kvpass.Config(), strict=True)
+    kvpass.compile(uncaptured, kvpass.Config(), strict=True, capture=False)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        runs = [model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True) for model in (captured, uncaptured)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].logits, runs[1].logits))
+    assert kvpass.report(captured)["decode_engine"]["replays"] == 17
+    assert kvpass.report(uncaptured)["decode_engine"]["records"] == 0
+
+
+def test_left_padded_batch_under_capture_equals_each_row_alone():
+    model = FAMILIES["llama"].build().cuda()
+    kvpass.compile(model, kvpass.Config(), strict=True)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+        for row in range(ids.shape[0]):
+            alone = model.generate(ids[row : row + 1, 3 * row :], max_new_tokens=16, do_sample=False)
+            assert torch.equal(alone[0, -16:], batch[row, -16:]), row
+
+
+def test_256_steps_replay_one_recording_without_compiling_or_recording_again():
+    model = FAMILIES["llama"].build().cuda()
+    kvpass.compile(model, kvpass.Config(), strict=True)
+    backend = backend_of(model)
+    ids = _prompt(6, 12)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=256, do_sample=False)
+        graphs, before = len(backend.records), kvpass.report(model)["decode_engine"]
+        model.generate(ids, max_new_tokens=256, do_sample=False, min_new_tokens=256)
+    after = kvpass.report(model)["decode_engine"]
+    assert len(backend.records) == graphs
+    assert after["records"] == before["records"] == 1 and after["replays"] - before["replays"] == 255
+    assert after["stale_recordings_dropped"] == 0
 
 
 def test_cudagraph_partitions_around_kvpass_ops():
@@ -93,7 +143,8 @@ def test_fp16_store_under_fp32_model():
         model.generate(ids, max_new_tokens=4, do_sample=False)
     error = ((got - expected).norm() / expected.norm()).item()
     assert 0 < error < 1e-2
-    assert kvpass.report(model)["kv_bytes_by_part"]["keys"] == 2 * 1 * 256 * 16 * 2  # layers, kv heads, slots, dim, fp16
+    report = kvpass.report(model)
+    assert report["kv_bytes_by_part"]["keys"] == 2 * 1 * report["tokens_held"] * 16 * 2  # layers, kv heads, dim, fp16
 
 
 @pytest.mark.parametrize("options", [dict(search="graph"), dict(scoring="pre-rope", rope_window=24)])
