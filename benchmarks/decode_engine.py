@@ -25,7 +25,7 @@ import torch
 import kvpass
 from kvpass.attach import backend_of
 from kvpass.eval import bench
-from kvpass.eval.records import environment
+from kvpass.eval.records import write_record
 from kvpass.models import load_model
 
 DENSE = kvpass.Config(attention=kvpass.Dense())
@@ -145,15 +145,10 @@ def main(argv=None):
         result = speed(points, args.steps, args.warmup)
     else:
         result = e2e([int(c) for c in args.contexts.split(",")], args.new_tokens)
-    record = {"kind": f"decode-engine-{args.part}", "environment": environment(), "args": vars(args),
-              "result": result}
     if args.out:
-        import pathlib
-
-        path = pathlib.Path(args.out) / f"decode-engine-{args.part}-{time.strftime('%Y%m%dT%H%M%S')}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1, default=str))
-        print("wrote", path)
+        path = write_record(args.out, f"bench decode-engine-{args.part}", result, config=DENSE.to_dict(),
+                            model="random:llama:8b", dtype="bfloat16", args=vars(args))
+        print("record:", path)
 
 
 if __name__ == "__main__":

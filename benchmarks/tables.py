@@ -62,10 +62,33 @@ def kernel_table(records) -> str:
                      [f"{_env(r)}; {r.get('shape')}" for r in records])
 
 
+def engine_speed_table(records) -> str:
+    rows = []
+    for record in records:
+        for row in record["results"]:
+            k, p = row["kvpass"], row["peer"]
+            busy = "" if k.get("gpu_busy") is None else f"{100 * k['gpu_busy']:.0f} %"
+            rows.append([row["batch"], row["context"], f"{k['tokens_per_s']:.1f}", f"{p['tokens_per_s']:.1f}",
+                         f"{row['kvpass_over_peer']:.3f}", busy, "yes" if row["interleaved"] else "no (memory)",
+                         row["decode_engine"]["records"], row["graphs_compiled"], f"{row['peak_gib']:.1f}"])
+    return _markdown(["batch", "context", "kvpass tok/s", "peer tok/s", "kvpass / peer", "GPU-busy (kvpass)",
+                      "interleaved", "recordings", "compiles", "peak GiB"], rows, [_env(r) for r in records])
+
+
+def engine_e2e_table(records) -> str:
+    rows = [[row["context"], row["new_tokens"], f"{row['prefill_s']:.3f}", f"{row['hf_sdpa_prefill_s']:.3f}",
+             f"{row['prefill_fraction_of_sdpa']:.2f}", f"{row['decode_tokens_per_s']:.1f}", f"{row['peak_gib']:.1f}",
+             f"{sum(row['kv_bytes_by_part'].values()) / 2**20:.0f}"]
+            for record in records for row in record["results"]]
+    return _markdown(["prompt", "new tokens", "kvpass prefill s", "HF SDPA prefill s", "SDPA / kvpass",
+                      "decode tok/s", "peak GiB", "KV MiB held"], rows, [_env(r) for r in records])
+
+
 def main(paths) -> None:
     records = load_records(paths)
     for command, render in (("bench decode", bench_table), ("eval ppl", ppl_table), ("eval passkey", passkey_table),
-                            ("bench antkv-kernels", kernel_table)):
+                            ("bench antkv-kernels", kernel_table), ("bench decode-engine-speed", engine_speed_table),
+                            ("bench decode-engine-e2e", engine_e2e_table)):
         chosen = [r for r in records if r["command"] == command]
         if chosen:
             print(f"### {command}\n\n{render(chosen)}\n")
