@@ -120,3 +120,17 @@ def test_a_new_batch_size_reallocates_and_bumps_the_pool_version():
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert runtime.pool_version > version
     assert isinstance(KVCache(model), KVCache)
+
+
+def test_chunked_prefill_through_hf_prefill_chunk_size_equals_hf():
+    """Long prompts prefill in chunks with HF's own `prefill_chunk_size`: each chunk after the first attends over
+    the stored ones (kvpass::attention with a past), then the engine decodes."""
+    reference, model = FAMILIES["llama"].build(), FAMILIES["llama"].build()
+    kvpass.compile(model, kvpass.Config(), inner="eager")
+    ids = torch.randint(3, 100, (1, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference.generate(ids, max_new_tokens=8, do_sample=False)
+        got = model.generate(ids, max_new_tokens=8, do_sample=False, prefill_chunk_size=8)
+    assert torch.equal(got, want)
+    calls = kvpass.report(model)["attention_calls"]
+    assert calls["kvpass-cache/prefill"] == 3 * 2 and calls["decode-engine/decode"] == 7 * 2  # chunks 8, 8, 5
