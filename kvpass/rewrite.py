@@ -13,9 +13,9 @@ import dataclasses
 import torch
 from torch import fx
 
+from kvpass import ffn_ops  # noqa: F401  (registers torch.ops.kvpass.ffn and sparse_linear, which the rewrite emits)
 from kvpass.graph_inputs import add_tensor
-from kvpass.runtime import MODES
-
+from kvpass.ops import MODES
 from kvpass.patterns.matchers import (Mismatch, find_attention, find_ffn, find_projections, is_decode_step, module_path,
                                      real_values, rewrite_attention, rewrite_ffn, rewrite_projection)
 
@@ -59,15 +59,26 @@ class Record:
 
 
 def _window_of(root: torch.nn.Module | None, node: fx.Node) -> int:
-    """Sliding window of the attention module a site was traced in (0 if none or unknown). HF masks
-    already apply it; the op needs it for callers that pass no mask."""
+    """Sliding window of the attention module a site was traced in (0 if none). HF's prefill masks apply it; the
+    decode step, which reads no HF mask, and callers that pass none need it. HF says it three ways: the module's
+    `sliding_window` (Qwen2, Gemma-2/3: None on full-attention layers), else the config's `layer_types` entry for
+    the module's layer, else the config's `sliding_window` for every layer (Mistral passes it at call time).
+    The runtime checks the prefill mask against it (Runtime._check_window)."""
     if root is None:
         return 0
     try:
         module = root.get_submodule(module_path(node))
     except AttributeError:
         return 0
-    window = getattr(module, "sliding_window", None)
+    if hasattr(module, "sliding_window"):
+        window = module.sliding_window
+    else:
+        config = getattr(module, "config", None)
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        layer = getattr(module, "layer_idx", None)
+        if layer_types is not None and isinstance(layer, int) and layer < len(layer_types):
+            window = window if layer_types[layer] == "sliding_attention" else None
     return int(window) if isinstance(window, int) and window > 0 else 0
 
 

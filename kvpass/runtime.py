@@ -20,12 +20,6 @@ from .methods.base import AttentionSpec
 _RUNTIMES: "weakref.WeakValueDictionary[int, Runtime]" = weakref.WeakValueDictionary()
 _NEXT_ID = itertools.count(1)
 
-# How the attention op finds its past, decided by the graph rewrite and baked into the op call.
-MODE_ONESHOT = 0  # the graph supplies all keys (no cache, or a foreign cache such as HF DynamicCache)
-MODE_CACHED = 1   # keys of the new tokens only; the past is in the runtime (kvpass HF cache)
-MODE_AUTO = 2     # keys of the new tokens only; use the open sequence if any, else behave as one-shot
-MODES = {MODE_ONESHOT: "one-shot", MODE_CACHED: "kvpass-cache", MODE_AUTO: "auto"}
-
 
 class Runtime:
     """State of one model under one kvpass config."""
@@ -39,7 +33,7 @@ class Runtime:
         self.capacity: int | None = None
         self.sequences_started = 0
         self.calls = collections.Counter()  # (mode name, "prefill"|"decode") -> attention op calls
-        self._model = None                   # weakref to the model served (set by the backend when bound)
+        self._resolve = None                 # method -> its loaded Calibration; given with the model (use_calibrations)
         self._calibrations: dict[str, object] = {}  # method name -> its Calibration
         self._chess_plan = None
         # Decode-engine state (kvpass/engine.py), on the device and address-stable so a recorded CUDA graph stays
@@ -50,23 +44,22 @@ class Runtime:
         self._valid: torch.Tensor | None = None   # (B, capacity) bool
         self.pool_version = 0             # bumped whenever a buffer a recorded graph reads is reallocated
 
-    def bind_model(self, model) -> None:
-        self._model = None if model is None else weakref.ref(model)
+    def use_calibrations(self, resolve) -> None:
+        """resolve: method config -> its loaded kvpass.calibration.Calibration, for the model this runtime now
+        serves (the face gives it when it binds the backend to a model: kvpass.attach.attach); None when unbound.
+        The runtime asks it once per method, at first use, and never makes a calibration itself."""
+        self._resolve = resolve
         self._calibrations = {}
         self._chess_plan = None
 
     def calibration(self, method=None):
-        """The calibration of `method` (default: the attention method): kvpass.calibration.resolve gives the
-        config's artefact, or the cached automatic one, made on first use; None for methods without one."""
-        from .calibration import needs_calibration, resolve
-
+        """The loaded calibration of `method` (default: the attention method); None for methods without one."""
         method = self.config.attention if method is None else method
-        if method.method not in self._calibrations and needs_calibration(method):
-            model = None if self._model is None else self._model()
-            if model is None:
+        if method.method not in self._calibrations and method.needs_calibration:
+            if self._resolve is None:
                 raise RuntimeError(f"{method.method} needs a calibration, and this kvpass runtime is bound to no "
                                    f"model; use kvpass.compile(model, config) or kvpass.attach")
-            self._calibrations[method.method] = resolve(model, method, self.config.calibration)
+            self._calibrations[method.method] = self._resolve(method)
         return self._calibrations.get(method.method)
 
     def chess_plan(self):
@@ -128,16 +121,21 @@ class Runtime:
                                f"tokens but the caller says {past} came before. A kvpass cache serves one generation "
                                f"at a time per model; create a new kvpass.KVCache(model) for each generation")
 
-    def attention(self, q, k, v, mask, is_causal, spec: AttentionSpec, mode: int, layer: int, past: int):
-        phase = "prefill" if q.shape[2] > 1 else "decode"
-        if mode == MODE_CACHED or (mode == MODE_AUTO and self.sequence_kind == "explicit"):
-            store = self.store(layer)
-            if mode == MODE_CACHED:
-                self.check_past(store, past)
-            self.append(layer, k, v, mask)
-            self.calls[(MODES[mode], phase)] += 1
-            return store.attend(q, mask, is_causal, spec)
-        self.calls[("one-shot", phase)] += 1
+    def attend_stored(self, q, k, v, mask, is_causal, spec: AttentionSpec, layer: int, past: int | None, mode: str):
+        """kvpass::attention over the open sequence: store the new tokens' k, v in `layer`, then attend q over
+        everything stored. past: the tokens the caller says came before (checked), None to take the store's word;
+        mode: the op's mode, by name, for the call counts."""
+        store = self.store(layer)
+        if past is not None:
+            self.check_past(store, past)
+        self.append(layer, k, v, mask)
+        self.calls[(mode, "prefill" if q.shape[2] > 1 else "decode")] += 1
+        return store.attend(q, mask, is_causal, spec)
+
+    def attend_one_shot(self, q, k, v, mask, is_causal, spec: AttentionSpec, layer: int, mode: str):
+        """kvpass::attention over the keys the graph supplies (k, v: all of them), through the method's
+        representation, storing nothing."""
+        self.calls[(mode, "prefill" if q.shape[2] > 1 else "decode")] += 1
         return OneShot(self.config.attention, self.calibration()).attend(q, k, v, mask, is_causal, spec, layer)
 
     def append(self, layer: int, k, v, mask=None) -> None:
@@ -193,6 +191,20 @@ class Runtime:
         if self._slot is None or self._slot.device != device:
             self._slot = torch.zeros(1, dtype=torch.int64, device=device)
         return self._valid
+
+    def _check_window(self, layer: int, mask, window: int, length: int) -> None:
+        """The decode step reads no HF mask: it sees the valid slots, causal, within the site's window. Check that
+        HF's mask says the same for this call's last query (its row over every key: cheap), so a model whose mask
+        holds something else fails here, plainly, rather than decoding wrong tokens."""
+        last = mask[:, 0, -1, :length]                                        # (Bm, length) bool
+        expected = self._valid[:, :length].clone()
+        if window:
+            expected[:, : max(0, length - window)] = False
+        if not torch.equal(last.expand_as(expected), expected):
+            raise NotImplementedError(
+                f"kvpass decode engine: layer {layer}'s attention mask is not the stored tokens, causal, within a "
+                f"window of {window or 'no'} tokens, which is all a decode step sees; kvpass cannot decode this model "
+                f"with its engine yet (tell us the model); the window kvpass found may be wrong")
 
     def _mark_valid(self, store, mask, start: int, count: int) -> None:
         """Record which of the slots [start, start + count) just stored hold real tokens: a token sees itself
