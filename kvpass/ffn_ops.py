@@ -1,4 +1,4 @@
-"""The stateless CHESS ops, registered when the rewrite first needs them (patterns/matchers/ffn.py imports this module):
+"""The stateless CHESS ops, registered when the rewrite first needs them (kvpass/rewrite.py imports this module):
 `torch.library.triton_op` inspects its functions' source and imports triton and parts of Inductor, which would
 double the time of `import kvpass`. Import this module before loading a graph or exported program that names them.
 
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import kernels_dispatch
-from .methods.ffn import ACTIVATIONS
+from .methods.ffn import ACTIVATIONS, dense_ffn, dense_sparse_linear
 
 
 @torch.library.triton_op("kvpass::ffn", mutates_args=())
@@ -24,11 +24,14 @@ def ffn(x: Tensor, w_up: Tensor, b_up: Tensor | None, w_down: Tensor, b_down: Te
         b_gate: Tensor | None, thresholds: Tensor | None, w_down_t: Tensor | None, activation: str) -> Tensor:
     """x: (..., H); w_* in nn.Linear layout (out, in); thresholds: None (the exact FFN) or (I,) fp32 CHESS
     thresholds; w_down_t: None or w_down as a contiguous (I, Ho) copy for the sparse kernel. Returns
-    (..., w_down.shape[0])."""
+    (..., w_down.shape[0]). With thresholds, decode-sized calls on the Triton path run the sparse kernel; the rest
+    (prompts, CPUs, the exact FFN) run the dense path in the model's dtype."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
-    return kernels_dispatch.ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, thresholds,
-                                w_down_t).contiguous()
+    if thresholds is None or not kernels_dispatch.decode_sized(x):
+        return dense_ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, thresholds, activation).contiguous()
+    return kernels_dispatch.sparse_ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, thresholds,
+                                       w_down_t).contiguous()
 
 
 @torch.library.triton_op("kvpass::sparse_linear", mutates_args=())
@@ -36,4 +39,6 @@ def sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, threshold: flo
     """x: (..., K) with entries |x| < threshold zeroed, through a projection weight: (N, K) in nn.Linear layout,
     plus bias; w_t: None or weight as a contiguous (K, N) copy for the sparse kernel. Returns (..., N): CHESS+'s
     thresholded query and output projections."""
+    if not kernels_dispatch.decode_sized(x):
+        return dense_sparse_linear(x, weight, bias, float(threshold)).contiguous()
     return kernels_dispatch.sparse_linear(x, weight, bias, float(threshold), w_t).contiguous()

@@ -112,10 +112,11 @@ def merge_partials(outs, lses, dtype):
     return _wave("merge_partials", lses[0])(outs, lses, dtype)
 
 
-def _decode_sized(x: torch.Tensor) -> bool:
-    """Whether x's call takes the sparse decode kernels: at most MAX_DECODE_TOKENS tokens on the Triton path. Not
-    while a graph is traced on the CPU (KVPASS_KERNELS=triton): the interpreter needs real data, and Inductor
-    launches Triton kernels on GPUs only, so a traced CPU graph takes the dense thresholded path (same zeros)."""
+def decode_sized(x: torch.Tensor) -> bool:
+    """Whether x's call takes the sparse decode kernels (sparse_ffn, sparse_linear; else the op's dense path): at
+    most MAX_DECODE_TOKENS tokens on the Triton path. Not while a graph is traced on the CPU (KVPASS_KERNELS=triton):
+    the interpreter needs real data, and Inductor launches Triton kernels on GPUs only, so a traced CPU graph takes
+    the dense thresholded path (same zeros)."""
     if not use_triton(x) or (not x.is_cuda and is_fake(x)):
         return False
     from .kernels.sparse_ffn import MAX_DECODE_TOKENS
@@ -123,16 +124,11 @@ def _decode_sized(x: torch.Tensor) -> bool:
     return x.numel() // x.shape[-1] <= MAX_DECODE_TOKENS
 
 
-def ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, thresholds, w_down_t):
-    """The FFN of x (..., H) (kvpass.methods.ffn.dense_ffn has the contract); w_down_t: None or the down weight as
-    a contiguous (I, Ho) copy (kvpass.methods.chess.ChessPlan.input_major; None reads w_down's transpose, strided
-    and slower). With thresholds, decode-sized calls (at most MAX_DECODE_TOKENS tokens) on the Triton path run the
-    sparse kernel, which skips the weight rows of zeroed channels; prompts run densely (kvpass.kernels.sparse_ffn
-    says why)."""
-    from .methods.ffn import dense_ffn
-
-    if thresholds is None or not _decode_sized(x):
-        return dense_ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, thresholds, activation)
+def sparse_ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, thresholds, w_down_t):
+    """The thresholded FFN of a decode-sized x (..., H) (decode_sized(x)) by the sparse kernel, which skips the weight
+    rows of zeroed channels (kvpass.methods.ffn.dense_ffn has the contract; prompts run that dense path,
+    kvpass.kernels.sparse_ffn says why); w_down_t: None or the down weight as a contiguous (I, Ho) copy
+    (kvpass.methods.chess.ChessPlan.input_major; None reads w_down's transpose, strided and slower)."""
     from .kernels.sparse_ffn import sparse_ffn
 
     out = sparse_ffn(x.reshape(-1, x.shape[-1]), w_up, b_up, w_down.t() if w_down_t is None else w_down_t, b_down,
@@ -141,13 +137,9 @@ def ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, activation, thresholds, w
 
 
 def sparse_linear(x, weight, bias, threshold: float, w_t):
-    """x (..., K) thresholded at `threshold` through weight (N, K) plus bias; decode-sized calls on the Triton path
-    read only the rows of w_t (K, N) (the contiguous input-major copy; None: weight's strided transpose) whose input
-    survives."""
-    from .methods.ffn import dense_sparse_linear
-
-    if not _decode_sized(x):
-        return dense_sparse_linear(x, weight, bias, threshold)
+    """A decode-sized x (..., K) (decode_sized(x)) thresholded at `threshold` through weight (N, K) plus bias by the
+    sparse kernel, which reads only the rows of w_t (K, N) (the contiguous input-major copy; None: weight's strided
+    transpose) whose input survives (kvpass.methods.ffn.dense_sparse_linear is the dense path)."""
     from .kernels.sparse_ffn import sparse_linear as kernel
 
     out = kernel(x.reshape(-1, x.shape[-1]), weight.t() if w_t is None else w_t, bias, threshold)

@@ -16,7 +16,7 @@ The Triton functions (``kernel.py``) are imported lazily, as in :mod:`kvpass.ker
 importing this package (and using the references) does not import triton (a Linux-only dependency, and
 the CPU interpreter needs ``TRITON_INTERPRET=1`` set before its first import).
 """
-from .reference import sparse_ffn_reference, sparse_linear_reference
+from .reference import ACTIVATIONS, sparse_ffn_reference, sparse_linear_reference
 
 # The op uses the kernels up to this many tokens and the dense torch path above (see above); the
 # kernels themselves accept up to kernel.MAX_TOKENS = 16.
@@ -24,7 +24,7 @@ MAX_DECODE_TOKENS = 8
 
 _KERNELS = ("sparse_ffn", "sparse_linear")
 
-__all__ = ["MAX_DECODE_TOKENS", "sparse_ffn", "sparse_ffn_reference", "sparse_linear", "sparse_linear_reference"]
+__all__ = ["ACTIVATIONS", "MAX_DECODE_TOKENS", "sparse_ffn", "sparse_ffn_reference", "sparse_linear", "sparse_linear_reference"]
 
 
 def __getattr__(name):

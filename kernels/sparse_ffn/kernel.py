@@ -132,7 +132,7 @@ BLOCKS = Blocks()   # what the public functions launch with; tests and benchmark
 
 @triton.jit
 def _activation(z, ACTIVATION: tl.constexpr):
-    """ACTIVATIONS[ACTIVATION](z) of kvpass.methods.ffn, in fp32."""
+    """ACTIVATIONS[ACTIVATION](z) of reference.py, in fp32."""
     if ACTIVATION == "silu":
         out = z / (1.0 + tl.exp(-z))
     elif ACTIVATION == "gelu":
@@ -336,7 +336,7 @@ def sparse_ffn(x, w_up, b_up, w_down_t, b_down, w_gate, b_gate, thresholds, acti
     x: (T, H) fp16/bf16/fp32, T <= MAX_TOKENS; w_up: (I, H); b_up: (I,) or None; w_down_t: (I, Ho),
     the down weight transposed (contiguous for speed); b_down: (Ho,) or None; w_gate: (I, H) or None
     (a plain MLP); b_gate: (I,) or None; thresholds: (I,) fp32, >= 0; activation: a key of
-    ``kvpass.methods.ffn.ACTIVATIONS``. Any strides. Returns a new contiguous (T, Ho) tensor of x's dtype.
+    ``reference.ACTIVATIONS``. Any strides. Returns a new contiguous (T, Ho) tensor of x's dtype.
     """
     T, H, I, Ho = check_ffn_inputs(x, w_up, b_up, w_down_t, b_down, w_gate, b_gate, thresholds, activation)
     _check_tokens("sparse_ffn", T)

@@ -17,11 +17,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvpass.methods.ffn import ACTIVATIONS
-
-__all__ = ["check_ffn_inputs", "check_linear_inputs", "sparse_ffn_reference", "sparse_linear_reference"]
+__all__ = ["ACTIVATIONS", "check_ffn_inputs", "check_linear_inputs", "sparse_ffn_reference", "sparse_linear_reference"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# The FFN activations kvpass knows, by the name the `kvpass::ffn` op takes: the kernels implement each of them
+# (kernel.py's _activation), the pattern matchers classify a traced activation against them numerically, and
+# kvpass.methods.ffn computes the dense path with them.
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
 
 
 def _describe(t):
@@ -87,7 +95,7 @@ def sparse_ffn_reference(x, w_up, b_up, w_down_t, b_down, w_gate, b_gate, thresh
 
     x: (T, H) fp16/bf16/fp32; w_up: (I, H); b_up: (I,) or None; w_down_t: (I, Ho), the down weight
     transposed; b_down: (Ho,) or None; w_gate: (I, H) or None (a plain MLP); b_gate: (I,) or None;
-    thresholds: (I,) fp32, >= 0; activation: a key of ``kvpass.methods.ffn.ACTIVATIONS``. Any strides.
+    thresholds: (I,) fp32, >= 0; activation: a key of :data:`ACTIVATIONS`. Any strides.
     Gated: a = act(x @ w_gate.T + b_gate), h = where(|a| >= t, a, 0) * (x @ w_up.T + b_up).
     Plain: a = act(x @ w_up.T + b_up), h = where(|a| >= t, a, 0).
     Returns h @ w_down_t + b_down as a new contiguous (T, Ho) tensor of x's dtype.

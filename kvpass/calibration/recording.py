@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from kvpass import ffn_ops  # noqa: F401  (registers torch.ops.kvpass.ffn and sparse_linear, the nodes rewritten here)
 from kvpass.patterns.matchers import find_attention, find_ffn, find_projections, rewrite_ffn, rewrite_projection
 
 

@@ -8,13 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Activations recognised inside FFN sites (patterns/ffn.py classifies the traced activation numerically).
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+# The activations by name (defined beside the kernels that implement them, which import nothing of kvpass).
+from ..kernels.sparse_ffn import ACTIVATIONS
 
 
 def dense_ffn(x, w_up, b_up, w_down, b_down, w_gate, b_gate, thresholds, activation: str) -> torch.Tensor:

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from kvpass import ffn_ops  # noqa: F401  (registers torch.ops.kvpass.ffn and sparse_linear)
-from kvpass.methods.ffn import ACTIVATIONS
+from kvpass.kernels.sparse_ffn import ACTIVATIONS
 
 from .attention import Mismatch
 from .graph import is_call, is_method, layer_of, shape_of, through_views
