@@ -4,12 +4,24 @@ lives in a runtime (dense, quantized, retrieved or offloaded), without touching 
     model.compile(backend=kvpass.backend(kvpass.Config(attention=kvpass.Dense())))   # or kvpass.compile(...)
     model.generate(...); print(kvpass.report(model))
 """
-from .attach import attach, compile, detach, reset, sequence
-from .backend import Backend, KvpassMatchError, backend
+from .attach import attach, backend, compile, detach, reset, sequence
+from .attach import resolve_calibrations_with as _resolve_calibrations_with
+from .backend import Backend, KvpassMatchError
 from .config import KIVI, AnTKV, Chess, Config, Dense, DenseFFN, WaveIndex
 from .report import report
 
 __version__ = "0.1.0"
+
+
+def _resolve_calibration(model, method, artefact):
+    # The calibration tool stands above the face (it runs models, reads texts); the package hands it to the face,
+    # which gives each bound runtime the calibrations it needs. Imported when a method first needs one.
+    from .calibration import resolve
+
+    return resolve(model, method, artefact)
+
+
+_resolve_calibrations_with(_resolve_calibration)
 
 
 def __getattr__(name):

@@ -1,49 +1,92 @@
-"""Binding a kvpass backend to a model: `compile`, `attach`, sequences, and the generate integration.
+"""Binding a kvpass backend to a model: `backend`, `compile`, `attach`, sequences, and the generate integration.
 
 `torch.compile(model, backend=...)` returns a wrapper whose `.generate` runs the *uncompiled* model;
 `model.compile(backend=...)` compiles in place, which is what makes HF `generate` run compiled.
 `kvpass.compile(model, config)` does the latter and also makes `generate` use the kvpass cache from the
 very first call (a backend given to `model.compile` directly only meets the model at its first compile).
+
+Binding is where a model gets what its runtime receives and never makes: the calibrations of its methods, resolved
+here by the calibration tool (kvpass.calibration.resolve: the config's artefact, or the cached automatic one, made on
+first use). That tool stands above the face and uses it, so the face does not import it: kvpass/__init__.py, which
+assembles the package, hands it over (`resolve_calibrations_with`).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import warnings
+import weakref
 
 import torch
 
-from .backend import Backend
+from .backend import Backend, _unwrap, backend_of
 from .config import Config
 
-_ATTR = "_kvpass_backend"
+__all__ = ["attach", "backend", "backend_of", "compile", "detach", "install_engine", "reset", "resolve_calibrations_with",
+           "sequence"]
+
+_resolve_calibration = None  # (model, method config, artefact path or None) -> its loaded Calibration or None
 
 
-def _unwrap(model):
-    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+def resolve_calibrations_with(resolve) -> None:
+    """How bound runtimes get their calibrations: resolve(model, method, artefact) -> Calibration | None (None for a
+    method without one). kvpass/__init__.py gives kvpass.calibration.resolve."""
+    global _resolve_calibration
+    _resolve_calibration = resolve
 
 
-def backend_of(model, required: bool = False) -> Backend | None:
-    backend = _unwrap(model).__dict__.get(_ATTR)
-    if backend is None and required:
-        raise ValueError(f"{type(model).__name__} has no kvpass backend attached; call kvpass.compile(model, config) "
-                         f"(compiled) or kvpass.attach(model, config) (eager reference semantics) first")
-    return backend
+def backend(config: Config, *, inner: str = "inductor", strict: bool = False, cudagraphs: bool = False) -> Backend:
+    """The kvpass compile backend for one model: `model.compile(backend=kvpass.backend(config))`.
+
+    inner: the compiler of the rewritten graph ("inductor", "aot_eager", "eager"); strict: raise instead of
+    warning when a site does not match; cudagraphs: capture the pieces between kvpass ops as CUDA graphs.
+    The backend binds itself to the model at its first compile (_meet_model)."""
+    return Backend(config, inner=inner, strict=strict, cudagraphs=cudagraphs, meet_model=_meet_model)
+
+
+def _meet_model(root: torch.nn.Module, backend: Backend) -> None:
+    """model.compile(backend=...) used directly: the backend meets its model only now, inside the first call.
+    Bind now (report(model) works, later generate calls use the kvpass cache) and say what this call misses."""
+    attach(root, backend)
+    install_engine(root, backend, capture=not backend.cudagraphs)  # model.compile made the call the engine fronts
+    if hasattr(root, "generate"):
+        warnings.warn(f"kvpass: the backend met its {type(root).__name__} at its first compile; a generate call "
+                      f"already running keeps the cache HF made for it (kvpass attention reads it, correctly), "
+                      f"and later calls use the kvpass cache. kvpass.compile(model, config) binds before the "
+                      f"first call.", stacklevel=3)
+
+
+def _calibrations(model: torch.nn.Module, artefact: str | None):
+    """The resolver a bound runtime asks for its methods' calibrations (Runtime.use_calibrations): the package's
+    resolver (resolve_calibrations_with) for `model`, held weakly as the backend holds it, and the config's artefact."""
+    model = weakref.ref(model)
+
+    def resolve(method):
+        served = model()
+        if served is None:
+            raise RuntimeError(f"{method.method} needs a calibration, and the model this kvpass runtime served no "
+                               f"longer exists")
+        if _resolve_calibration is None:
+            raise RuntimeError(f"{method.method} needs a calibration, and no calibration resolver was given to "
+                               f"kvpass.attach (import kvpass gives it)")
+        return _resolve_calibration(served, method, artefact)
+
+    return resolve
 
 
 def attach(model: torch.nn.Module, config_or_backend: Config | Backend) -> Backend:
     """Give `model` a kvpass runtime without compiling it: HF generate then uses the kvpass cache and the
     method's eager reference semantics. Returns the backend (usable with model.compile)."""
     model = _unwrap(model)
-    backend = config_or_backend if isinstance(config_or_backend, Backend) else Backend(config_or_backend)
-    current = model.__dict__.get(_ATTR)
+    backend = (config_or_backend if isinstance(config_or_backend, Backend)
+               else Backend(config_or_backend, meet_model=_meet_model))
+    current = backend_of(model)
     if current is backend:
         return backend
     if current is not None:
         raise ValueError(f"{type(model).__name__} already has a kvpass backend; a model keeps one backend "
                          f"(call kvpass.detach(model) first to replace it)")
-    backend.bind(model)
-    model.__dict__[_ATTR] = backend
+    backend.bind(model, calibrations=_calibrations(model, backend.config.calibration))
     if hasattr(model, "generate"):
         model.__dict__["generate"] = functools.partial(_generate_with_kvpass_cache, model, type(model).generate)
     return backend
@@ -52,10 +95,10 @@ def attach(model: torch.nn.Module, config_or_backend: Config | Backend) -> Backe
 def detach(model: torch.nn.Module) -> None:
     """Undo `attach`/`compile`: the model runs as plain (uncompiled) HF again."""
     model = _unwrap(model)
-    backend = model.__dict__.pop(_ATTR, None)
+    backend = backend_of(model)
     model.__dict__.pop("generate", None)
     if backend is not None:
-        backend.unbind()
+        backend.unbind()  # backend_of(model) is None from here
         compiled = model.__dict__.get("_compiled_call_impl")
         if compiled is not None and getattr(compiled, "_kvpass_backend", None) is backend:
             del model.__dict__["_compiled_call_impl"]
@@ -70,7 +113,7 @@ def compile(model: torch.nn.Module, config: Config, *, inner: str = "inductor", 
     """Compile `model` in place with kvpass (so `model.generate` runs compiled through the kvpass cache).
     capture: replay each decode step from a CUDA graph (kvpass.engine; on CUDA, for methods that meet the
     captured-decode contract). Other arguments as for `kvpass.backend`; the rest go to `model.compile`."""
-    backend = attach(model, Backend(config, inner=inner, strict=strict, cudagraphs=cudagraphs))
+    backend = attach(model, Backend(config, inner=inner, strict=strict, cudagraphs=cudagraphs, meet_model=_meet_model))
     backend.runtime.calibration()  # now, not inside the first generate: a wrong artefact fails here
     model = _unwrap(model)
     model.compile(backend=backend, **compile_kwargs)

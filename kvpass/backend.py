@@ -1,5 +1,9 @@
 """The torch.compile backend: rewrite the Dynamo graph with the pattern catalogue, then hand it to the
-inner compiler (Inductor by default)."""
+inner compiler (Inductor by default).
+
+A backend serves one model: `Backend.bind` ties them (`backend_of(model)` finds it). What binding means for the
+model's calls (the kvpass cache in `generate`, the decode engine, calibrations) is the face's (kvpass/attach.py),
+which gives each backend it makes a `meet_model` for a model met only at its first compile."""
 from __future__ import annotations
 
 import importlib
@@ -15,6 +19,7 @@ from .config import Config
 from .runtime import Runtime
 
 _INNER = ("inductor", "eager", "aot_eager")
+_ATTR = "_kvpass_backend"  # the model's attribute holding its backend
 
 
 class KvpassMatchError(RuntimeError):
@@ -42,10 +47,27 @@ def _compiled_module(gm: torch.fx.GraphModule) -> torch.nn.Module | None:
     return value if isinstance(value, torch.nn.Module) else None
 
 
-class Backend:
-    """Callable for `torch.compile(..., backend=...)`. Holds the runtime of the one model it compiles."""
+def _unwrap(model):
+    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
 
-    def __init__(self, config: Config, *, inner: str = "inductor", strict: bool = False, cudagraphs: bool = False):
+
+def backend_of(model, required: bool = False) -> Backend | None:
+    backend = _unwrap(model).__dict__.get(_ATTR)
+    if backend is None and required:
+        raise ValueError(f"{type(model).__name__} has no kvpass backend attached; call kvpass.compile(model, config) "
+                         f"(compiled) or kvpass.attach(model, config) (eager reference semantics) first")
+    return backend
+
+
+class Backend:
+    """Callable for `torch.compile(..., backend=...)`. Holds the runtime of the one model it compiles.
+
+    meet_model(model, backend): called when a graph of a model the backend is not bound to is compiled (the model
+    is the graph's root); kvpass.backend(config) gives the face's, which binds them. None: such a model stays
+    unbound (its graphs are rewritten all the same)."""
+
+    def __init__(self, config: Config, *, inner: str = "inductor", strict: bool = False, cudagraphs: bool = False,
+                 meet_model=None):
         if not isinstance(config, Config):
             raise ValueError(f"config={config!r} is not a kvpass.Config")
         if inner not in _INNER:
@@ -63,19 +85,26 @@ class Backend:
         self.records = []
         self._model = None
         self.engine = None  # the kvpass.engine.DecodeEngine driving the model's decode steps, once installed
+        self._meet_model = meet_model
 
     # -- binding to a model --------------------------------------------------------------------------
-    def bind(self, model: torch.nn.Module) -> None:
+    def bind(self, model: torch.nn.Module, calibrations=None) -> None:
+        """Serve `model` (backend_of(model) is this backend from now on). calibrations: method config -> its loaded
+        calibration for this model (the face's resolver), given to the runtime."""
         bound = self.model
         if bound is not None and bound is not model:
             raise ValueError(f"this kvpass backend already serves a {type(bound).__name__}; create one backend per "
                              f"model (kvpass.backend(config) or kvpass.compile(model, config))")
         self._model = weakref.ref(model)
-        self.runtime.bind_model(model)
+        model.__dict__[_ATTR] = self
+        self.runtime.use_calibrations(calibrations)
 
     def unbind(self) -> None:
+        model = self.model
+        if model is not None and model.__dict__.get(_ATTR) is self:
+            del model.__dict__[_ATTR]
         self._model = None
-        self.runtime.bind_model(None)
+        self.runtime.use_calibrations(None)
 
     @property
     def model(self):
@@ -85,12 +114,10 @@ class Backend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         from kvpass.rewrite import rewrite
 
-        from .attach import attach, backend_of, install_engine
-
         configure_from_env()
         root = _compiled_module(gm)
-        if root is not None and self.model is None and backend_of(root) is None:
-            self._bind_at_first_compile(root, attach, install_engine)
+        if root is not None and self.model is None and self._meet_model is not None and backend_of(root) is None:
+            self._meet_model(root, self)
         record, misses = rewrite(gm, self.runtime.id, rewrite_ffn_sites=self.config.ffn is not None,
                                  root=root, explain=explained_nodes(), plan=self.runtime.chess_plan(),
                                  example_inputs=example_inputs, captured_decode=self.runtime.static_decode)
@@ -98,17 +125,6 @@ class Backend:
         logger.info("compile %d (%d nodes):\n%s", len(self.records), record.nodes, record.table())
         self._check(record, misses)
         return self._inner(gm, example_inputs)
-
-    def _bind_at_first_compile(self, root: torch.nn.Module, attach, install_engine) -> None:
-        """model.compile(backend=...) used directly: the backend meets its model only now, inside the first call.
-        Bind now (report(model) works, later generate calls use the kvpass cache) and say what this call misses."""
-        attach(root, self)
-        install_engine(root, self, capture=not self.cudagraphs)  # model.compile made the call the engine fronts
-        if hasattr(root, "generate"):
-            warnings.warn(f"kvpass: the backend met its {type(root).__name__} at its first compile; a generate call "
-                          f"already running keeps the cache HF made for it (kvpass attention reads it, correctly), "
-                          f"and later calls use the kvpass cache. kvpass.compile(model, config) binds before the "
-                          f"first call.", stacklevel=3)
 
     def _check(self, record, misses) -> None:
         problems = []
@@ -146,10 +162,3 @@ class Backend:
             compiled = torch._dynamo.lookup_backend(self.inner)(gm, example_inputs)
         return graph_inputs.passing(compiled, added)
 
-
-def backend(config: Config, *, inner: str = "inductor", strict: bool = False, cudagraphs: bool = False) -> Backend:
-    """The kvpass compile backend for one model: `model.compile(backend=kvpass.backend(config))`.
-
-    inner: the compiler of the rewritten graph ("inductor", "aot_eager", "eager"); strict: raise instead of
-    warning when a site does not match; cudagraphs: capture the pieces between kvpass ops as CUDA graphs."""
-    return Backend(config, inner=inner, strict=strict, cudagraphs=cudagraphs)

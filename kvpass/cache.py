@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops  # noqa: F401  (registers torch.ops.kvpass.*)
+from .backend import backend_of
 
 
 def cache_argument(model) -> str:
@@ -70,8 +71,6 @@ class KVCache(Cache):
     def __init__(self, model: torch.nn.Module, capacity: int | None = None):
         """capacity: tokens per row the generation will reach (prompt + new tokens), if known: the runtime then
         allocates each layer's store once instead of growing it."""
-        from .attach import backend_of
-
         backend = backend_of(model, required=True)
         self.runtime = backend.runtime
         n_layers = model.config.get_text_config(decoder=True).num_hidden_layers

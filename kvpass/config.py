@@ -29,6 +29,12 @@ class AttentionMethod:
 
     method: ClassVar[str]
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the method learns something from calibration text (kvpass.calibration makes it, the store reads
+        it): the runtime is then given the loaded calibration, and never runs one itself."""
+        return False
+
 
 @dataclasses.dataclass(frozen=True)
 class Dense(AttentionMethod):
@@ -98,6 +104,10 @@ class AnTKV(AttentionMethod):
     @property
     def codebook_size(self) -> int:
         return ANTKV_RATES[self.bits][1]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True  # the codebooks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,12 +219,21 @@ class WaveIndex(AttentionMethod):
         if isinstance(self.page, bool) or self.page not in (8, 16, 32, 64):
             raise ValueError(f"page={self.page!r}: wave-buffer pages hold 8, 16, 32 or 64 tokens")
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.scoring == "pre-rope"  # the calibration queries' moments
+
 
 @dataclasses.dataclass(frozen=True)
 class FFNMethod:
     """Base of the FFN method configs."""
 
     method: ClassVar[str]
+
+    @property
+    def needs_calibration(self) -> bool:
+        """As AttentionMethod.needs_calibration."""
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +273,10 @@ class Chess(FFNMethod):
             raise ValueError(f"selective={self.selective!r} must be True or False")
         if self.rule not in CHESS_RULES:
             raise ValueError(f"rule={self.rule!r} is not a threshold rule; use one of {list(CHESS_RULES)}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True  # the thresholds
 
 
 ATTENTION_METHODS: dict[str, type[AttentionMethod]] = {"dense": Dense, "antkv": AnTKV, "kivi": KIVI,

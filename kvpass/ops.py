@@ -20,6 +20,13 @@ from torch import Tensor
 from . import runtime as _runtime
 from .methods.base import AttentionSpec
 
+# How the attention op finds its past: decided by the graph rewrite (kvpass.patterns.matchers), baked into each
+# kvpass::attention call as its `mode` argument, read here (the runtime never sees a mode).
+MODE_ONESHOT = 0  # the graph supplies all keys (no cache, or a foreign cache such as HF DynamicCache)
+MODE_CACHED = 1   # keys of the new tokens only; the past is in the runtime (kvpass HF cache)
+MODE_AUTO = 2     # keys of the new tokens only; use the open sequence if any, else behave as one-shot
+MODES = {MODE_ONESHOT: "one-shot", MODE_CACHED: "kvpass-cache", MODE_AUTO: "auto"}
+
 _UNSAFE_FOR_CUDAGRAPHS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
@@ -45,7 +52,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: b
     Returns (B, Hq, Lq, Dv), contiguous."""
     spec = AttentionSpec(scale=float(scale), softcap=float(softcap), window=int(window))
     rt = _runtime.lookup(runtime)
-    return rt.attention(q, k, v, _attend_mask(mask), is_causal, spec, mode, layer, past).contiguous()
+    mask = _attend_mask(mask)
+    if mode == MODE_CACHED or (mode == MODE_AUTO and rt.sequence_kind == "explicit"):
+        out = rt.attend_stored(q, k, v, mask, is_causal, spec, layer, past if mode == MODE_CACHED else None,
+                               MODES[mode])
+    else:
+        out = rt.attend_one_shot(q, k, v, mask, is_causal, spec, layer, MODES[MODE_ONESHOT])
+    return out.contiguous()
 
 
 @attention.register_fake

@@ -1,8 +1,8 @@
 """`kvpass.report(model)`: what the last compile of a model rewrote, and what its cache holds."""
 from __future__ import annotations
 
-from .attach import backend_of
-from .runtime import MODES
+from .backend import backend_of
+from .ops import MODES
 
 
 def report(model) -> dict:

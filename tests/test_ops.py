@@ -4,7 +4,7 @@ import torch
 
 import kvpass
 import kvpass.ffn_ops  # noqa: F401  (registers the FFN ops)
-from kvpass import runtime as rt
+from kvpass.ops import MODE_CACHED, MODE_ONESHOT
 from kvpass.kernels.attention import attention_over_store_reference
 
 
@@ -21,7 +21,7 @@ def _qkv(B=2, Hq=4, Hkv=2, L=5, D=16, seed=0):
 
 def test_attention_opcheck_one_shot(backend):
     q, k, v = _qkv()
-    args = (q, k, v, None, True, 0.25, 0.0, 0, rt.MODE_ONESHOT, backend.runtime.id, 0, 0)
+    args = (q, k, v, None, True, 0.25, 0.0, 0, MODE_ONESHOT, backend.runtime.id, 0, 0)
     torch.library.opcheck(torch.ops.kvpass.attention.default, args)
 
 
@@ -47,7 +47,7 @@ def test_cache_update_schema_and_fake(backend):
 def test_ffn_and_sparse_linear_opcheck(kernels, monkeypatch):
     """Both stateless ops, exact and thresholded, decode-sized and prompt-sized. Under KVPASS_KERNELS=triton on the
     CPU the eager call runs the interpreted kernels while a traced graph takes the dense path
-    (kvpass.kernels_dispatch._decode_sized): those two agree to fp32 summation order (up to 5e-5 absolute over 40
+    (kvpass.kernels_dispatch.decode_sized): those two agree to fp32 summation order (up to 5e-5 absolute over 40
     seeds, measured), beyond opcheck's exact-path tolerance, so there the AOT comparison is left out. On a GPU both
     run the kernels."""
     monkeypatch.setenv("KVPASS_KERNELS", kernels)
@@ -77,7 +77,7 @@ def test_cached_mode_equals_attention_over_everything(backend):
     runtime = backend.runtime
     runtime.begin_sequence(kind="cache")
     q, k, v = _qkv(L=6, seed=1)
-    common = dict(is_causal=True, scale=0.25, softcap=0.0, window=0, mode=rt.MODE_CACHED, runtime=runtime.id, layer=3)
+    common = dict(is_causal=True, scale=0.25, softcap=0.0, window=0, mode=MODE_CACHED, runtime=runtime.id, layer=3)
     first = torch.ops.kvpass.attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], None, past=0, **common)
     last = torch.ops.kvpass.attention(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], None, past=5, **common)
     expected = attention_over_store_reference(q, k, v, scale=0.25, causal=True)
@@ -90,14 +90,14 @@ def test_out_of_sync_cache_is_an_error_not_wrong_numbers(backend):
     runtime.begin_sequence(kind="cache")
     q, k, v = _qkv()
     with pytest.raises(RuntimeError, match="out of sync"):
-        torch.ops.kvpass.attention(q, k, v, None, True, 0.25, 0.0, 0, rt.MODE_CACHED, runtime.id, 0, 7)
+        torch.ops.kvpass.attention(q, k, v, None, True, 0.25, 0.0, 0, MODE_CACHED, runtime.id, 0, 7)
 
 
 def test_new_sequence_drops_all_state(backend):
     runtime = backend.runtime
     runtime.begin_sequence(kind="cache")
     q, k, v = _qkv()
-    torch.ops.kvpass.attention(q, k, v, None, True, 0.25, 0.0, 0, rt.MODE_CACHED, runtime.id, 0, 0)
+    torch.ops.kvpass.attention(q, k, v, None, True, 0.25, 0.0, 0, MODE_CACHED, runtime.id, 0, 0)
     allocated = runtime.allocated_nbytes()
     runtime.begin_sequence(kind="cache")
     # a dense store keeps its buffers for the next sequence (their addresses are what a recorded decode step
@@ -110,14 +110,14 @@ def test_float_mask_with_biases_is_refused(backend):
     q, k, v = _qkv()
     bias = torch.full((1, 1, 5, 5), -1.0)
     with pytest.raises(NotImplementedError, match="biases"):
-        torch.ops.kvpass.attention(q, k, v, bias, False, 0.25, 0.0, 0, rt.MODE_ONESHOT, backend.runtime.id, 0, 0)
+        torch.ops.kvpass.attention(q, k, v, bias, False, 0.25, 0.0, 0, MODE_ONESHOT, backend.runtime.id, 0, 0)
 
 
 def test_storage_dtype_is_honoured():
     backend = kvpass.backend(kvpass.Config(attention=kvpass.Dense(dtype="bfloat16")))
     backend.runtime.begin_sequence(kind="cache")
     q, k, v = _qkv()
-    out = torch.ops.kvpass.attention(q, k, v, None, True, 0.25, 0.0, 0, rt.MODE_CACHED, backend.runtime.id, 0, 0)
+    out = torch.ops.kvpass.attention(q, k, v, None, True, 0.25, 0.0, 0, MODE_CACHED, backend.runtime.id, 0, 0)
     assert out.dtype == torch.float32
     assert backend.runtime.nbytes()["keys"] == 2 * 2 * k.shape[2] * 16 * 2  # bf16, the tokens held
     assert backend.runtime.allocated_nbytes() == 2 * (2 * 2 * 256 * 16 * 2)  # keys and values, capacity 256

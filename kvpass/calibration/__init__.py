@@ -27,6 +27,8 @@ DEFAULT_SEQLEN = 1024
 
 def _calibrator(method):
     """(section name, section params, calibrate function) of a method that needs calibration, else None."""
+    if not needs_calibration(method):
+        return None
     if isinstance(method, AnTKV):
         from . import antkv
 
@@ -35,16 +37,17 @@ def _calibrator(method):
         from . import chess
 
         return chess.section_name(method), chess.section_params(method), chess.calibrate_chess
-    if isinstance(method, WaveIndex) and method.scoring == "pre-rope":
+    if isinstance(method, WaveIndex):
         from . import wave
 
         return wave.section_name(method), wave.section_params(method), wave.calibrate_wave
-    return None
+    raise NotImplementedError(f"{type(method).__name__} says it needs a calibration, and kvpass.calibration has no "
+                              f"calibrator for it")
 
 
 def needs_calibration(method) -> bool:
-    """Whether an attention or FFN method config learns something from calibration text."""
-    return method is not None and _calibrator(method) is not None
+    """Whether an attention or FFN method config learns something from calibration text (the config says)."""
+    return method is not None and method.needs_calibration
 
 
 def calibration_windows(model, tokenizer, text: str | None = None, tokens: int = DEFAULT_TOKENS,
@@ -63,8 +66,8 @@ def calibration_windows(model, tokenizer, text: str | None = None, tokens: int =
         vocab = model.config.get_text_config(decoder=True).vocab_size
         windows = torch.randint(0, vocab, (count, seqlen), generator=generator)
         return windows, {"name": "random-token-ids", "sha256": None, "tokens": count * seqlen, "seqlen": seqlen}
-    from ..eval.ppl import text_windows
     from ..eval.texts import DEFAULT_CALIBRATION
+    from ..eval.windows import text_windows
 
     windows, loaded = text_windows(tokenizer, text or DEFAULT_CALIBRATION, seqlen, count)
     return windows, {"name": loaded.name, "sha256": loaded.sha256, "source": loaded.source,

@@ -16,6 +16,7 @@ from .._progress import progress as _progress
 from ..config import AnTKV
 from ..kernels.coded_attention import rope_rotate
 from ..methods import pq
+from ..methods.antkv import section_name  # the section the store reads
 from ..methods.rope import model_rotations, rotation_tensors
 from .artefact import Calibration
 from .collect import AttentionCall, run_windows
@@ -25,10 +26,6 @@ KMEANS_ITERATIONS = 12
 # Points per layer, KV head and sub-space: 32 per centroid of a 256-entry codebook. More barely moves the
 # codebooks but costs linearly (4-bit codebooks are 2-d: distances to 256 centroids dominate calibration time).
 MAX_POINTS = 8192
-
-
-def section_name(method: AnTKV) -> str:
-    return f"antkv-{method.bits:g}bit" + ("" if method.keys == "pre-rope" else f"-{method.keys}-keys")
 
 
 def section_params(method: AnTKV) -> dict:

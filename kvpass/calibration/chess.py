@@ -26,15 +26,12 @@ import torch.nn.functional as F
 
 from .._progress import progress as _progress
 from ..config import Chess
+from ..methods.chess import section_name  # the section the plan reads
 from ..methods.ffn import ACTIVATIONS
 from .artefact import Calibration
 
 MAX_VALUES = 1 << 22  # per layer and site: 16 MB of fp32 samples, millions per quantile
 PLAIN_MLP_FACTOR = "down-column-norm"
-
-
-def section_name(method: Chess) -> str:
-    return f"chess-{method.sparsity:g}"
 
 
 def section_params(method: Chess) -> dict:

@@ -15,12 +15,9 @@ import torch
 from ..config import WaveIndex
 from ..kernels.coded_attention import rope_rotate
 from ..methods.rope import model_rotations, rotation_tensors
+from ..methods.wave import section_name  # the section the store reads
 from .artefact import Calibration
 from .collect import AttentionCall, run_windows
-
-
-def section_name(method: WaveIndex) -> str:
-    return "wave-pre-rope"
 
 
 def section_params(method: WaveIndex) -> dict:

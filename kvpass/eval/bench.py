@@ -288,11 +288,12 @@ def prefill_point(model, *, batch: int, context: int, seed: int = 0) -> dict:
 
 def prepare(model, path: str, config, *, cudagraphs: bool, inner: str = "inductor"):
     """Compile `model` in place for one path; returns an undo function."""
-    import kvpass
+    from ..attach import compile as compile_model
+    from ..attach import detach
 
     if path == "kvpass":
-        kvpass.compile(model, config, cudagraphs=cudagraphs, inner=inner)
-        return lambda: (kvpass.detach(model), torch._dynamo.reset())
+        compile_model(model, config, cudagraphs=cudagraphs, inner=inner)
+        return lambda: (detach(model), torch._dynamo.reset())
     if path == "hf-static":
         eager_forward = model.forward
         options = dict(mode="reduce-overhead") if cudagraphs else {}

@@ -16,29 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .._progress import progress as _progress
-
-
-def windows(token_ids: torch.Tensor, seqlen: int, max_windows: int) -> torch.Tensor:
-    """token_ids: (T,) -> (K, seqlen), the first K = min(max_windows, T // seqlen) windows."""
-    if seqlen < 2:
-        raise ValueError(f"seqlen={seqlen}: must be at least 2 tokens")
-    if max_windows < 1:
-        raise ValueError(f"max_windows={max_windows}: must be at least 1")
-    count = min(max_windows, token_ids.numel() // seqlen)
-    if count == 0:
-        raise ValueError(f"the text has {token_ids.numel()} tokens, fewer than one window of seqlen={seqlen}; "
-                         f"use a shorter --seqlen or a longer text")
-    return token_ids[: count * seqlen].view(count, seqlen)
-
-
-def text_windows(tokenizer, text, seqlen: int, max_windows: int):
-    """The first windows of a registry text (or .txt file, or an already loaded kvpass.eval.texts.Text), tokenized
-    whole without special tokens: ((K, seqlen) token ids, the loaded Text)."""
-    from .texts import Text, load_text
-
-    loaded = text if isinstance(text, Text) else load_text(text)
-    ids = tokenizer(loaded.text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
-    return windows(ids, seqlen, max_windows), loaded
+from .windows import text_windows, windows  # noqa: F401  (the windows perplexity scores; kvpass.eval.ppl's names)
 
 
 def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:

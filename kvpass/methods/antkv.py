@@ -32,6 +32,11 @@ _MIN_CAPACITY = 256
 _STATS = 4  # sum A, sum A(1-A), sum A |q| |v - o|, visible (query, head) pairs: kvpass.kernels.anchor_scores
 
 
+def section_name(method: AnTKV) -> str:
+    """The calibration section this store reads its codebooks from (kvpass.calibration.antkv writes it)."""
+    return f"antkv-{method.bits:g}bit" + ("" if method.keys == "pre-rope" else f"-{method.keys}-keys")
+
+
 def anchor_score(method: AnTKV, stats: torch.Tensor, key_error: torch.Tensor, value_error: torch.Tensor,
                  scale: float) -> torch.Tensor:
     """Per-token Anchor Score (B, H, n) from the accumulated statistics (4, B, H, n) and the token's own
@@ -55,8 +60,7 @@ class AnTKVStore(LayerStore):
         super().__init__(method, layer, capacity)
         if calibration is None:
             raise RuntimeError("AnTKV needs codebooks: pass Config(calibration=...) or let kvpass calibrate "
-                               "(the runtime resolves it from the model)")
-        from ..calibration.antkv import section_name
+                               "(kvpass.compile resolves it from the model)")
         from .rope import stored_rotation
 
         tensors = calibration.section(section_name(method))

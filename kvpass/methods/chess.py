@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from ..calibration.chess import section_name
 from ..config import Chess
 from ..kernels_dispatch import use_triton
+
+
+def section_name(method: Chess) -> str:
+    """The calibration section of the thresholds (kvpass.calibration.chess writes it)."""
+    return f"chess-{method.sparsity:g}"
 
 
 class ChessPlan:

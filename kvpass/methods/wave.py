@@ -39,6 +39,11 @@ _MIN_CAPACITY = 256
 GRAPH_QUERIES = 1024   # search "graph": prompt query positions per row the cluster graph is built from
 
 
+def section_name(method: WaveIndex) -> str:
+    """The calibration section of the pre-RoPE query moments (kvpass.calibration.wave writes it)."""
+    return "wave-pre-rope"
+
+
 def budgets(method: WaveIndex, clusters: int) -> tuple[int, int]:
     """(retrieved, estimated) clusters of an index of `clusters` clusters."""
     retrieved = min(clusters, math.ceil(method.retrieval * clusters))
@@ -64,9 +69,7 @@ class WaveStore(LayerStore):
         if method.scoring == "pre-rope":
             if calibration is None:
                 raise RuntimeError("WaveIndex(scoring='pre-rope') needs the calibration queries' moments: pass "
-                                   "Config(calibration=...) or let kvpass calibrate (the runtime resolves it)")
-            from ..calibration.wave import section_name
-
+                                   "Config(calibration=...) or let kvpass calibrate (kvpass.compile resolves it)")
             tensors = calibration.section(section_name(method))
             self._codes = PreRopeCodes(tensors[f"layers.{layer}.query_moment"], stored_rotation(tensors, layer),
                                        method.rope_window)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from kvpass.runtime import MODE_AUTO, MODE_CACHED, MODE_ONESHOT
+from kvpass.ops import MODE_AUTO, MODE_CACHED, MODE_ONESHOT
 
 from .graph import is_call, is_method, layer_of, module_path, shape_of, strip_repeat_kv, through_views
 
