@@ -50,7 +50,7 @@ def test_decode_mode_scores_the_tail_through_the_cache():
     got = perplexity(model, batches, decode_tail=tail, progress=False)
     assert got["mode"] == "decode" and got["tokens"] == 3 * tail
     assert got["ppl"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
-    assert kvpass.report(model)["attention_calls"]["kvpass-cache/decode"] == 3 * (tail - 1) * 2
+    assert kvpass.report(model)["attention_calls"]["decode-engine/decode"] == 3 * (tail - 1) * 2
 
 
 def test_length_beyond_the_model_limit_is_refused():

@@ -61,7 +61,8 @@ def test_chess_tensors_are_static_inputs_and_the_ops_are_traced_through(tmp_path
     for gm, inputs, static in seen:
         assert set(range(inputs - added, inputs)) <= set(static)   # CUDA graphs will read them in place
         assert not {"kvpass.ffn.default", "kvpass.sparse_linear.default"} & _targets(gm)
-        assert all(t.startswith("kvpass.attention") or not t.startswith("kvpass") for t in _targets(gm))
+        assert all(t.startswith(("kvpass.attention", "kvpass.decode_attention")) or not t.startswith("kvpass")
+                   for t in _targets(gm))
     for eager, traced in zip(outputs["eager"], outputs["aot_eager"]):
         torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-4)
 
