@@ -5,9 +5,32 @@ from .backend import backend_of
 from .ops import MODES
 
 
-def report(model) -> dict:
+class Report(dict):
+    """kvpass.report's result: a plain dict (JSON-ready) whose text form is one `key: value` line per entry,
+    nested dicts and lists indented below their key, instead of one long line."""
+
+    def __str__(self) -> str:
+        return "\n".join(_lines(self, 0))
+
+
+def _lines(value, depth: int):
+    pad = "  " * depth
+    for key, item in value.items():
+        if isinstance(item, dict) and item:
+            yield f"{pad}{key}:"
+            yield from _lines(item, depth + 1)
+        elif isinstance(item, list) and item:
+            yield f"{pad}{key}:"
+            for entry in item:
+                yield f"{pad}  - {entry}"
+        else:
+            yield f"{pad}{key}: {item}"
+
+
+def report(model) -> Report:
     """A plain dict: sites found and rewritten by the last compiled graph, unmatched sites with reasons,
-    graphs compiled, attention calls by mode, and the bytes the KV cache holds now."""
+    graphs compiled, attention calls by mode, the bytes the KV cache holds now and has allocated, and the decode
+    engine's counts. `print(kvpass.report(model))` shows it one entry per line."""
     backend = backend_of(model)
     base = {"compiled": False, "attention_sites": 0, "ffn_sites": 0, "rewritten": {}, "unmatched": [], "layers": 0,
             "graphs": 0}
@@ -19,7 +42,7 @@ def report(model) -> dict:
                         f"config) or model.compile(backend=kvpass.backend(config)) to compile in place")
         if backend is not None:
             base.update(_runtime_part(backend.runtime))
-        return base
+        return Report(base)
     last = next((r for r in reversed(backend.records) if r.attention_sites), backend.records[-1])
     base.update({
         "compiled": True,
@@ -40,7 +63,7 @@ def report(model) -> dict:
         base["chess"] = {"sparse_ffn_sites": last.sparse_ffn_sites, "sparse_projections": last.sparse_projections,
                          "weight_copy_bytes": plan.nbytes()}
     base.update(_runtime_part(backend.runtime))
-    return base
+    return Report(base)
 
 
 def _runtime_part(runtime) -> dict:

@@ -134,3 +134,15 @@ def test_chunked_prefill_through_hf_prefill_chunk_size_equals_hf():
     assert torch.equal(got, want)
     calls = kvpass.report(model)["attention_calls"]
     assert calls["kvpass-cache/prefill"] == 3 * 2 and calls["decode-engine/decode"] == 7 * 2  # chunks 8, 8, 5
+
+
+def test_report_prints_one_entry_per_line_and_separates_held_from_allocated_bytes():
+    model = FAMILIES["llama"].build()
+    kvpass.compile(model, kvpass.Config(), inner="eager")
+    with torch.no_grad():
+        model.generate(_padded(batch=1, length=6)[0], max_new_tokens=3, do_sample=False)
+    report = kvpass.report(model)
+    text = str(report)
+    assert max(len(line) for line in text.splitlines()) < 200 and "\n  keys: " in text
+    assert "decode_engine:\n  records: 0" in text
+    assert 0 < report["kv_bytes"] < report["kv_bytes_allocated"]   # 8 tokens held, room for 256
