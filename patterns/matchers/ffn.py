@@ -28,8 +28,13 @@ _ELEMENTWISE_FUNCTIONS = {
     operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow,
     torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.pow, torch.tanh, torch.sigmoid, torch.erf,
     torch.relu, F.silu, F.gelu, F.relu, F.sigmoid, torch.nn.functional.gelu,
+    # not among the known activations, but elementwise: an FFN using them is found and refused with its reason
+    torch.square, torch.abs, torch.exp, torch.expm1, torch.log1p, torch.clamp, torch.minimum, torch.maximum,
+    torch.where, F.softplus, F.leaky_relu, F.elu, F.mish, F.hardswish, F.relu6,
 }
-_ELEMENTWISE_METHODS = {"mul", "add", "sub", "div", "neg", "pow", "tanh", "sigmoid", "relu", "to", "float", "type"}
+_ELEMENTWISE_METHODS = {"mul", "add", "sub", "div", "neg", "pow", "tanh", "sigmoid", "relu", "to", "float", "type",
+                        "square", "abs", "exp", "clamp", "clamp_min", "clamp_max"}
+_CASTS = ("to", "float", "type", "half", "bfloat16")
 
 
 @dataclasses.dataclass
@@ -39,6 +44,7 @@ class Projection:
     weight: fx.Node          # as stored (linear: (out, in); addmm: (in, out))
     bias: fx.Node | None
     transposed: bool         # True for Conv1D/addmm
+    grouped: bool = False    # MoE experts: one weight per expert (E, ...), a grouped GEMM over routed tokens
 
 
 @dataclasses.dataclass
@@ -55,13 +61,60 @@ class FFNSite:
 
 
 def projection_of(node) -> Projection | None:
-    """The projection a node computes (`F.linear`, or Conv1D's `addmm`), else None."""
+    """The projection a node computes, else None: `F.linear`; Conv1D's `addmm`; `x @ W.T` (+ bias) with W a weight
+    of the model (Falcon's FalconLinear); or a grouped GEMM of MoE experts over a stacked (E, ...) weight."""
     if is_call(node, F.linear, torch._C._nn.linear):
         bias = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
         return Projection(node, node.args[0], node.args[1], bias, transposed=False)
     if is_call(node, torch.addmm) and not node.kwargs:
         return Projection(node, node.args[1], node.args[2], node.args[0], transposed=True)
+    if is_call(node, operator.add, torch.add) and len(node.args) == 2 and not node.kwargs:
+        for product, bias in (node.args, node.args[::-1]):
+            inner = _weight_matmul(product)
+            if inner is not None and _model_tensor(bias, dims=1):
+                return dataclasses.replace(inner, node=node, bias=bias)
+        return None
+    matmul = _weight_matmul(node)
+    if matmul is not None:
+        return matmul
+    if node.op == "call_function" and "grouped_mm" in str(node.target) and len(node.args) >= 2:
+        weight = _transposed_weight(node.args[1], dims=3)
+        if weight is not None:
+            return Projection(node, node.args[0], weight, None, transposed=False, grouped=True)
     return None
+
+
+def _weight_matmul(node) -> Projection | None:
+    """x @ W.T (or W.t(), W.transpose(-1, -2)) with W a 2-D weight of the model: F.linear written out."""
+    if not (is_call(node, operator.matmul, torch.matmul) and len(node.args) == 2):
+        return None
+    weight = _transposed_weight(node.args[1], dims=2)
+    return None if weight is None else Projection(node, node.args[0], weight, None, transposed=False)
+
+
+def _transposed_weight(node, dims: int):
+    """W for W.T, W.t(), W.transpose(-2, -1) (or (0, 1) in 2-D) where W is a `dims`-D weight of the model."""
+    if is_call(node, getattr) and node.args[1:] in (("T",), ("mT",)):
+        inner = node.args[0]
+    elif is_method(node, "t") or is_call(node, torch.t):
+        inner = node.args[0]
+    elif (is_method(node, "transpose") or is_call(node, torch.transpose)) and \
+            sorted(a % dims if isinstance(a, int) else a for a in node.args[1:3]) == [dims - 2, dims - 1]:
+        inner = node.args[0]
+    else:
+        return None
+    return inner if _model_tensor(inner, dims) else None
+
+
+def _model_tensor(node, dims: int) -> bool:
+    """A parameter or buffer of the model with `dims` dims: what Dynamo lifts to a placeholder, or a get_attr."""
+    if not isinstance(node, fx.Node) or node.op not in ("placeholder", "get_attr"):
+        return False
+    value = node.meta.get("example_value")
+    target = str(node.target)
+    lifted = node.op == "get_attr" or isinstance(value, torch.nn.Parameter) or "_parameters_" in target or \
+        "_buffers_" in target
+    return lifted and isinstance(value, torch.Tensor) and value.dim() == dims
 
 
 def _is_elementwise(node: fx.Node) -> bool:
@@ -78,7 +131,7 @@ def _activation_region(top: fx.Node):
         node = todo.pop()
         if node in region:
             continue
-        if not _is_elementwise(node):
+        if not _is_elementwise(node) or projection_of(node) is not None:  # a biased x @ W.T + b ends in an add
             sources.add(node)
             continue
         region.add(node)
@@ -135,8 +188,9 @@ def _chunk_half(node):
 
 def match_ffn(node: fx.Node) -> FFNSite | Mismatch | None:
     down = projection_of(node)
-    if down is None:
-        return None
+    if down is None or any(projection_of(user) is not None for user in node.users if user.op == "call_function"
+                           and user.target in (operator.add, torch.add)):
+        return None  # x @ W.T whose bias is added next: the add is the site
     top = through_views(down.x)
     layer = layer_of(node)
     if not isinstance(top, fx.Node) or not _is_elementwise(top):
@@ -149,10 +203,14 @@ def match_ffn(node: fx.Node) -> FFNSite | Mismatch | None:
         act = _classify(*found)
         if act == "identity":
             return None  # two projections in a row (a low-rank factorisation), not an FFN
+        if up.grouped or down.grouped:
+            return _experts(node, down, f"mlp-{act or 'unknown activation'}")
         if act is None:
             return Mismatch(node, "the activation between the projections is none of " + ", ".join(ACTIVATIONS))
         variant = ("conv1d-mlp-" if down.transposed else "mlp-") + act
         return FFNSite(variant, node, up.x, up, down, None, False, act, layer)
+    while is_method(top, *_CASTS):  # experts cast the gated product to the weights' dtype
+        top = through_views(top.args[0])
     if not (is_call(top, operator.mul, torch.mul) and all(isinstance(a, fx.Node) for a in top.args[:2])):
         return None
     branches = [_branch(a) for a in top.args[:2]]
@@ -169,12 +227,23 @@ def match_ffn(node: fx.Node) -> FFNSite | Mismatch | None:
         variant, fused = "glu-", None
     else:
         return None  # a product of other things (e.g. a norm's weight times its input)
+    if down.grouped or (fused or up).grouped:
+        return _experts(node, down, variant + (act_a if act_b == "identity" and act_a else "unknown activation"))
     if act_b != "identity" or act_a in (None, "identity"):
         return Mismatch(node, f"gated FFN whose branches compute {act_a!r} and {act_b!r}; expected one of "
                               f"{', '.join(ACTIVATIONS)} on the gate and a plain up projection")
     if fused is not None:
         return FFNSite(variant + act_a, node, fused.x, fused, down, None, True, act_a, layer)
     return FFNSite(variant + act_a, node, up.x, up, down, gate, False, act_a, layer)
+
+
+def _experts(node: fx.Node, down: Projection, form: str) -> Mismatch:
+    """MoE experts, found and refused with the reason: the grouped GEMM stays as the model wrote it (Inductor)."""
+    shape = shape_of(down.weight)
+    experts = f"{shape[0]} experts" if shape else "experts"
+    return Mismatch(node, f"MoE experts ({experts}, {form}, a grouped GEMM over the routed tokens): found, left to "
+                          f"the inner compiler; kvpass::ffn and CHESS's kernels take one dense FFN, and CHESS has no "
+                          f"per-expert thresholds")
 
 
 def find_ffn(graph: fx.Graph) -> tuple[list[FFNSite], list[Mismatch]]:
