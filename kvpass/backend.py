@@ -122,6 +122,13 @@ class Backend:
                                  root=root, explain=explained_nodes(), plan=self.runtime.chess_plan(),
                                  example_inputs=example_inputs, captured_decode=self.runtime.static_decode)
         self.records.append(record)
+        if record.decode_needs_hf_mask and self.runtime.static_decode:
+            # HF's own attention runs somewhere in this model and reads HF's mask in decode: the decode engine,
+            # which passes no mask, stands aside from now on (graphs compiled later keep kvpass::attention).
+            self.runtime.static_decode = False
+            if self.engine is not None:
+                self.engine.stand_aside("an attention site is left as the model wrote it (or reads the kvpass cache "
+                                        "unfused) and needs HF's mask, which the decode engine does not pass")
         logger.info("compile %d (%d nodes):\n%s", len(self.records), record.nodes, record.table())
         self._check(record, misses)
         return self._inner(gm, example_inputs)

@@ -51,10 +51,11 @@ class DecodeEngine:
         self._pool_version = runtime.pool_version
         self.counts = collections.Counter()  # "records", "replays", "eager", "dropped" (stale recordings)
         self.not_captured: str | None = None  # why steps run eagerly (None while capture works or is untried)
+        self.standing_aside: str | None = None  # why the engine drives no step at all (every call passes through)
 
     # -- the call ------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        step = self._decode_step(args, kwargs)
+        step = self._decode_step(args, kwargs) if self.standing_aside is None else None
         if step is None:
             return self.compiled_call(*args, **kwargs)
         self.runtime.begin_decode_step()
@@ -133,8 +134,14 @@ class DecodeEngine:
         self.counts["records"] += 1
         return _Recording(graph, static_ids, static_positions, output)
 
+    def stand_aside(self, reason: str) -> None:
+        """Drive no more steps: every call goes to the compiled call as it comes (HF's mask included)."""
+        self.standing_aside = reason
+        self.recordings.clear()
+
     # -- reporting -----------------------------------------------------------------------------------------
     def report(self) -> dict:
         return {"records": self.counts["records"], "replays": self.counts["replays"],
                 "eager_steps": self.counts["eager"], "stale_recordings_dropped": self.counts["dropped"],
-                "captured": self.counts["records"] > 0 and self.not_captured is None, "not_captured": self.not_captured}
+                "captured": self.counts["records"] > 0 and self.not_captured is None and self.standing_aside is None,
+                "not_captured": self.not_captured, "standing_aside": self.standing_aside}

@@ -15,7 +15,7 @@ from torch import fx
 
 from kvpass import ffn_ops  # noqa: F401  (registers torch.ops.kvpass.ffn and sparse_linear, which the rewrite emits)
 from kvpass.graph_inputs import add_tensor
-from kvpass.ops import MODES
+from kvpass.ops import MODE_CACHED, MODES
 from kvpass.patterns.matchers import (Mismatch, find_attention, find_ffn, find_projections, is_decode_step, module_path,
                                      real_values, rewrite_attention, rewrite_ffn, rewrite_projection)
 
@@ -38,6 +38,7 @@ class Record:
     unmatched_ffn: list[str] = dataclasses.field(default_factory=list)
     nodes: int = 0
     captured_decode_sites: int = 0   # decode steps given kvpass::decode_attention (replayable, kvpass.engine)
+    decode_needs_hf_mask: bool = False  # an attention left as HF wrote it (or reading the cache unfused) is here
 
     @property
     def unmatched(self) -> list[str]:
@@ -87,7 +88,9 @@ def rewrite(gm: fx.GraphModule, runtime_id: int, rewrite_ffn_sites: bool, root: 
             captured_decode: bool = False) -> tuple[Record, list[Mismatch]]:
     """Rewrite `gm` in place. Returns the record and the mismatches (for warnings and explanations).
 
-    captured_decode: decode-step sites become kvpass::decode_attention (the runtime's decode engine drives them).
+    captured_decode: decode-step sites become kvpass::decode_attention (the runtime's decode engine drives them),
+    unless an attention of the graph stays unrewritten or a cache update stays unfused: HF's own attention then
+    runs and needs HF's mask, which the engine does not pass (Record.decode_needs_hf_mask says so).
 
     plan: None, or the runtime's kvpass.methods.chess.ChessPlan: FFN sites of calibrated layers become thresholded
     and, when selective, so do the query/output projections; example_inputs: the real inputs of gm's placeholders,
@@ -104,6 +107,10 @@ def rewrite(gm: fx.GraphModule, runtime_id: int, rewrite_ffn_sites: bool, root: 
         projections, projection_misses = find_projections(attention)
         ffn_misses += projection_misses
     values = real_values(gm, example_inputs) if plan is not None else {}
+    updates = sum(1 for node in graph.nodes if node.op == "call_function"
+                  and node.target in (torch.ops.kvpass.cache_update, torch.ops.kvpass.cache_update.default))
+    record.decode_needs_hf_mask = bool(attention_misses) or updates > sum(site.mode == MODE_CACHED for site in attention)
+    captured_decode = captured_decode and not record.decode_needs_hf_mask
 
     for site in attention:
         record.found[site.variant] += 1

@@ -146,3 +146,24 @@ def test_report_prints_one_entry_per_line_and_separates_held_from_allocated_byte
     assert max(len(line) for line in text.splitlines()) < 200 and "\n  keys: " in text
     assert "decode_engine:\n  records: 0" in text
     assert 0 < report["kv_bytes"] < report["kv_bytes_allocated"]   # 8 tokens held, room for 256
+
+
+def test_the_engine_stands_aside_when_an_attention_stays_as_the_model_wrote_it():
+    """Falcon with ALiBi: its attention is refused (an additive bias), so HF's own attention runs in decode and needs
+    HF's mask, which the engine does not pass: the engine passes every call through, and the tokens are HF's."""
+    import copy
+    import warnings
+
+    from families import build_tiny
+
+    reference = build_tiny("falcon", alibi=True)
+    model = copy.deepcopy(reference)
+    ids, mask = _padded(batch=2, length=9)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = reference.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        kvpass.compile(model, kvpass.Config(), inner="eager")
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+    engine = kvpass.report(model)["decode_engine"]
+    assert engine["eager_steps"] == 0 and "needs HF's mask" in engine["standing_aside"]
