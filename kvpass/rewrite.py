@@ -18,6 +18,7 @@ from kvpass.graph_inputs import add_tensor
 from kvpass.ops import MODE_CACHED, MODES
 from kvpass.patterns.matchers import (Mismatch, find_attention, find_ffn, find_projections, is_decode_step, module_path,
                                      real_values, rewrite_attention, rewrite_ffn, rewrite_projection)
+from kvpass.patterns.matchers.effects import eliminate_dead_code
 
 __all__ = ["Record", "rewrite"]
 
@@ -151,7 +152,9 @@ def rewrite(gm: fx.GraphModule, runtime_id: int, rewrite_ffn_sites: bool, root: 
         record.rewritten[name] += 1
         record.sparse_projections += 1
 
-    graph.eliminate_dead_code()  # drops replaced sites and the cache updates fused into kvpass::attention
+    # drops replaced sites and the cache updates fused into kvpass::attention, keeping in-place writes whose
+    # result nothing reads (MLA's key copies, a router's scatter_): FX's own pass would drop those too
+    eliminate_dead_code(graph)
     for node in graph.nodes:  # cache updates no attention site consumed: correct, but the past is copied
         if node.op == "call_function" and node.target in (torch.ops.kvpass.cache_update, torch.ops.kvpass.cache_update.default):
             attention_misses.append(Mismatch(node, "kvpass cache update not fused into an attention op (the attention that "

@@ -165,11 +165,6 @@ def test_keys_built_in_place_are_matched_and_exact():
     assert backend.records[0].rewritten == {"sdpa": 1}
 
 
-@pytest.mark.xfail(strict=True, reason="kvpass/rewrite.py (and calibration/recording.py) call graph.eliminate_dead_code() "
-                                       "without is_impure_node, so an in-place write whose result is unused is dropped "
-                                       "(DeepSeek-V3's router scatter_, GPT-OSS's expert bias add_). Fix: "
-                                       "eliminate_dead_code(graph) from kvpass.patterns.matchers.effects, not wired in "
-                                       "yet (rewrite.py is not this change's file)")
 def test_the_rewrite_keeps_in_place_writes():
     inputs, model = _in_place_inputs(), Layers(InPlaceBias())
     with torch.no_grad():

@@ -10,6 +10,7 @@ from torch import fx
 
 from kvpass import ffn_ops  # noqa: F401  (registers torch.ops.kvpass.ffn and sparse_linear, the nodes rewritten here)
 from kvpass.patterns.matchers import find_attention, find_ffn, find_projections, rewrite_ffn, rewrite_projection
+from kvpass.patterns.matchers.effects import eliminate_dead_code
 
 
 def recording_backend(recorder):
@@ -26,7 +27,7 @@ def recording_backend(recorder):
         for site in projections:
             node = rewrite_projection(graph, site, 0.0)
             node.target, node.args = recorder.projection, (*node.args, site.kind, site.layer)
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph)  # keeps in-place writes (kvpass.patterns.matchers.effects)
         gm.recompile()
         return gm.forward
 
