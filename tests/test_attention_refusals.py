@@ -103,9 +103,11 @@ class BloomStyle(nn.Module):
 
     def forward(self, q, k, v):
         bias = _alibi(L).expand(B, H, 1, L).reshape(B * H, 1, L)
-        scores = torch.baddbmm(bias, q.reshape(B * H, L, D), k.reshape(B * H, L, D).transpose(1, 2), beta=1.0,
-                               alpha=0.3)
-        probs = F.softmax(scores, dim=-1)
+        scores = bias.baddbmm(batch1=q.reshape(B * H, L, D), batch2=k.reshape(B * H, L, D).transpose(1, 2), beta=1.0,
+                              alpha=0.3)
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        probs = F.softmax(scores.view(B, H, L, L) + torch.zeros(L, L).masked_fill(~causal, -1e9), dim=-1)
+        probs = probs.view(B * H, L, L)
         return torch.bmm(probs, v.reshape(B * H, L, D)).view(B, H, L, D)
 
 

@@ -154,8 +154,9 @@ def match_eager(node: fx.Node, layer: int) -> AttentionSite | Mismatch | None:
         if bias is not None:
             return Mismatch(node, _bias_reason("the attention logits", bias))
     logits = scores[0]
-    if is_method(logits, "baddbmm") or is_call(logits, torch.baddbmm):
-        added = logits.kwargs.get("input", logits.args[0] if logits.args else None)
+    product = through_views(logits)
+    if is_method(product, "baddbmm") or is_call(product, torch.baddbmm):
+        added = product.kwargs.get("input", product.args[0] if product.args else None)
         bias = _additive_bias(added)
         if bias is not None:
             return Mismatch(node, _bias_reason("baddbmm's input (added to q @ k^T)", bias))
