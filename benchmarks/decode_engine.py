@@ -16,9 +16,7 @@ batch = each row alone, are tests/test_cuda.py.)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 
 import torch
 
@@ -37,31 +35,20 @@ def _replay_ms(graph) -> float:
     return do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
 
 
-def _stepper_gpu_ms(name, model, backend, peers) -> float | None:
+def _gpu_ms(name, step, backend) -> float | None:
     """GPU time of one step: its recorded CUDA graph replayed back to back (no host work between replays)."""
     if name == "kvpass":
         recordings = backend.engine.recordings
         return _replay_ms(next(iter(recordings.values())).graph) if recordings else None
-    graph = peers[-1]._graph if peers else None
-    return None if graph is None else _replay_ms(graph)
+    return None if step.peer._graph is None else _replay_ms(step.peer._graph)
 
 
 def speed(points, steps: int, warmup: int) -> list[dict]:
-    from kvpass.eval import peer as peer_module
-
     model = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")[0]
     kvpass.compile(model, DENSE)
     backend = backend_of(model)
     device = torch.device("cuda")
     bandwidth = bench.measured_bandwidth(device)
-    peers = []  # the PeerDecoder of the current point, to replay its graph
-    original = peer_module.PeerDecoder.__init__
-
-    def remember(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        peers.append(self)
-
-    peer_module.PeerDecoder.__init__ = remember
     rows = []
     for batch, context in points:
         torch.cuda.empty_cache()
@@ -78,25 +65,18 @@ def speed(points, steps: int, warmup: int) -> list[dict]:
         for names in groups:
             steppers = {name: bench.decode_stepper(model, name, batch=batch, context=context, capacity=capacity)
                         for name in names}
-            for _ in range(warmup):
-                for step in steppers.values():
-                    step()
-            times = {name: [] for name in names}
-            for _ in range(steps):  # interleaved when both are here: host drift hits both alike
-                for name, step in steppers.items():
-                    times[name].append(bench.timed_step(step, device))
-            for name in names:
-                seconds = statistics.median(times[name])
-                gpu_ms = _stepper_gpu_ms(name, model, backend, peers)
-                row[name] = {"step_ms": 1e3 * seconds, "tokens_per_s": batch / seconds, "gpu_ms_replayed": gpu_ms,
-                             "gpu_busy": None if gpu_ms is None else gpu_ms / (1e3 * seconds),
-                             "step_ms_all": [1e3 * t for t in times[name]]}
+            times = bench.interleave(steppers, device, steps=steps, warmup=warmup)
+            for name, seconds in times.items():
+                median = statistics.median(seconds)
+                gpu_ms = _gpu_ms(name, steppers[name], backend)
+                row[name] = {"step_ms": 1e3 * median, "tokens_per_s": batch / median, "gpu_ms_replayed": gpu_ms,
+                             "gpu_busy": None if gpu_ms is None else gpu_ms / (1e3 * median),
+                             "step_ms_all": [1e3 * t for t in seconds]}
             if "kvpass" in names:
                 report = kvpass.report(model)
                 row.update(kv_bytes_by_part=report["kv_bytes_by_part"], decode_engine=report["decode_engine"],
                            graphs_compiled=len(backend.records) - graphs_before)
             steppers.clear()
-            peers.clear()
             if not together and "kvpass" in names:
                 backend.runtime.release()  # the peer's cache needs the room
             torch.cuda.empty_cache()
@@ -108,7 +88,6 @@ def speed(points, steps: int, warmup: int) -> list[dict]:
               f"{row['peer']['tokens_per_s']:.1f} tok/s ({row['peer']['step_ms']:.2f} ms, GPU "
               f"{row['peer']['gpu_ms_replayed'] or float('nan'):.2f} ms) | ratio {row['kvpass_over_peer']:.3f} | "
               f"interleaved {together} | engine {row['decode_engine']} | compiles {row['graphs_compiled']}", flush=True)
-    peer_module.PeerDecoder.__init__ = original
     return rows
 
 

@@ -63,8 +63,9 @@ class DecodeEngine:
             output = self._run(*step)
         finally:
             self.runtime.end_decode_step()
+            held = self.runtime.tokens_held()
             for layer in step[2].layers:  # HF's counters, which a replay (or a recording) does not advance
-                layer.seen = self.runtime.tokens_held()
+                layer.seen = held
         return output
 
     def _decode_step(self, args, kwargs):
@@ -86,29 +87,10 @@ class DecodeEngine:
         return ids, positions, cache, name, steps
 
     def _run(self, ids, positions, cache, name, steps):
-        if not self.capture or not ids.is_cuda or self.not_captured is not None:
-            if self.not_captured is None:
-                self.not_captured = ("capture is off (kvpass.compile(..., capture=False) or Inductor's cudagraphs=True)"
-                                     if not self.capture else "CUDA graphs need the model on a CUDA device")
+        recording = self._recording_for(ids, positions, cache, name, steps)
+        if recording is None:
             self.counts["eager"] += 1
             return self.compiled_call(input_ids=ids, position_ids=positions, **{name: cache}, **steps)
-        if self._pool_version != self.runtime.pool_version:  # a buffer the recordings read was reallocated
-            self.counts["dropped"] += len(self.recordings)
-            self.recordings.clear()
-            self._eager_steps.clear()
-            self._pool_version = self.runtime.pool_version
-        key = (ids.shape[0], name, tuple(sorted((k, repr(v)) for k, v in steps.items())))
-        recording = self.recordings.get(key)
-        if recording is None:
-            if self._eager_steps[key] < _WARMUP_STEPS:
-                self._eager_steps[key] += 1
-                self.counts["eager"] += 1
-                return self.compiled_call(input_ids=ids, position_ids=positions, **{name: cache}, **steps)
-            recording = self._record(ids, positions, cache, name, steps)
-            if recording is None:
-                self.counts["eager"] += 1
-                return self.compiled_call(input_ids=ids, position_ids=positions, **{name: cache}, **steps)
-            self.recordings[key] = recording
         recording.input_ids.copy_(ids)
         recording.position_ids.copy_(positions)
         recording.graph.replay()
@@ -116,6 +98,29 @@ class DecodeEngine:
         output = copy.copy(recording.output)
         output["logits"] = recording.output.logits.clone()  # the next replay rewrites the recorded logits
         return output
+
+    def _recording_for(self, ids, positions, cache, name, steps) -> _Recording | None:
+        """The recording that replays this step, made now if its warm-up is over; None: run the step eagerly."""
+        if not self.capture or not ids.is_cuda or self.not_captured is not None:
+            if self.not_captured is None:
+                self.not_captured = ("capture is off (kvpass.compile(..., capture=False) or Inductor's cudagraphs=True)"
+                                     if not self.capture else "CUDA graphs need the model on a CUDA device")
+            return None
+        if self._pool_version != self.runtime.pool_version:  # a buffer the recordings read was reallocated
+            self.counts["dropped"] += len(self.recordings)
+            self.recordings.clear()
+            self._eager_steps.clear()
+            self._pool_version = self.runtime.pool_version
+        key = (ids.shape[0], name, tuple(sorted((k, repr(v)) for k, v in steps.items())))
+        if key not in self.recordings:
+            if self._eager_steps[key] < _WARMUP_STEPS:
+                self._eager_steps[key] += 1
+                return None
+            recording = self._record(ids, positions, cache, name, steps)
+            if recording is None:
+                return None
+            self.recordings[key] = recording
+        return self.recordings[key]
 
     def _record(self, ids, positions, cache, name, steps) -> _Recording | None:
         """Record one decode step (recording runs no kernel: the caller replays it). None, with the reason kept,

@@ -129,6 +129,8 @@ class Runtime:
         if past is not None:
             self.check_past(store, past)
         self.append(layer, k, v, mask)
+        if self.static_decode and mask is not None:
+            self._check_window(layer, mask, spec.window, store.length)
         self.calls[(mode, "prefill" if q.shape[2] > 1 else "decode")] += 1
         return store.attend(q, mask, is_causal, spec)
 

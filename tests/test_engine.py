@@ -7,7 +7,7 @@ import torch
 
 import kvpass
 from kvpass.attach import backend_of
-from kvpass.cache import KVCache, cache_argument
+from kvpass.cache import cache_argument
 from kvpass.eval.peer import PeerDecoder
 
 from families import FAMILIES
@@ -119,7 +119,6 @@ def test_a_new_batch_size_reallocates_and_bumps_the_pool_version():
         ids, mask = _padded(batch=2)
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert runtime.pool_version > version
-    assert isinstance(KVCache(model), KVCache)
 
 
 def test_chunked_prefill_through_hf_prefill_chunk_size_equals_hf():

@@ -123,3 +123,18 @@ def test_storage_dtype_is_honoured():
     assert backend.runtime.allocated_nbytes() == 2 * (2 * 2 * 256 * 16 * 2)  # keys and values, capacity 256
     expected = attention_over_store_reference(q, k.bfloat16(), v.bfloat16(), scale=0.25, causal=True)
     torch.testing.assert_close(out, expected)
+
+
+def test_a_prefill_mask_the_decode_step_would_not_reproduce_is_refused(backend):
+    """Under the decode engine a decode step reads no HF mask, only valid slots + causal + the site's window: a
+    prefill whose mask says more (here a 3-token window the site does not know) is refused, not decoded wrong."""
+    runtime = backend.runtime
+    runtime.static_decode = True
+    q, k, v = _qkv(L=6)
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    windowed = ((j <= i) & (j > i - 3))[None, None]
+    runtime.begin_sequence(kind="cache")
+    torch.ops.kvpass.attention(q, k, v, windowed, False, 0.25, 0.0, 3, MODE_CACHED, runtime.id, 0, 0)  # window known
+    runtime.begin_sequence(kind="cache")
+    with pytest.raises(NotImplementedError, match="layer 0's attention mask"):
+        torch.ops.kvpass.attention(q, k, v, windowed, False, 0.25, 0.0, 0, MODE_CACHED, runtime.id, 0, 0)

@@ -98,6 +98,14 @@ def _fill_kvpass_cache(cache, model, batch, context, generator) -> None:
         cache.layers[layer].seen = context
 
 
+def _random_prompt(model, batch: int, context: int, seed: int) -> torch.Tensor:
+    """(batch, context) random token ids on the model's device."""
+    device = next(model.parameters()).device
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    return torch.randint(0, vocab, (batch, context), device=device,
+                         generator=torch.Generator(device=device).manual_seed(seed))
+
+
 def _synchronize(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -120,7 +128,12 @@ def decode_stepper(model, path: str, *, batch: int, context: int, capacity: int,
         peer = PeerDecoder(model, batch=batch, capacity=capacity)
         peer.fill(context, generator)
         peer_token = torch.randint(0, vocab, (batch, 1), device=device, generator=generator)
-        return lambda: peer.step(peer_token)
+
+        def step():
+            return peer.step(peer_token)
+
+        step.peer = peer  # its recorded CUDA graph, for the GPU time of one step
+        return step
     if path == "kvpass":
         cache = KVCache(model, capacity=capacity)
         _fill_kvpass_cache(cache, model, batch, context, generator)
@@ -160,66 +173,59 @@ def decode_point(model, path: str, *, batch: int, context: int, steps: int, warm
         torch.cuda.reset_peak_memory_stats()
     step = decode_stepper(model, path, batch=batch, context=context, capacity=context + warmup + steps + 1,
                           seed=seed)
-    for _ in range(warmup):  # compiles, and lets Triton specialise on the positions' divisibility
-        step()
-    seconds = statistics.median([timed_step(step, device) for _ in range(steps)])  # a late compile must not count
+    # the warm-up compiles (and lets Triton specialise on the positions' divisibility): no compile is timed
+    seconds = statistics.median(interleave({path: step}, device, steps=steps, warmup=warmup)[path])
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return {"path": path, "batch": batch, "context": context, "step_ms": seconds * 1e3,
             "tokens_per_s": batch / seconds, "peak_gib": None if peak is None else peak / 2**30}
 
 
+def interleave(steppers: dict, device, *, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Run `warmup` then `steps` rounds of every stepper in turn, A B A B ..., timing each step: a host-bound
+    step's time follows the CPU's speed, which drifts by up to 2x within one process (benchmarks/results/
+    probe-decode-step-times-20261124.txt), so back-to-back runs would compare drifts. Returns seconds per step."""
+    for _ in range(warmup):
+        for step in steppers.values():
+            step()
+    times = {name: [] for name in steppers}
+    for _ in range(steps):
+        for name, step in steppers.items():
+            times[name].append(timed_step(step, device))
+    return times
+
+
+def _interleaved_row(path: str, batch: int, context: int, seconds: list[float]) -> dict:
+    median = statistics.median(seconds)
+    return {"path": path, "batch": batch, "context": context, "step_ms": 1e3 * median,
+            "tokens_per_s": batch / median, "step_ms_all": [1e3 * x for x in seconds]}
+
+
 def interleaved_decode(models: dict, path: str, *, batch: int, context: int, steps: int, warmup: int = 8,
                        seed: int = 0) -> dict[str, dict]:
     """Decode steps of several prepared models (one per configuration, e.g. {"dense": a, "chess": b}) taken in
-    turn, A B A B ..., so that every configuration sees the same host and device conditions: a host-bound step's
-    time follows the CPU's speed, which drifts by up to 2x within one process (benchmarks/results/
-    probe-decode-step-times-20261124.txt), and back-to-back runs would compare those drifts. Returns, per name,
-    the row decode_point would give plus `step_ms_all` (every step) and, against the first model,
-    `paired_speedup`: the median over steps of first-model time / this model's time in the same round."""
+    turn (`interleave`). Returns, per name, the row decode_point would give plus `step_ms_all` (every step) and,
+    against the first model, `paired_speedup`: the median over steps of first-model time / this model's time in
+    the same round."""
     device = next(next(iter(models.values())).parameters()).device
     steppers = {name: decode_stepper(model, path, batch=batch, context=context,
                                      capacity=context + warmup + steps + 1, seed=seed)
                 for name, model in models.items()}
-    for _ in range(warmup):
-        for step in steppers.values():
-            step()
-    times = {name: [] for name in models}
-    for _ in range(steps):
-        for name, step in steppers.items():
-            times[name].append(timed_step(step, device))
+    times = interleave(steppers, device, steps=steps, warmup=warmup)
     first = times[next(iter(models))]
-    rows = {}
-    for name, t in times.items():
-        seconds = statistics.median(t)
-        rows[name] = {"path": path, "batch": batch, "context": context, "step_ms": 1e3 * seconds,
-                      "tokens_per_s": batch / seconds, "step_ms_all": [1e3 * x for x in t],
-                      "paired_speedup": statistics.median(a / b for a, b in zip(first, t))}
-    return rows
+    return {name: {**_interleaved_row(path, batch, context, t),
+                   "paired_speedup": statistics.median(a / b for a, b in zip(first, t))} for name, t in times.items()}
 
 
 def interleaved_paths(model, paths, *, batch: int, context: int, steps: int, warmup: int = 8, seed: int = 0) -> dict:
     """Decode steps of several paths over ONE prepared model (kvpass and the peer coexist: the peer reuses the
-    model's modules, not its compiled call), taken in turn A B A B ... so host drift hits all alike. Returns, per
-    path, the row decode_point would give plus `step_ms_all`."""
+    model's modules, not its compiled call), taken in turn (`interleave`). Returns, per path, the row decode_point
+    would give plus `step_ms_all`."""
     device = next(model.parameters()).device
-    capacity = context + warmup + steps + 1
-    steppers = {path: decode_stepper(model, path, batch=batch, context=context, capacity=capacity, seed=seed)
-                for path in paths}
-    for _ in range(warmup):
-        for step in steppers.values():
-            step()
-    times = {path: [] for path in paths}
-    for _ in range(steps):
-        for path, step in steppers.items():
-            times[path].append(timed_step(step, device))
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    rows = {}
-    for path, t in times.items():
-        seconds = statistics.median(t)
-        rows[path] = {"path": path, "batch": batch, "context": context, "step_ms": 1e3 * seconds,
-                      "tokens_per_s": batch / seconds, "step_ms_all": [1e3 * x for x in t],
-                      "peak_gib": None if peak is None else peak / 2**30}
-    return rows
+    steppers = {path: decode_stepper(model, path, batch=batch, context=context, capacity=context + warmup + steps + 1,
+                                     seed=seed) for path in paths}
+    times = interleave(steppers, device, steps=steps, warmup=warmup)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {path: {**_interleaved_row(path, batch, context, t), "peak_gib": peak} for path, t in times.items()}
 
 
 def generate_point(model, *, context: int, new_tokens: int, seed: int = 0) -> dict:
@@ -227,9 +233,7 @@ def generate_point(model, *, context: int, new_tokens: int, seed: int = 0) -> di
     through `model` as prepared (e.g. kvpass.compile). Times a 1-token generate (the prefill) and a full one, each
     after a warm-up generate that compiles and records; decode tok/s = (new_tokens - 1) / (full - prefill)."""
     device = next(model.parameters()).device
-    vocab = model.config.get_text_config(decoder=True).vocab_size
-    ids = torch.randint(0, vocab, (1, context), device=device,
-                        generator=torch.Generator(device=device).manual_seed(seed))
+    ids = _random_prompt(model, 1, context, seed)
     seconds = {}
     with torch.no_grad():
         model.generate(ids, max_new_tokens=8, do_sample=False)
@@ -252,9 +256,7 @@ def sdpa_prefill_seconds(model, *, context: int, seed: int = 0, repeats: int = 3
     """Best of `repeats` uncompiled HF forwards (the model's own SDPA attention) over a random prompt: the prefill
     kvpass's is compared with. model.forward bypasses model.compile (which wraps only __call__)."""
     device = next(model.parameters()).device
-    vocab = model.config.get_text_config(decoder=True).vocab_size
-    ids = torch.randint(0, vocab, (1, context), device=device,
-                        generator=torch.Generator(device=device).manual_seed(seed))
+    ids = _random_prompt(model, 1, context, seed)
     best = float("inf")
     with torch.no_grad():
         for _ in range(repeats):
@@ -269,9 +271,7 @@ def sdpa_prefill_seconds(model, *, context: int, seed: int = 0, repeats: int = 3
 def prefill_point(model, *, batch: int, context: int, seed: int = 0) -> dict:
     """One prefill of `context` tokens through `model` as it is (compiled or not): tokens/s and peak memory."""
     device = next(model.parameters()).device
-    vocab = model.config.get_text_config(decoder=True).vocab_size
-    ids = torch.randint(0, vocab, (batch, context), device=device,
-                        generator=torch.Generator(device=device).manual_seed(seed))
+    ids = _random_prompt(model, batch, context, seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():

@@ -6,7 +6,7 @@ fp16 step at that context must read, plus the few slots not yet written); the st
 replayed from one CUDA graph. It reuses the model's own modules (embedding, norms, projections, MLP, rotary
 embedding, LM head), so it runs Llama-style decoders (q/k/v/o projections, pre-norm residual blocks, RoPE).
 Its logits equal the model's own only when the cache is exactly full (no unwritten slot); the benchmark uses it
-for time, and tests/test_peer.py checks it at that point.
+for time, and tests/test_engine.py checks it at that point.
 """
 from __future__ import annotations
 

@@ -90,6 +90,8 @@ class DenseStore(LayerStore):
         return True
 
     def reserve(self, length: int) -> bool:
+        if length <= self.capacity:  # every decode step asks: answer without building views
+            return False
         return self._allocate(self._k[:, :, :0], self._v[:, :, :0], length)
 
     def decode(self, q, k, v, spec: AttentionSpec, slot, valid):
