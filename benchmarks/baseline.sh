@@ -3,11 +3,12 @@
 # image); CPU part: accuracy of the real model (runs anywhere, a few minutes on 2 cores).
 #   bash benchmarks/baseline.sh gpu-decode     # Llama-3-8B shape, random bf16 weights
 #   bash benchmarks/baseline.sh cpu-accuracy   # smollm2-135m dense perplexity + passkey
+#   bash benchmarks/baseline.sh gpu-engine-check|gpu-engine-speed|gpu-engine-e2e   # the decode engine (issue 19)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT_DIR:-benchmarks/results}
 KVPASS=${KVPASS:-kvpass}
-case "${1:?usage: baseline.sh gpu-decode|gpu-static|cpu-accuracy}" in
+case "${1:?usage: baseline.sh gpu-decode|gpu-static|gpu-engine-check|gpu-engine-speed|gpu-engine-e2e|cpu-accuracy}" in
   gpu-decode)
     $KVPASS bench decode --model random:llama:8b --dtype bfloat16 --batch 1 --context 4096 32768 131072 \
       --steps 20 --paths kvpass hf-eager --prefill-max 4096 --out "$OUT"
@@ -20,6 +21,12 @@ case "${1:?usage: baseline.sh gpu-decode|gpu-static|cpu-accuracy}" in
       --steps 20 --paths hf-static --cudagraphs --out "$OUT"
     $KVPASS bench decode --model random:llama:8b --dtype bfloat16 --batch 8 --context 32768 \
       --steps 20 --paths hf-static --cudagraphs --out "$OUT" ;;
+  gpu-engine-check)
+    python -m pytest -q -p no:cacheprovider tests/test_cuda.py ;;
+  gpu-engine-speed)
+    python benchmarks/decode_engine.py --part speed --out "$OUT" ;;
+  gpu-engine-e2e)
+    python benchmarks/decode_engine.py --part e2e --out "$OUT" ;;
   cpu-accuracy)
     $KVPASS eval ppl --model smollm2-135m --text enwiki --seqlen 1024 --max-windows 8 --out "$OUT"
     $KVPASS eval ppl --model smollm2-135m --text enwiki --seqlen 1024 --max-windows 2 --decode-tail 128 --out "$OUT"
