@@ -83,13 +83,35 @@ def test_capture_false_and_model_compile_directly_run_the_engine_too():
 
 
 def test_methods_without_the_contract_keep_the_uncaptured_op():
+    from test_wave import SMALL
+
     model = FAMILIES["llama"].build()
-    kvpass.compile(model, kvpass.Config(attention=kvpass.KIVI(bits=4)), inner="eager")
+    kvpass.compile(model, kvpass.Config(attention=kvpass.WaveIndex(**SMALL)), inner="eager")
     ids, _ = _padded(batch=1, length=6)
     with torch.no_grad():
         model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "decode_engine" not in kvpass.report(model)
     assert all(record.captured_decode_sites == 0 for record in backend_of(model).records)
+
+
+def test_kivi_engine_decode_equals_its_uncaptured_semantics_for_a_left_padded_batch():
+    """KIVI meets the contract: the engine's decode steps (kvpass::decode_attention over the static KIVI store)
+    give the tokens of the unfused kvpass cache path, where HF attends with its own mask over the same store's
+    materialized (dequantized + exact) keys and values (kvpass.attach, uncompiled)."""
+    method = kvpass.KIVI(bits=4, group=4, residual=3)
+    reference, model = FAMILIES["llama"].build(), FAMILIES["llama"].build()
+    kvpass.attach(reference, kvpass.Config(attention=method))
+    kvpass.compile(model, kvpass.Config(attention=method), inner=INNER, strict=True)
+    ids, mask = _padded()
+    with torch.no_grad():
+        want = reference.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert torch.equal(got, want)
+    assert kvpass.report(reference)["attention_calls"]["materialized/decode"] == 9 * kvpass.report(model)["layers"]
+    report = kvpass.report(model)
+    assert report["decode_engine"]["eager_steps"] == 9
+    assert report["attention_calls"]["decode-engine/decode"] == 9 * report["layers"]
+    assert sum(record.captured_decode_sites > 0 for record in backend_of(model).records) == 1
 
 
 def test_peer_step_equals_the_model_when_its_cache_is_exactly_full():

@@ -222,24 +222,24 @@ def test_a_prompt_attends_over_its_own_quantized_tokens():
     assert not torch.allclose(one_shot(kivi, 48), one_shot(Dense(), 48), atol=1e-3)
 
 
-def test_nbytes_counts_codes_scales_and_exact_tails():
+def test_nbytes_counts_codes_scales_and_exact_rings():
     """bf16, 2 bits, r = g = 32, 300 tokens in a store expecting 300: keys of 256 tokens and values of 268 are
-    quantized, in buffers reserved for the 300."""
+    quantized, in buffers reserved for the 300 rounded up to whole groups (320 slots)."""
     B, H, D, Dv, item = 2, 2, 16, 8, 2
     k, v = _kv(300, B, H, D, Dv, dtype=torch.bfloat16)
     store = _store(residual=32, group=32, capacity=300)
     store.append(k, v)
     assert (store.quantized_keys, store.quantized_values) == (256, 268)
-    key_groups = math.ceil(300 / 32)
+    assert store.capacity == 320
     assert store.nbytes() == {
-        "codes": B * H * 300 * (D + Dv),  # one uint8 per value: 2-bit codes are not bit-packed
-        "scales": 2 * B * H * (key_groups * D + 300) * item,  # scale + zero: per (group, channel) and per token
-        "exact": B * H * ((32 + 32 - 1) * D + 32 * Dv) * item,  # tails sized r + g - 1 (keys) and r (values)
+        "codes": B * H * 320 * (D + Dv),  # one uint8 per value: 2-bit codes are not bit-packed
+        "scales": 2 * B * H * (320 // 32 * D + 320) * item,  # scale + zero: per (group, channel) and per token
+        "exact": B * H * ((32 + 32) * D + (32 + 1) * Dv) * item,  # rings of r + g (keys) and r + 1 (values)
     }
     exact = store.nbytes()["exact"]
-    for i in range(200):  # decoding past the reserved 300 grows the quantized parts, never the exact tails
+    for i in range(200):  # decoding past the reserved 320 grows the quantized parts, never the exact rings
         store.append(*_kv(1, B, H, D, Dv, seed=i, dtype=torch.bfloat16))
-    assert store.nbytes()["exact"] == exact and store.nbytes()["codes"] == B * H * 600 * (D + Dv)
+    assert store.nbytes()["exact"] == exact and store.nbytes()["codes"] == B * H * 640 * (D + Dv)
 
 
 def test_appended_tensors_are_copied_not_aliased():
@@ -263,3 +263,72 @@ def test_a_new_batch_or_head_shape_is_an_error(shape):
 def test_an_empty_store_has_nothing_to_materialize():
     with pytest.raises(RuntimeError, match="empty"):
         _store(residual=8, group=16).materialize()
+
+
+# -- captured decode (the decode engine's contract, kvpass.methods.base) ----------------------------------------------
+def _buffers(store):
+    return [t.data_ptr() for t in store._keys + store._values + (store._ring_k, store._ring_v)]
+
+
+def _decode_steps(captured, uncaptured, q, k, v, prefill, real, spec):
+    """Prefill both stores, then decode the remaining tokens: `captured` as the runtime drives a decode step (reserve,
+    the device slot and validity, decode, advance), `uncaptured` by append + attend with the same validity as a
+    causal bool mask. Yields each step's two outputs; the materialized views are checked equal at every step."""
+    for store in (captured, uncaptured):
+        store.append(k[:, :, :prefill], v[:, :, :prefill])
+    valid = torch.zeros(k.shape[0], captured.capacity, dtype=torch.bool)
+    valid[:, :prefill] = real[:, :prefill]
+    slot = torch.zeros(1, dtype=torch.int64)
+    for n in range(prefill, k.shape[2]):
+        if captured.reserve(n + 1):
+            valid = torch.cat([valid, valid.new_zeros(valid.shape[0], captured.capacity - valid.shape[1])], dim=1)
+        valid[:, n] = True
+        slot.fill_(n)
+        got = captured.decode(q[:, :, n : n + 1], k[:, :, n : n + 1], v[:, :, n : n + 1], spec, slot, valid)
+        captured.advance(1)
+        uncaptured.append(k[:, :, n : n + 1], v[:, :, n : n + 1])
+        want = uncaptured.attend(q[:, :, n : n + 1], real[:, None, None, : n + 1], True, spec)
+        assert captured.length == uncaptured.length == n + 1
+        for a, b in zip(captured.materialize(), uncaptured.materialize()):
+            assert torch.equal(a, b)
+        yield got, want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("residual, group", [(5, 4), (0, 3), (8, 8)])
+def test_captured_decode_equals_append_and_attend(dtype, head_dim, residual, group):
+    """Batch 2 (row 1 left-padded by 3), GQA (4 query heads over 2), 4 bits: a prefill of 11 then 21 decode steps,
+    twice (a reset between): the same outputs (to fp32 rounding over the capacity's masked slots) and the same
+    materialized keys and values as the uncaptured path, and the buffers never move."""
+    method = KIVI(bits=4, group=group, residual=residual)
+    spec = AttentionSpec(scale=head_dim ** -0.5)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}  # bf16: a rounding of the output
+    captured = make_store(method, layer=0)
+    pointers = None
+    for seed in (0, 1):  # a second sequence in the same buffers sees nothing of the first
+        k, v = _kv(32, B=2, H=2, D=head_dim, Dv=head_dim, seed=seed, dtype=dtype)
+        q = _gaussian((2, 4, 32, head_dim), seed=seed + 5, dtype=dtype)
+        real = torch.arange(32)[None] >= torch.tensor([[0], [3]])  # (B, tokens): row 1's first 3 are padding
+        assert captured.reset()
+        steps = _decode_steps(captured, make_store(method, layer=0), q, k, v, 11, real, spec)
+        for got, want in steps:
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, want, **tolerance)
+            pointers = pointers or _buffers(captured)
+            assert _buffers(captured) == pointers
+
+
+def test_captured_decode_grows_past_its_capacity():
+    """reserve() past the capacity reallocates (True, the runtime then drops its recordings) and keeps the tokens."""
+    method = KIVI(bits=2, group=32, residual=32)
+    k, v = _kv(270, D=16, Dv=16)
+    q = _gaussian((2, 4, 270, 16), seed=5)
+    captured = make_store(method, layer=0)
+    before = None
+    for got, want in _decode_steps(captured, make_store(method, layer=0), q, k, v, 250, torch.ones(2, 270, dtype=torch.bool),
+                                   AttentionSpec(scale=0.25)):
+        before = before or _buffers(captured)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert captured.capacity == 512 and all(a != b for a, b in zip(_buffers(captured)[:6], before[:6]))
+    assert _buffers(captured)[6:] == before[6:]  # the rings never grow

@@ -29,6 +29,23 @@ import torch
 from ..config import AttentionMethod
 
 
+# Static stores grow geometrically, so a decode of n tokens costs O(log n) reallocations, not n copies.
+MIN_CAPACITY = 256
+
+
+def static_capacity(needed: int, held: int, capacity: int | None, hint: int | None) -> int | None:
+    """The capacity a static store (one meeting the captured-decode contract) allocates for `needed` slots, or None
+    if its current `capacity` (None: no buffers of the right shape) will do. held: tokens it holds now; hint: tokens
+    the sequence is expected to reach. A sequence's first append also honours the hint: growing before decode starts,
+    not in the middle of it, keeps the decode engine's recordings valid for the whole generation."""
+    hinted = 0 if held else (hint or 0)
+    if capacity is not None and max(needed, hinted) <= capacity:
+        return None
+    if capacity is None or hinted > capacity:  # the whole expected sequence, so decode never grows
+        return max(MIN_CAPACITY, needed, hint or 0)
+    return max(needed, 2 * capacity)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
     """Per-site constants recovered from the graph (all plain Python values).

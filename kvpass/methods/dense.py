@@ -6,10 +6,7 @@ import torch.nn.functional as F
 
 from .. import kernels_dispatch
 from ..config import Dense
-from .base import AttentionSpec, LayerStore
-
-# Capacity grows geometrically so a decode of n tokens costs O(log n) reallocations, not n copies.
-_MIN_CAPACITY = 256
+from .base import AttentionSpec, LayerStore, static_capacity
 
 
 class DenseStore(LayerStore):
@@ -42,16 +39,10 @@ class DenseStore(LayerStore):
         """Buffers for `needed` slots shaped like k, v (B, Hkv, *, D|Dv); True if they were reallocated."""
         same = self._k is not None and (k.shape[0], k.shape[1], k.shape[3], v.shape[3], k.device) == (
             self._k.shape[0], self._k.shape[1], self._k.shape[3], self._v.shape[3], self._k.device)
-        # A sequence's first append also honours its capacity hint: growing before decode starts, not in the middle
-        # of it, keeps the decode engine's recordings valid for the whole generation.
-        hinted = 0 if self._length else (self.capacity_hint or 0)
-        if same and max(needed, hinted) <= self.capacity:
+        capacity = static_capacity(needed, self._length, self.capacity if same else None, self.capacity_hint)
+        if capacity is None:
             return False
         dtype = self.method.torch_dtype or k.dtype
-        if not same or hinted > self.capacity:  # the whole expected sequence, so decode never grows
-            capacity = max(_MIN_CAPACITY, needed, hinted, self.capacity_hint or 0)
-        else:
-            capacity = max(needed, 2 * self.capacity)
         B, H, _, D = k.shape
         new_k = torch.empty(B, H, capacity, D, dtype=dtype, device=k.device)
         new_v = torch.empty(B, H, capacity, v.shape[-1], dtype=dtype, device=v.device)

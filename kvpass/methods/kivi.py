@@ -18,10 +18,7 @@ import torch
 
 from .. import kernels_dispatch
 from ..config import KIVI
-from .base import AttentionSpec, LayerStore
-
-# Quantized parts grow geometrically (like DenseStore) so a decode of n tokens costs O(log n) reallocations.
-_MIN_CAPACITY = 256
+from .base import AttentionSpec, LayerStore, static_capacity
 
 
 # -- quantizers ----------------------------------------------------------------------------------------------------
@@ -83,62 +80,28 @@ def dequantize_per_token(codes: torch.Tensor, scale: torch.Tensor, zero: torch.T
 
 
 # -- storage -------------------------------------------------------------------------------------------------------
-class _Growing:
-    """A tensor (B, H, capacity, ...) filled along dim 2 (tokens, or key groups); capacity doubles when full."""
-
-    def __init__(self, min_capacity: int):
-        self._min_capacity = min_capacity  # the first allocation: the whole expected sequence when it is known
-        self._data: torch.Tensor | None = None
-        self.length = 0
-
-    def append(self, x: torch.Tensor) -> None:
-        """Copies x (B, H, n, ...) behind the rows held; the first call allocates, even for n == 0."""
-        needed = self.length + x.shape[2]
-        if self._data is None or needed > self._data.shape[2]:
-            self._grow(x, needed)
-        self._data[:, :, self.length : needed] = x
-        self.length = needed
-
-    def _grow(self, x: torch.Tensor, needed: int) -> None:
-        capacity = max(self._min_capacity if self._data is None else 2 * self._data.shape[2], needed)
-        data = x.new_empty(x.shape[:2] + (capacity,) + x.shape[3:])
-        if self.length:
-            data[:, :, : self.length] = self._data[:, :, : self.length]
-        self._data = data
-
-    def view(self) -> torch.Tensor:
-        return self._data[:, :, : self.length]
-
-    def nbytes(self) -> int:
-        return 0 if self._data is None else self._data.nbytes
+def _ring_order(ring: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Ring positions of tokens [start, stop): token t lives at t mod the ring's size."""
+    return (start + torch.arange(stop - start, device=ring.device)) % ring.shape[2]
 
 
-class _Quantized:
-    """Quantized tokens: codes (B, H, tokens, D) uint8 with their scale and zero rows (B, H, rows, D or 1)."""
+def _with_exact(dense: torch.Tensor, ring: torch.Tensor, quantized, end) -> torch.Tensor:
+    """dense (B, H, S, W) with the exact tokens [quantized, end) written over their slots from `ring` (B, H, R, W),
+    token t at t mod R; quantized, end: ints, or (1,) int64 device tensors in a decode step. Needs S >= R, and at
+    most R tokens exact.
 
-    def __init__(self, tokens: int, rows: int):
-        self.codes, self.scale, self.zero = _Growing(tokens), _Growing(rows), _Growing(rows)
-
-    def append(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-        self.codes.append(codes)
-        self.scale.append(scale)
-        self.zero.append(zero)
-
-    def views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.codes.view(), self.scale.view(), self.zero.view()
+    Fixed shapes: the last R slots before `end` are rewritten, each with its ring token if it is exact and with its
+    own contents otherwise; a slot before 0 wraps to one at or past `end`, outside the tokens held."""
+    size = ring.shape[2]
+    tokens = end - size + torch.arange(size, device=dense.device)
+    slots = tokens % dense.shape[2]
+    exact = (tokens >= quantized)[:, None]
+    return dense.index_copy_(2, slots, torch.where(exact, ring[:, :, tokens % size], dense[:, :, slots]))
 
 
-def _shift(tail: torch.Tensor, held: int, new: torch.Tensor, keep: int) -> torch.Tensor:
-    """Puts `new` behind the `held` exact tokens of `tail`, keeps the newest `keep` of them in `tail` and returns the
-    older ones, which leave the exact part to be quantized.
-
-    tail: (B, H, capacity, D) with capacity >= keep; new: (B, H, L, D); returns (B, H, held + L - keep, D) in
-    tail's dtype. The copy is of held + L tokens: bounded by residual + group + L, whatever the sequence length.
-    """
-    tokens = torch.cat([tail[:, :, :held], new.to(tail.dtype)], dim=2)  # a copy: never alias the caller's buffers
-    cut = tokens.shape[2] - keep
-    tail[:, :, :keep] = tokens[:, :, cut:]
-    return tokens[:, :, :cut]
+def _put(buffer: torch.Tensor, index: torch.Tensor, new: torch.Tensor, condition: torch.Tensor) -> None:
+    """buffer[:, :, index] = new where `condition` ((1,) bool on the device) holds, else left as it is."""
+    buffer.index_copy_(2, index, torch.where(condition, new, buffer[:, :, index]))
 
 
 class KIVIStore(LayerStore):
@@ -150,17 +113,27 @@ class KIVIStore(LayerStore):
     stay exact. Each token is quantized once, from its own group or itself only, so the state depends on the
     tokens and n, not on how they were split into appends. `attend` runs over the dequantized view, so even a
     prompt attending over itself sees its older tokens quantized, as perplexity protocols require.
+
+    One static layout serves both paths (`append`/`attend`, and the decode engine's captured `decode`), tokens at
+    their slots; C is the capacity, a multiple of g, and the scales and zeros are in the model dtype:
+    - key codes (B, Hkv, C, D) uint8, key scale and zero (B, Hkv, C / g, D): one row per group of g slots;
+    - value codes (B, Hkv, C, Dv) uint8, value scale and zero (B, Hkv, C, 1);
+    - exact keys in a ring (B, Hkv, r + g, D), token t at t mod (r + g), and exact values in a ring
+      (B, Hkv, r + 1, Dv), token t at t mod (r + 1): one more than the most tokens the convention leaves exact, so
+      a decode step stores its token before the oldest exact one is quantized.
+    The buffers are zero-filled: a fixed-shape decode step reads every slot, and those past the tokens held (masked
+    out) must be finite. Growth copies the quantized parts; the rings never grow.
     """
 
     method: KIVI
+    captured_decode = True
 
     def __init__(self, method: KIVI, layer: int, capacity: int | None = None):
         super().__init__(method, layer, capacity)
-        tokens = max(_MIN_CAPACITY, capacity or 0)
-        self._keys = _Quantized(tokens, rows=-(-tokens // method.group))  # scale rows: one per group of tokens
-        self._values = _Quantized(tokens, rows=tokens)  # scale rows: one per token
-        self._tail_k: torch.Tensor | None = None  # (B, Hkv, r + g - 1, D): keys of tokens [quantized_keys, length)
-        self._tail_v: torch.Tensor | None = None  # (B, Hkv, r, Dv): values of tokens [quantized_values, length)
+        self._keys: tuple[torch.Tensor, ...] = ()    # codes, scale, zero: (B, Hkv, C, D), (B, Hkv, C / g, D) x 2
+        self._values: tuple[torch.Tensor, ...] = ()  # codes, scale, zero: (B, Hkv, C, Dv), (B, Hkv, C, 1) x 2
+        self._ring_k: torch.Tensor | None = None     # (B, Hkv, r + g, D): exact keys, token t at t mod (r + g)
+        self._ring_v: torch.Tensor | None = None     # (B, Hkv, r + 1, Dv): exact values, token t at t mod (r + 1)
         self._length = 0
 
     @property
@@ -168,14 +141,26 @@ class KIVIStore(LayerStore):
         return self._length
 
     @property
+    def batch(self) -> int:
+        return self._ring_k.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self._keys[0].shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self._ring_k.device
+
+    @property
     def quantized_keys(self) -> int:
         """How many of the oldest tokens have their keys held quantized (the rest are exact)."""
-        return self._keys.codes.length
+        return self._targets(self._length)[0]
 
     @property
     def quantized_values(self) -> int:
         """How many of the oldest tokens have their values held quantized (the rest are exact)."""
-        return self._values.codes.length
+        return self._targets(self._length)[1]
 
     def _targets(self, n: int) -> tuple[int, int]:
         """(quantized keys, quantized values) for a sequence of n tokens: the convention in the class doc."""
@@ -183,56 +168,145 @@ class KIVIStore(LayerStore):
         return older - older % self.method.group, older
 
     def _check_fits(self, k: torch.Tensor) -> None:
-        if self._tail_k is None:
+        if not self._length:
             return
-        held = (self._tail_k.shape[0], self._tail_k.shape[1], self._tail_k.shape[3])
+        held = (self._ring_k.shape[0], self._ring_k.shape[1], self._ring_k.shape[3])
         if (k.shape[0], k.shape[1], k.shape[3]) != held:
             raise ValueError(f"layer {self.layer}: new keys of shape {tuple(k.shape)} do not fit the stored "
                              f"(batch, kv heads, head dim) = {held}; start a new sequence (kvpass.reset(model) or a "
                              f"new kvpass cache) for a new batch")
 
-    def _allocate_tails(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Exact tails sized to the most tokens the convention ever leaves exact; in the first append's dtype."""
+    def _make_room(self, k: torch.Tensor, v: torch.Tensor, needed: int) -> bool:
+        """Buffers for `needed` slots for keys like k (B, Hkv, *, D) and values like v; True if they were reallocated.
+        The capacity is at least r + g (`_with_exact` needs it) and a multiple of g."""
         r, g = self.method.residual, self.method.group
-        self._tail_k = k.new_empty(k.shape[0], k.shape[1], r + g - 1, k.shape[3])
-        self._tail_v = v.new_empty(v.shape[0], v.shape[1], r, v.shape[3])
+        rings = self._ring_k, self._ring_v
+        same = rings[0] is not None and (k.shape[:2], k.shape[3], v.shape[3], k.device) == (
+            rings[0].shape[:2], rings[0].shape[3], rings[1].shape[3], rings[0].device) and (
+            self._length or k.dtype == rings[0].dtype)
+        capacity = static_capacity(max(needed, r + g), self._length, self.capacity if same else None,
+                                   self.capacity_hint)
+        if capacity is None:
+            return False
+        if not same:  # a new sequence of another shape (the shape of a held one is checked): nothing to keep
+            B, H, _, D = k.shape
+            self._ring_k = torch.zeros(B, H, r + g, D, dtype=k.dtype, device=k.device)
+            self._ring_v = torch.zeros(B, H, r + 1, v.shape[3], dtype=k.dtype, device=k.device)
+            self._keys = self._values = ()
+        self._reallocate(-(-capacity // g) * g)
+        return True
+
+    def _reallocate(self, capacity: int) -> None:
+        """Zeroed quantized parts for `capacity` slots (a multiple of g), holding what the old ones held."""
+        B, H, _, D = self._ring_k.shape
+        Dv, dtype, g = self._ring_v.shape[3], self._ring_k.dtype, self.method.group
+
+        def zeros(rows, width, dtype=dtype):
+            return torch.zeros(B, H, rows, width, dtype=dtype, device=self._ring_k.device)
+
+        keys = zeros(capacity, D, torch.uint8), zeros(capacity // g, D), zeros(capacity // g, D)
+        values = zeros(capacity, Dv, torch.uint8), zeros(capacity, 1), zeros(capacity, 1)
+        for old, new in zip(self._keys + self._values, keys + values) if self._length else ():
+            new[:, :, : old.shape[2]] = old
+        self._keys, self._values = keys, values
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k: (B, Hkv, L, D), v: (B, Hkv, L, Dv), the newest L tokens; both are copied, never kept."""
         self._check_fits(k)
-        if self._tail_k is None:
-            self._allocate_tails(k, v)
-        n = self._length + k.shape[2]
-        keys_to, values_to = self._targets(n)
-        bits, group = self.method.bits, self.method.group
-        leaving = _shift(self._tail_k, self._length - self.quantized_keys, k, n - keys_to)
-        self._keys.append(*quantize_per_channel(leaving, bits, group))
-        leaving = _shift(self._tail_v, self._length - self.quantized_values, v, n - values_to)
-        self._values.append(*quantize_per_token(leaving, bits))
-        self._length = n
+        before, after = self._length, self._length + k.shape[2]
+        self._make_room(k, v, after)
+        (keys_from, values_from), (keys_to, values_to) = self._targets(before), self._targets(after)
+        bits, g = self.method.bits, self.method.group
+        leaving = self._through_ring(self._ring_k, keys_from, before, k, keys_to)
+        groups = slice(keys_from // g, keys_to // g)
+        for buffer, part, rows in zip(self._keys, quantize_per_channel(leaving, bits, g),
+                                      (slice(keys_from, keys_to), groups, groups)):
+            buffer[:, :, rows] = part
+        leaving = self._through_ring(self._ring_v, values_from, before, v, values_to)
+        for buffer, part in zip(self._values, quantize_per_token(leaving, bits)):
+            buffer[:, :, values_from:values_to] = part
+        self._length = after
+
+    @staticmethod
+    def _through_ring(ring: torch.Tensor, held_from: int, held_to: int, new: torch.Tensor, keep_from: int):
+        """The exact tokens [held_from, held_to) of `ring` followed by `new`: those from keep_from on go into the
+        ring, the older ones are returned (they leave, to be quantized). A copy of held_to - held_from + L tokens,
+        bounded by r + g + L whatever the sequence length; `new` is never aliased."""
+        tokens = torch.cat([ring[:, :, _ring_order(ring, held_from, held_to)], new.to(ring.dtype)], dim=2)
+        cut = keep_from - held_from
+        ring.index_copy_(2, _ring_order(ring, keep_from, held_to + new.shape[2]), tokens[:, :, cut:])
+        return tokens[:, :, :cut]
 
     def attend(self, q, mask, is_causal, spec: AttentionSpec):
         k, v = self.materialize()
         return kernels_dispatch.attention(q, k, v, mask=mask, is_causal=is_causal, scale=spec.scale,
                                           softcap=spec.softcap, window=spec.window)
 
+    def _dequantized(self, slots: int, quantized_keys, quantized_values, end):
+        """Keys (B, Hkv, slots, D) and values (B, Hkv, slots, Dv) of the first `slots` slots (a multiple of g, at
+        least r + g) in the model dtype: the dequantized codes, with the exact tokens before `end` over them.
+        quantized_keys, quantized_values, end: ints (the host's view) or (1,) device tensors (a decode step)."""
+        g = self.method.group
+        codes, scale, zero = self._keys
+        keys = dequantize_per_channel(codes[:, :, :slots], scale[:, :, : slots // g], zero[:, :, : slots // g], g)
+        values = dequantize_per_token(*(part[:, :, :slots] for part in self._values))
+        return (_with_exact(keys, self._ring_k, quantized_keys, end),
+                _with_exact(values, self._ring_v, quantized_values, end))
+
     def materialize(self):
         """Dense (B, Hkv, length, D|Dv) keys and values in the model dtype: the dequantized tokens, then the exact
         tail. Built afresh on every call (O(length) work and a transient dense copy, not counted by `nbytes`)."""
-        if self._tail_k is None:
+        if self._ring_k is None:
             raise RuntimeError(f"layer {self.layer}: the store is empty")
-        keys = dequantize_per_channel(*self._keys.views(), self.method.group)
-        values = dequantize_per_token(*self._values.views())
-        n = self._length
-        return (torch.cat([keys, self._tail_k[:, :, : n - keys.shape[2]]], dim=2),
-                torch.cat([values, self._tail_v[:, :, : n - values.shape[2]]], dim=2))
+        n, g = self._length, self.method.group
+        slots = -(-max(n, self.method.residual + g) // g) * g
+        keys, values = self._dequantized(slots, *self._targets(n), n)
+        return keys[:, :, :n], values[:, :, :n]
+
+    # -- captured decode ----------------------------------------------------------------------------------
+    def reset(self) -> bool:
+        self._length = 0
+        return True
+
+    def reserve(self, length: int) -> bool:
+        if length <= self.capacity:  # every decode step asks: answer without building views
+            return False
+        return self._make_room(self._ring_k, self._ring_v, length)
+
+    def decode(self, q, k, v, spec: AttentionSpec, slot, valid):
+        """The convention of the class doc for the token at `slot`, in fixed-shape device ops: store it in the rings;
+        quantize the value of token slot - r (when slot >= r) and, when this step completes a group of g quantized
+        values, that group's keys; attend over the dequantized capacity with the exact tokens over it.
+
+        The first version dequantizes the whole capacity every step (O(capacity) work and a transient dense copy);
+        a fused kernel reading the codes is later work (docs/engine.md)."""
+        r, g, bits = self.method.residual, self.method.group, self.method.bits
+        self._ring_k.index_copy_(2, slot % (r + g), k.to(self._ring_k.dtype))
+        self._ring_v.index_copy_(2, slot % (r + 1), v.to(self._ring_v.dtype))
+        token = (slot - r).clamp(min=0)  # the value leaving the exact part, if slot >= r
+        for buffer, part in zip(self._values, quantize_per_token(self._ring_v[:, :, token % (r + 1)], bits)):
+            _put(buffer, token, part, slot >= r)
+        quantized_values = (slot + 1 - r).clamp(min=0)  # after this step
+        group = (quantized_values // g - 1).clamp(min=0)  # the group this step completes, if it completes one
+        tokens = group * g + torch.arange(g, device=slot.device)
+        completes = (quantized_values > 0) & (quantized_values % g == 0)
+        for buffer, part, rows in zip(self._keys, quantize_per_channel(self._ring_k[:, :, tokens % (r + g)], bits, g),
+                                      (tokens, group, group)):
+            _put(buffer, rows, part, completes)
+        keys, values = self._dequantized(self.capacity, quantized_values - quantized_values % g, quantized_values,
+                                         slot + 1)
+        return kernels_dispatch.attention(q, keys, values, mask=None, is_causal=True, scale=spec.scale,
+                                          softcap=spec.softcap, window=spec.window, valid=valid[:, : self.capacity],
+                                          q_start=slot)
+
+    def advance(self, count: int) -> None:
+        self._length += count
 
     def nbytes(self):
         """Bytes allocated, by component (capacity reserved for later tokens counts, as in DenseStore):
         "codes": one uint8 per quantized value, keys and values (not bit-packed: 8 bits in memory whatever `bits`);
         "scales": the scales and zero-points of keys and values, model dtype;
-        "exact": the exact tails (r + g - 1 tokens of keys and r of values), model dtype."""
-        parts = (self._keys, self._values)
-        return {"codes": sum(p.codes.nbytes() for p in parts),
-                "scales": sum(p.scale.nbytes() + p.zero.nbytes() for p in parts),
-                "exact": sum(0 if t is None else t.nbytes for t in (self._tail_k, self._tail_v))}
+        "exact": the exact rings (r + g tokens of keys and r + 1 of values), model dtype."""
+        return {"codes": sum(parts[0].nbytes for parts in (self._keys, self._values) if parts),
+                "scales": sum(part.nbytes for part in self._keys[1:] + self._values[1:]),
+                "exact": sum(0 if ring is None else ring.nbytes for ring in (self._ring_k, self._ring_v))}
