@@ -114,7 +114,12 @@ def compile(model: torch.nn.Module, config: Config, *, inner: str = "inductor", 
     capture: replay each decode step from a CUDA graph (kvpass.engine; on CUDA, for methods that meet the
     captured-decode contract). Other arguments as for `kvpass.backend`; the rest go to `model.compile`."""
     backend = attach(model, Backend(config, inner=inner, strict=strict, cudagraphs=cudagraphs, meet_model=_meet_model))
-    backend.runtime.calibration()  # now, not inside the first generate: a wrong artefact fails here
+    try:  # now, not inside the first generate, where Dynamo would wrap a wrong artefact's error in its own
+        for method in (backend.config.attention, backend.config.ffn):
+            backend.runtime.calibration(method)
+    except Exception:
+        detach(model)  # the model stays as it was: a corrected config can be compiled next
+        raise
     model = _unwrap(model)
     model.compile(backend=backend, **compile_kwargs)
     model._compiled_call_impl._kvpass_backend = backend  # lets detach() undo exactly this compile

@@ -14,6 +14,7 @@ from kernel_paths import assert_kernel_paths_agree
 
 import kvpass
 from kvpass import calibration
+from kvpass.attach import backend_of
 from kvpass.calibration import chess as chess_calibration
 from kvpass.config import Chess
 
@@ -113,15 +114,16 @@ def test_config_is_validated():
     assert kvpass.Config.from_dict(kvpass.Config(ffn=Chess(0.4, True, "cats")).to_dict()).ffn == Chess(0.4, True, "cats")
 
 
-def test_artefact_must_hold_the_sparsity(tmp_path):
+@pytest.mark.parametrize("made_for, sparsities, match", [("llama", (0.3,), "chess-0.5"),
+                                                         ("mistral", (0.5,), "made for another model")])
+def test_a_wrong_artefact_is_refused_by_compile_in_one_plain_error(tmp_path, made_for, sparsities, match):
+    """Checked when kvpass.compile binds the model, not at the first call inside Dynamo (which would wrap it in a
+    BackendCompilerFailed traceback)."""
     model = FAMILIES["llama"].build()
-    path = _artefact(model, tmp_path / "c.safetensors", sparsities=(0.3,))
-    kvpass.compile(model, kvpass.Config(ffn=Chess(sparsity=0.5), calibration=path), inner="eager")
-    try:
-        with pytest.raises(Exception, match="chess-0.5"):
-            model(_windows(1, 8)[0][None], use_cache=False)
-    finally:
-        kvpass.detach(model)
+    path = _artefact(FAMILIES[made_for].build(), tmp_path / "c.safetensors", sparsities=sparsities)
+    with pytest.raises(ValueError, match=match):
+        kvpass.compile(model, kvpass.Config(ffn=Chess(sparsity=0.5), calibration=path), inner="eager")
+    assert backend_of(model) is None  # left as it was, so a corrected config can be compiled
 
 
 # -- the rewrite -----------------------------------------------------------------------------------------------
