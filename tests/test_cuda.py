@@ -52,6 +52,22 @@ def test_recorded_decode_steps_equal_unrecorded_ones_bit_for_bit():
     assert kvpass.report(uncaptured)["decode_engine"]["records"] == 0
 
 
+def test_kivi_recorded_decode_steps_equal_unrecorded_ones():
+    """KIVI's captured step (ring writes, on-device quantization of the leaving value and completed key groups,
+    the dequantized capacity) replayed from a CUDA graph gives the eager steps' logits for a padded batch."""
+    config = kvpass.Config(attention=kvpass.KIVI(bits=4, group=4, residual=3))
+    captured, uncaptured = (FAMILIES["llama"].build(dtype=torch.bfloat16).cuda() for _ in range(2))
+    kvpass.compile(captured, config, strict=True)
+    kvpass.compile(uncaptured, config, strict=True, capture=False)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        runs = [model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True) for model in (captured, uncaptured)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].logits, runs[1].logits))
+    engine = kvpass.report(captured)["decode_engine"]
+    assert engine["records"] == 1 and engine["replays"] == 17, engine
+
+
 def test_left_padded_batch_under_capture_equals_each_row_alone():
     model = FAMILIES["llama"].build().cuda()
     kvpass.compile(model, kvpass.Config(), strict=True)
