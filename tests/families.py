@@ -278,8 +278,18 @@ MATRIX_PROMPT_LEN, MATRIX_NEW_TOKENS = 9, 8
 LOGIT_TOLERANCE = 1e-3  # fp32, inner="eager": kvpass attention sums in another order than HF's (seen: <= 5e-7)
 
 
-def run_family(model_type: str, new_tokens: int = MATRIX_NEW_TOKENS) -> Outcome:
-    """Build the family tiny, greedy-generate with HF, then with kvpass.compile(Dense, inner="eager")."""
+# The three calls the design card promises bind kvpass to a model (tests/test_family_matrix.py runs each).
+CALLS = ("kvpass.compile", "model.compile", "torch.compile")
+
+
+def run_family(model_type: str, new_tokens: int = MATRIX_NEW_TOKENS, call: str = "kvpass.compile") -> Outcome:
+    """Build the family tiny, greedy-generate with HF, then with kvpass (Dense, inner="eager") bound by `call`:
+    - "kvpass.compile": kvpass.compile(model, config), then generate;
+    - "model.compile": model.compile(backend=kvpass.backend(config)), then generate twice: the backend meets the
+      model inside the first (HF's cache, said in a warning), the second runs on the kvpass cache and is compared;
+    - "torch.compile": the wrapper torch.compile(model, backend=...) is called on the prompt (its logits are compared
+      with HF's prefill logits, and it binds the model), then the wrapper's .generate (the uncompiled model: torch
+      compiles the wrapper's forward only) runs over the kvpass cache and its tokens are compared."""
     import copy
     import time
     import traceback
@@ -303,17 +313,35 @@ def run_family(model_type: str, new_tokens: int = MATRIX_NEW_TOKENS) -> Outcome:
         with torch.no_grad():
             expected = reference.generate(prompt, **options)
         outcome.hf_tokens = tuple(expected.sequences[0, MATRIX_PROMPT_LEN:].tolist())
-        stage = "kvpass generate"
+        stage = f"kvpass {call}"
+        config = kvpass.Config(attention=kvpass.Dense())
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
-            kvpass.compile(model, kvpass.Config(attention=kvpass.Dense()), inner="eager")
-            got = model.generate(prompt, **options)
+            if call == "torch.compile":
+                backend = kvpass.backend(config, inner="eager")
+                wrapper = torch.compile(model, backend=backend)
+                got_logits, expected_logits = (wrapper(prompt).logits,), (reference(prompt).logits,)
+                if backend_of(model) is not backend or not kvpass.report(wrapper)["compiled"]:
+                    raise AssertionError("torch.compile(model, backend=...): the backend did not bind the model")
+                got = wrapper.generate(prompt, **options)  # the uncompiled model over the kvpass cache
+                outcome.kvpass_tokens = tuple(got.sequences[0, MATRIX_PROMPT_LEN:].tolist())
+            else:
+                if call == "model.compile":
+                    backend = kvpass.backend(config, inner="eager")
+                    model.compile(backend=backend)
+                    model.generate(prompt, **options)  # binds; HF's cache this once (warned)
+                    if backend_of(model) is not backend:
+                        raise AssertionError("model.compile(backend=...): the backend did not bind the model")
+                else:
+                    backend = backend_of(kvpass.compile(model, config, inner="eager"))
+                got = model.generate(prompt, **options)
+                outcome.kvpass_tokens = tuple(got.sequences[0, MATRIX_PROMPT_LEN:].tolist())
+                got_logits, expected_logits = got.logits, expected.logits
         outcome.warnings = tuple(str(w.message) for w in caught if str(w.message).startswith("kvpass"))
-        outcome.kvpass_tokens = tuple(got.sequences[0, MATRIX_PROMPT_LEN:].tolist())
-        if len(expected.logits) == len(got.logits):  # NaN stays NaN (a plain max() would skip it)
-            outcome.max_logit_diff = float(torch.stack([(a - b).abs().max() for a, b in zip(expected.logits,
-                                                                                              got.logits)]).max())
-        records = backend_of(model).records
+        if len(expected_logits) == len(got_logits):  # NaN stays NaN (a plain max() would skip it)
+            outcome.max_logit_diff = float(torch.stack([(a - b).abs().max() for a, b in zip(expected_logits,
+                                                                                              got_logits)]).max())
+        records = backend.records
         if records:
             first = records[0]
             outcome.attention_sites, outcome.ffn_sites = first.attention_sites, first.ffn_sites
