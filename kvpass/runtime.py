@@ -128,6 +128,7 @@ class Runtime:
         store = self.store(layer)
         if past is not None:
             self.check_past(store, past)
+        mask = _full_mask(mask, q.shape[2], store.length + k.shape[2])
         self.append(layer, k, v, mask)
         if self.static_decode and mask is not None:
             self._check_window(layer, mask, spec.window, store.length)
@@ -138,6 +139,7 @@ class Runtime:
         """kvpass::attention over the keys the graph supplies (k, v: all of them), through the method's
         representation, storing nothing."""
         self.calls[(mode, "prefill" if q.shape[2] > 1 else "decode")] += 1
+        mask = _full_mask(mask, q.shape[2], k.shape[2])
         return OneShot(self.config.attention, self.calibration()).attend(q, k, v, mask, is_causal, spec, layer)
 
     def append(self, layer: int, k, v, mask=None) -> None:
@@ -250,6 +252,15 @@ class Runtime:
 
     def tokens_held(self) -> int:
         return max((s.length for s in self._stores.values()), default=0)
+
+
+def _full_mask(mask, queries: int, keys: int):
+    """HF's bool mask (Bm, Hm, Lq or 1, kv_len or 1) as the methods take it, (Bm, Hm, Lq, kv_len): SDPA broadcasts
+    a query or key dim of 1, and some models pass one (BERT-like decoders give (1, 1, 1, 1) when every key is
+    visible); an expanded view, no copy."""
+    if mask is None or mask.shape[-2:] == (queries, keys):
+        return mask
+    return mask.expand(*mask.shape[:2], queries, keys)
 
 
 def lookup(runtime_id: int) -> Runtime:

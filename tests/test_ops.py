@@ -85,6 +85,17 @@ def test_cached_mode_equals_attention_over_everything(backend):
     assert runtime.tokens_held() == 6
 
 
+@pytest.mark.parametrize("mode", [MODE_ONESHOT, MODE_CACHED])
+def test_a_mask_with_broadcast_query_and_key_dims_is_taken_as_sdpa_takes_it(backend, mode):
+    """BERT-like decoders pass a (1, 1, 1, 1) mask when every key is visible: SDPA broadcasts it, so does the op."""
+    backend.runtime.begin_sequence(kind="cache")
+    q, k, v = _qkv(L=1, seed=2)
+    args = (True, 0.25, 0.0, 0, mode, backend.runtime.id, 0)
+    got = torch.ops.kvpass.attention(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), *args, 0)
+    backend.runtime.begin_sequence(kind="cache")
+    torch.testing.assert_close(got, torch.ops.kvpass.attention(q, k, v, None, *args, 0))
+
+
 def test_out_of_sync_cache_is_an_error_not_wrong_numbers(backend):
     runtime = backend.runtime
     runtime.begin_sequence(kind="cache")
