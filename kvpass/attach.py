@@ -46,7 +46,10 @@ def backend(config: Config, *, inner: str = "inductor", strict: bool = False, cu
 
 def _meet_model(root: torch.nn.Module, backend: Backend) -> None:
     """model.compile(backend=...) used directly: the backend meets its model only now, inside the first call.
-    Bind now (report(model) works, later generate calls use the kvpass cache) and say what this call misses."""
+    Bind now (report(model) works, later generate calls use the kvpass cache) and say what this call misses. A model
+    met earlier, a submodule of `root`, is let go: the backend serves the outer model."""
+    if backend.model is not None:
+        detach(backend.model)
     attach(root, backend)
     install_engine(root, backend, capture=not backend.cudagraphs)  # model.compile made the call the engine fronts
     if hasattr(root, "generate"):

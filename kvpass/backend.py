@@ -86,6 +86,7 @@ class Backend:
         self._model = None
         self.engine = None  # the kvpass.engine.DecodeEngine driving the model's decode steps, once installed
         self._meet_model = meet_model
+        self._met = False  # bound by meet_model (at a compile), not by the face before compiling
 
     # -- binding to a model --------------------------------------------------------------------------
     def bind(self, model: torch.nn.Module, calibrations=None) -> None:
@@ -116,8 +117,12 @@ class Backend:
 
         configure_from_env()
         root = _compiled_module(gm)
-        if root is not None and self.model is None and self._meet_model is not None and backend_of(root) is None:
+        if root is not None and self._meet_model is not None and backend_of(root) is None and (
+                self.model is None or (self._met and any(module is self.model for module in root.modules()))):
+            # Also when the model met first is a submodule of this graph's: an outer forward that breaks its graph
+            # before any module runs (CTRL, BigBird) has the inner model's frame compiled first.
             self._meet_model(root, self)
+            self._met = True
         record, misses = rewrite(gm, self.runtime.id, rewrite_ffn_sites=self.config.ffn is not None,
                                  root=root, explain=explained_nodes(), plan=self.runtime.chess_plan(),
                                  example_inputs=example_inputs, captured_decode=self.runtime.static_decode)
