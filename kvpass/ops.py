@@ -32,15 +32,21 @@ _UNSAFE_FOR_CUDAGRAPHS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cu
 
 def _attend_mask(mask: Tensor | None) -> Tensor | None:
     """HF passes bool masks (True = attend) to SDPA and additive float masks (0 / dtype min) to eager
-    attention; methods take bool. Other additive biases (ALiBi-like) are not supported: refuse them."""
+    attention; methods take bool. Other additive biases (ALiBi-like) are not supported: refuse them.
+
+    The rewrite refuses the biases it sees in the graph at compile time; this catches one hidden in the mask's
+    values. The check reads the mask on the host, a device sync: on a GPU only for masks of several query rows
+    (a prefill, run once per prompt and never captured), which a model with biases always passes first; a
+    one-row mask (an uncaptured decode step) is checked on the CPU only, where it costs nothing."""
     if mask is None or mask.dtype == torch.bool:
         return mask
     attend = mask == 0
-    if not mask.is_cuda:  # the check syncs the device: only where it is free
+    if not mask.is_cuda or mask.shape[-2] > 1:
         blocked = mask <= torch.finfo(mask.dtype).min / 2
         if not bool((attend | blocked).all()):
-            raise NotImplementedError("kvpass attention got an additive mask with biases other than 0 and -inf; "
-                                      "only padding/causal/window masks are supported")
+            raise NotImplementedError("kvpass attention got an additive mask with biases other than 0 and -inf "
+                                      "(ALiBi or relative positions?); kvpass takes padding/causal/window masks only: "
+                                      "run this model without kvpass attention")
     return attend
 
 

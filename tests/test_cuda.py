@@ -184,3 +184,13 @@ def test_query_aware_wave_options_on_cuda_match_the_cpu(options, monkeypatch):
         assert store.stats()["decode_steps"] == 40
     for a, b in zip(outs["cpu"], outs["cuda"]):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_float_mask_with_biases_is_refused_on_cuda_in_prefill():
+    from kvpass.ops import MODE_ONESHOT
+
+    backend = kvpass.backend(kvpass.Config())
+    q, k, v = (torch.randn(1, 2, 5, 16, device="cuda") for _ in range(3))
+    bias = torch.arange(5.0, device="cuda").expand(1, 1, 5, 5).contiguous()  # ALiBi-like: no 0/-inf values
+    with pytest.raises(NotImplementedError, match="biases other than 0 and -inf"):
+        torch.ops.kvpass.attention(q, k, v, bias, True, 0.25, 0.0, 0, MODE_ONESHOT, backend.runtime.id, 0, 0)
