@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .backend import backend_of
+from .methods import captured_decode_supported
 from .ops import MODES
 
 
@@ -58,6 +59,12 @@ def report(model) -> Report:
     })
     if backend.engine is not None:
         base["decode_engine"] = backend.engine.report()
+    else:  # a method without the captured-decode contract (or a model bound by attach alone): said, not hidden
+        base["decode_engine"] = {"captured": False, "not_captured": (
+            f"{backend.config.attention.method} does not meet the captured-decode contract yet: its decode steps run "
+            f"uncaptured, one kvpass::attention call per layer" if not captured_decode_supported(
+                backend.config.attention) else "no decode engine: the model was not compiled in place "
+            "(kvpass.compile(model, config) or model.compile(backend=...))")}
     plan = backend.runtime.chess_plan()
     if plan is not None:
         base["chess"] = {"sparse_ffn_sites": last.sparse_ffn_sites, "sparse_projections": last.sparse_projections,
