@@ -9,9 +9,11 @@ batch = each row alone, are tests/test_cuda.py.)
   a step (GPU-busy fraction), peak GiB, the runtime's KV bytes by part, recordings and compiles.
 --part e2e: what a user runs: a real prefill of a random prompt and HF `generate` through kvpass.compile, against
   HF's own SDPA prefill of the same prompt; prefill time, decode tok/s, peak GiB, KV bytes by part.
+--part compile: the seconds of the kvpass pass against Inductor's over the graphs one generate compiles.
 
     python benchmarks/decode_engine.py --part speed --out benchmarks/results
     python benchmarks/decode_engine.py --part e2e --out benchmarks/results
+    python benchmarks/decode_engine.py --part compile --out benchmarks/results [--model M --device cpu]
 """
 from __future__ import annotations
 
@@ -75,7 +77,8 @@ def speed(points, steps: int, warmup: int) -> list[dict]:
             if "kvpass" in names:
                 report = kvpass.report(model)
                 row.update(kv_bytes_by_part=report["kv_bytes_by_part"], decode_engine=report["decode_engine"],
-                           graphs_compiled=len(backend.records) - graphs_before)
+                           graphs_compiled=len(backend.records) - graphs_before,
+                           compile_seconds=report["compile_seconds"])
             steppers.clear()
             if not together and "kvpass" in names:
                 backend.runtime.release()  # the peer's cache needs the room
@@ -101,7 +104,8 @@ def e2e(contexts, new_tokens: int) -> list[dict]:
         report = kvpass.report(model)
         row.update(hf_sdpa_prefill_s=hf, prefill_fraction_of_sdpa=hf / row["prefill_s"],
                    kv_bytes_by_part=report["kv_bytes_by_part"], kv_bytes_allocated=report["kv_bytes_allocated"],
-                   decode_engine=report["decode_engine"], graphs_compiled=report["graphs"])
+                   decode_engine=report["decode_engine"], graphs_compiled=report["graphs"],
+                   compile_seconds=report["compile_seconds"])
         rows.append(row)
         print(f"e2e ctx {context}: prefill kvpass {row['prefill_s']:.3f} s vs HF SDPA {hf:.3f} s "
               f"({row['prefill_fraction_of_sdpa']:.2f}x); decode {row['decode_tokens_per_s']:.1f} tok/s; peak "
@@ -109,9 +113,35 @@ def e2e(contexts, new_tokens: int) -> list[dict]:
     return rows
 
 
+def compile_overhead(model_name: str, device: str, prompt: int, new_tokens: int) -> list[dict]:
+    """The kvpass pass's seconds over every graph a generate compiles, against the inner compiler's (Inductor's)
+    seconds over the same rewritten graphs (Dynamo's tracing, common to both, is not in either). Inductor's FX
+    graph cache is off, so each graph is compiled, not looked up."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = load_model(model_name, dtype=dtype, device=device)[0]
+    kvpass.compile(model, DENSE)
+    ids = torch.randint(3, 1000, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    report = kvpass.report(model)
+    seconds = report["compile_seconds"]
+    row = {"model": model_name, "device": device, "graphs": report["graphs"], **seconds,
+           "pass_over_inner": seconds["kvpass_pass"] / seconds["inner"],
+           "per_graph": [{"nodes": r.nodes, "kvpass_pass_s": r.rewrite_seconds, "inner_s": r.inner_compile_seconds}
+                         for r in backend_of(model).records]}
+    print(f"compile {model_name} on {device}: {report['graphs']} graphs; kvpass pass {seconds['kvpass_pass']:.2f} s, "
+          f"Inductor {seconds['inner']:.2f} s: the pass adds {100 * row['pass_over_inner']:.1f} %", flush=True)
+    return [row]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("speed", "e2e"), required=True)
+    parser.add_argument("--part", choices=("speed", "e2e", "compile"), required=True)
+    parser.add_argument("--model", default="random:llama:8b", help="--part compile: the model")
+    parser.add_argument("--device", default="cuda", help="--part compile: the device")
     parser.add_argument("--out", default=None, help="folder for the JSON record")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=8)
@@ -122,11 +152,15 @@ def main(argv=None):
     if args.part == "speed":
         points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
         result = speed(points, args.steps, args.warmup)
-    else:
+    elif args.part == "e2e":
         result = e2e([int(c) for c in args.contexts.split(",")], args.new_tokens)
+    else:
+        result = compile_overhead(args.model, args.device, prompt=128, new_tokens=8)
     if args.out:
+        model = args.model if args.part == "compile" else "random:llama:8b"
+        dtype = "float32" if args.part == "compile" and args.device != "cuda" else "bfloat16"
         path = write_record(args.out, f"bench decode-engine-{args.part}", result, config=DENSE.to_dict(),
-                            model="random:llama:8b", dtype="bfloat16", args=vars(args))
+                            model=model, dtype=dtype, args=vars(args))
         print("record:", path)
 
 

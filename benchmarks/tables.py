@@ -84,11 +84,19 @@ def engine_e2e_table(records) -> str:
                       "decode tok/s", "peak GiB", "KV MiB held"], rows, [_env(r) for r in records])
 
 
+def engine_compile_table(records) -> str:
+    rows = [[row["model"], row["device"], row["graphs"], f"{row['kvpass_pass']:.2f}", f"{row['inner']:.2f}",
+             f"{100 * row['pass_over_inner']:.1f} %"] for record in records for row in record["results"]]
+    return _markdown(["model", "device", "graphs", "kvpass pass s", "Inductor s", "pass / Inductor"], rows,
+                     [_env(r) for r in records])
+
+
 def main(paths) -> None:
     records = load_records(paths)
     for command, render in (("bench decode", bench_table), ("eval ppl", ppl_table), ("eval passkey", passkey_table),
                             ("bench antkv-kernels", kernel_table), ("bench decode-engine-speed", engine_speed_table),
-                            ("bench decode-engine-e2e", engine_e2e_table)):
+                            ("bench decode-engine-e2e", engine_e2e_table),
+                            ("bench decode-engine-compile", engine_compile_table)):
         chosen = [r for r in records if r["command"] == command]
         if chosen:
             print(f"### {command}\n\n{render(chosen)}\n")

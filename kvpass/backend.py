@@ -7,6 +7,7 @@ which gives each backend it makes a `meet_model` for a model met only at its fir
 from __future__ import annotations
 
 import importlib
+import time
 import warnings
 import weakref
 
@@ -123,9 +124,11 @@ class Backend:
             # before any module runs (CTRL, BigBird) has the inner model's frame compiled first.
             self._meet_model(root, self)
             self._met = True
+        started = time.perf_counter()
         record, misses = rewrite(gm, self.runtime.id, rewrite_ffn_sites=self.config.ffn is not None,
                                  root=root, explain=explained_nodes(), plan=self.runtime.chess_plan(),
                                  example_inputs=example_inputs, captured_decode=self.runtime.static_decode)
+        record.rewrite_seconds = time.perf_counter() - started
         self.records.append(record)
         if record.decode_needs_hf_mask and self.runtime.static_decode:
             # HF's own attention runs somewhere in this model and reads HF's mask in decode: the decode engine,
@@ -136,7 +139,10 @@ class Backend:
                                         "unfused) and needs HF's mask, which the decode engine does not pass")
         logger.info("compile %d (%d nodes):\n%s", len(self.records), record.nodes, record.table())
         self._check(record, misses)
-        return self._inner(gm, example_inputs)
+        started = time.perf_counter()
+        compiled = self._inner(gm, example_inputs)
+        record.inner_compile_seconds = time.perf_counter() - started
+        return compiled
 
     def _check(self, record, misses) -> None:
         problems = []

@@ -40,6 +40,8 @@ class Record:
     nodes: int = 0
     captured_decode_sites: int = 0   # decode steps given kvpass::decode_attention (replayable, kvpass.engine)
     decode_needs_hf_mask: bool = False  # an attention left as HF wrote it (or reading the cache unfused) is here
+    rewrite_seconds: float = 0.0     # the kvpass pass over this graph (match, rewrite, dead-code pass)
+    inner_compile_seconds: float = 0.0  # the inner compiler (Inductor, ...) over the rewritten graph
 
     @property
     def unmatched(self) -> list[str]:
