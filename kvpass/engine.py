@@ -55,6 +55,9 @@ class DecodeEngine:
 
     # -- the call ------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if self.standing_aside is None and self.runtime.unfused_updates:
+            self.stand_aside("an attention read the kvpass cache unfused (HF's own attention, through kvpass::cache_update, "
+                             "in a graph or outside one) and needs HF's mask, which the decode engine does not pass")
         step = self._decode_step(args, kwargs) if self.standing_aside is None else None
         if step is None:
             return self.compiled_call(*args, **kwargs)
@@ -140,8 +143,10 @@ class DecodeEngine:
         return _Recording(graph, static_ids, static_positions, output)
 
     def stand_aside(self, reason: str) -> None:
-        """Drive no more steps: every call goes to the compiled call as it comes (HF's mask included)."""
+        """Drive no more steps: every call goes to the compiled call as it comes (HF's mask included), and graphs
+        compiled from now on keep kvpass::attention."""
         self.standing_aside = reason
+        self.runtime.static_decode = False
         self.recordings.clear()
 
     # -- reporting -----------------------------------------------------------------------------------------

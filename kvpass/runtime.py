@@ -43,6 +43,10 @@ class Runtime:
         self._slot: torch.Tensor | None = None    # (1,) int64
         self._valid: torch.Tensor | None = None   # (B, capacity) bool
         self.pool_version = 0             # bumped whenever a buffer a recorded graph reads is reallocated
+        # cache_update calls run unfused (HF's own attention read the kvpass cache), counted wherever they ran: in
+        # a compiled graph or outside any (a graph break, Dynamo's recompile limit). The decode engine stands aside
+        # once it sees one, as that attention needs HF's mask.
+        self.unfused_updates = 0
 
     def use_calibrations(self, resolve) -> None:
         """resolve: method config -> its loaded kvpass.calibration.Calibration, for the model this runtime now
@@ -230,6 +234,7 @@ class Runtime:
                 f"kvpass.compile(model, config) (inner='eager' runs the rewritten graph without Inductor)")
         self.check_past(store, past)
         self.append(layer, k, v)
+        self.unfused_updates += 1
         self.calls[("materialized", "prefill" if k.shape[2] > 1 else "decode")] += 1
         keys, values = store.materialize()
         return keys.to(k.dtype), values.to(v.dtype)

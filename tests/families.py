@@ -320,11 +320,12 @@ def run_family(model_type: str, new_tokens: int = MATRIX_NEW_TOKENS, call: str =
             if call == "torch.compile":
                 backend = kvpass.backend(config, inner="eager")
                 wrapper = torch.compile(model, backend=backend)
-                got_logits, expected_logits = (wrapper(prompt).logits,), (reference(prompt).logits,)
+                prefill = wrapper(prompt).logits[:, -1]
                 if backend_of(model) is not backend or not kvpass.report(wrapper)["compiled"]:
                     raise AssertionError("torch.compile(model, backend=...): the backend did not bind the model")
                 got = wrapper.generate(prompt, **options)  # the uncompiled model over the kvpass cache
                 outcome.kvpass_tokens = tuple(got.sequences[0, MATRIX_PROMPT_LEN:].tolist())
+                got_logits, expected_logits = (prefill, *got.logits), (expected.logits[0], *expected.logits)
             else:
                 if call == "model.compile":
                     backend = kvpass.backend(config, inner="eager")
