@@ -149,8 +149,15 @@ def _generate_with_kvpass_cache(model, generate, *args, **kwargs):
     """HF generate with a fresh kvpass cache unless the caller chose a cache (or decoding) we cannot serve."""
     config = kwargs.get("generation_config") or model.generation_config
     num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    # HF makes no cache where the call or the generation config says use_cache=False (MPT's does), where the model
+    # supplies its own (HF's _supports_default_dynamic_cache) or where its forward takes none (OpenAI GPT): a kvpass
+    # cache there would be refused, or fed the whole sequence again at every step.
+    from .cache import KVCache, cache_argument, takes_a_cache
+
+    supports = getattr(type(model), "_supports_default_dynamic_cache", lambda: True)
     wants_own_cache = (kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-                       or kwargs.get("use_cache") is False
+                       or kwargs.get("use_cache", getattr(config, "use_cache", True)) is False
+                       or not supports() or not takes_a_cache(model)
                        or kwargs.get("cache_implementation") is not None
                        or getattr(config, "cache_implementation", None) is not None)
     if not wants_own_cache:
@@ -158,8 +165,6 @@ def _generate_with_kvpass_cache(model, generate, *args, **kwargs):
             warnings.warn("kvpass: beam search is not supported by the kvpass cache; this generate call uses HF's "
                           "own cache, and kvpass attention runs one-shot over it", stacklevel=2)
         else:
-            from .cache import KVCache, cache_argument
-
             kwargs[cache_argument(model)] = KVCache(model, capacity=_expected_length(config, args, kwargs))
     return generate(model, *args, **kwargs)
 

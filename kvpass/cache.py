@@ -17,6 +17,12 @@ from . import ops  # noqa: F401  (registers torch.ops.kvpass.*)
 from .backend import backend_of
 
 
+def takes_a_cache(model) -> bool:
+    """Whether the model's forward takes a cache at all (OpenAI GPT's takes none)."""
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" in parameters or "past_key_values" in parameters
+
+
 def cache_argument(model) -> str:
     """The name under which this model's forward (and so generate) takes a cache: `cache` since transformers 5.2x
     renamed it (the old `past_key_values` still works there, with a FutureWarning), `past_key_values` before."""

@@ -10,7 +10,7 @@ families.run_family says what each compares), and must do what
 - a known kvpass bug: an expected failure, strict, so fixing the bug fails the test until the entry goes;
 - not in the matrix: skipped with the reason (multimodal, or the generic tiny shrink does not build it).
 
-By default a fixed fast subset runs (about 10 s of CPU a run): eleven families through kvpass.compile, four
+By default a fixed fast subset runs (about 10 s of CPU a run): twelve families through kvpass.compile, four
 through the other two calls; KVPASS_FAMILY_MATRIX=all runs every family through every call (about 45 min on 2 cores). `python tests/families.py --matrix` prints the README's table from the same data.
 """
 import copy
@@ -27,7 +27,7 @@ from families import (CALLS, KNOWN_BUG, MATRIX_EXPECTED, NOT_BUILT, REWRITTEN, S
                       causal_lm_families, expected, matrix_table, run_family)
 
 # One family for each thing the matrix guards, chosen to stay under ~2 CPU-minutes in all.
-FAST = ["olmo2", "falcon", "qwen2_moe", "qwen3_moe", "bart", "rwkv", "gpt_oss", "diffllama", "minicpm3",
+FAST = ["olmo2", "falcon", "qwen2_moe", "qwen3_moe", "bart", "rwkv", "gpt_oss", "diffllama", "minicpm3", "mpt",
         "deepseek_v3", "qwen3_next"]
 # The other two binding calls, by default on families where binding once went wrong (olmo2, starcoder2: the backend
 # guessed the module from Dynamo's frame; ctrl: its outer forward breaks the graph before any module runs, so the
