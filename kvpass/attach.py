@@ -152,7 +152,7 @@ def _generate_with_kvpass_cache(model, generate, *args, **kwargs):
     # HF makes no cache where the call or the generation config says use_cache=False (MPT's does), where the model
     # supplies its own (HF's _supports_default_dynamic_cache) or where its forward takes none (OpenAI GPT): a kvpass
     # cache there would be refused, or fed the whole sequence again at every step.
-    from .cache import KVCache, cache_argument, takes_a_cache
+    from .cache import KVCache, cache_argument, recurrent_layers, takes_a_cache
 
     supports = getattr(type(model), "_supports_default_dynamic_cache", lambda: True)
     wants_own_cache = (kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
@@ -164,6 +164,10 @@ def _generate_with_kvpass_cache(model, generate, *args, **kwargs):
         if num_beams > 1:
             warnings.warn("kvpass: beam search is not supported by the kvpass cache; this generate call uses HF's "
                           "own cache, and kvpass attention runs one-shot over it", stacklevel=2)
+        elif recurrent_layers(model):
+            warnings.warn(f"kvpass: {type(model).__name__} has recurrent layers (Mamba, linear attention or "
+                          f"convolutions) whose state the kvpass cache does not hold; generate uses HF's own cache, "
+                          f"and kvpass attention runs one-shot over it", stacklevel=2)
         else:
             kwargs[cache_argument(model)] = KVCache(model, capacity=_expected_length(config, args, kwargs))
     return generate(model, *args, **kwargs)

@@ -17,6 +17,22 @@ from . import ops  # noqa: F401  (registers torch.ops.kvpass.*)
 from .backend import backend_of
 
 
+def recurrent_layers(model) -> bool:
+    """Whether HF's cache for this model holds recurrent state (Mamba, linear attention, convolutions: hybrid
+    models), which the kvpass cache, keys and values only, does not. Read from the layers HF's own DynamicCache
+    makes for the model's config (transformers versions without LinearAttentionCacheLayerMixin: False)."""
+    from transformers import DynamicCache, cache_utils
+
+    recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
+    if recurrent is None or not hasattr(model, "config"):
+        return False
+    try:
+        layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
+    except Exception:  # noqa: BLE001 - a config HF's cache cannot read: HF would not make one either
+        return False
+    return any(isinstance(layer, recurrent) for layer in layers)
+
+
 def takes_a_cache(model) -> bool:
     """Whether the model's forward takes a cache at all (OpenAI GPT's takes none)."""
     parameters = inspect.signature(type(model).forward).parameters
