@@ -112,6 +112,7 @@ class DecodeEngine:
         if self._pool_version != self.runtime.pool_version:  # a buffer the recordings read was reallocated
             self.counts["dropped"] += len(self.recordings)
             self.recordings.clear()
+            self._pool = None  # recording into the dropped graphs' pool again trips the caching allocator's assert
             self._eager_steps.clear()
             self._pool_version = self.runtime.pool_version
         key = (ids.shape[0], name, tuple(sorted((k, repr(v)) for k, v in steps.items())))

@@ -194,3 +194,18 @@ def test_float_mask_with_biases_is_refused_on_cuda_in_prefill():
     bias = torch.arange(5.0, device="cuda").expand(1, 1, 5, 5).contiguous()  # ALiBi-like: no 0/-inf values
     with pytest.raises(NotImplementedError, match="biases other than 0 and -inf"):
         torch.ops.kvpass.attention(q, k, v, bias, True, 0.25, 0.0, 0, MODE_ONESHOT, backend.runtime.id, 0, 0)
+
+
+def test_a_longer_generation_re_records_after_its_stores_grow():
+    """The second generate needs more room than the first: the stores reallocate, the stale recording is dropped and
+    a new one is made (in a new graph pool: recording into the dropped one's pool tripped an allocator assert)."""
+    reference, model = FAMILIES["llama"].build().cuda(), FAMILIES["llama"].build().cuda()
+    kvpass.compile(model, kvpass.Config(), strict=True)
+    ids = _prompt(9, 10)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=8, do_sample=False)
+        longer = _prompt(10, 300)
+        assert torch.equal(model.generate(longer, max_new_tokens=12, do_sample=False),
+                           reference.generate(longer, max_new_tokens=12, do_sample=False))
+    engine = kvpass.report(model)["decode_engine"]
+    assert engine["captured"] and engine["records"] == 2 and engine["stale_recordings_dropped"] == 1, engine
