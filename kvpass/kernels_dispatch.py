@@ -15,16 +15,18 @@ def use_triton(t: torch.Tensor) -> bool:
     return choice == "triton" or (choice == "auto" and t.is_cuda)
 
 
-def attention(q, k, v, *, mask, is_causal, scale, softcap, window, valid=None, return_lse=False, q_start=None):
+def attention(q, k, v, *, mask, is_causal, scale, softcap, window, valid=None, return_lse=False, q_start=None,
+              new_k=None, new_v=None):
     """q: (B, Hq, Lq, D) are the last Lq of the S keys in k, v: (B, Hkv, S, D|Dv), or the Lq keys from q_start
     (an int, or a (1,) int64 device tensor read by the kernel); mask: None or bool (Bm, Hm, Lq, S) over all keys;
     valid: None or (B, S) bool (False: a padding slot). With return_lse also the (B, Hq, Lq) fp32 log-sum-exp.
-    See kernels/attention for the full contract."""
+    new_k (B, Hkv, 1, D), new_v (B, Hkv, 1, Dv): a decode query's own key and value, written into k, v at q_start
+    by the same call. See kernels/attention for the full contract."""
     from .kernels import attention as family
 
     fn = family.attention_over_store if use_triton(q) else family.attention_over_store_reference
     return fn(q, k, v, valid, q_start, scale=scale, causal=is_causal, window=window, softcap=softcap, mask=mask,
-              return_lse=return_lse)
+              return_lse=return_lse, new_k=new_k, new_v=new_v)
 
 
 def coded_attention(q, kv, *, mask, is_causal, scale, softcap, window, return_lse=False):

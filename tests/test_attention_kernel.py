@@ -423,12 +423,15 @@ def test_defaults_are_all_valid_and_last_slots(fn):
 
 @pytest.mark.skipif(not _INTERPRET, reason="on a GPU the kernels are compiled by running them")
 def test_kernels_compile_for_hopper():
-    """The interpreter runs kernels as numpy: also compile what two small cases (one pass, split-KV) launches for sm_90, as a GPU would
+    """The interpreter runs kernels as numpy: also compile what three small cases (one pass, split-KV, a decode step
+    that writes its own token) launch for sm_90, as a GPU would
     (tests/hopper_compile.py)."""
     from hopper_compile import assert_what_runs_compiles_for_hopper
 
-    assert_what_runs_compiles_for_hopper(lambda: test_dense_matches_reference(next(iter(DENSE_CASES))),
-                                         lambda: test_split_kv_matches_reference(next(iter(SPLIT_CASES))))
+    assert_what_runs_compiles_for_hopper(
+        lambda: test_dense_matches_reference(next(iter(DENSE_CASES))),
+        lambda: test_split_kv_matches_reference(next(iter(SPLIT_CASES))),
+        lambda: test_new_token_written_and_attended_in_one_launch("decode-gqa8-split4-bf16", None))
 
 
 DEVICE_Q_START_CASES = {
@@ -453,6 +456,51 @@ def test_q_start_read_on_the_device_matches_reference(name):
     assert torch.isfinite(out).all(), "a slot past the query (NaN) leaked into the output"
     err = rel_err(out, ref)
     assert err <= tolerance(c), f"relative error {err:.2e} > {tolerance(c):.0e}"
+
+
+@pytest.mark.parametrize("name", list(DEVICE_Q_START_CASES))
+@pytest.mark.parametrize("new_dtype", [None, F32], ids=["new-in-store-dtype", "new-fp32"])
+def test_new_token_written_and_attended_in_one_launch(name, new_dtype):
+    """new_k / new_v (the decode step's cache write fused into the attention launch): the slot holds NaN before
+    the call, so a program reading it from the store instead of from new_k / new_v shows; after the call the slot
+    holds the new token in the store's dtype, and nothing else in the store changed."""
+    c, num_splits = DEVICE_Q_START_CASES[name]
+    (q, k, v, valid, q_start), kw = make_inputs(c)
+    g = torch.Generator().manual_seed(c.seed + 1000)
+    B, Hkv, _, D = k.shape
+    new_k = torch.randn(B, Hkv, 1, D, generator=g).to(new_dtype or k.dtype).to(DEVICE)
+    new_v = torch.randn(B, Hkv, 1, v.shape[3], generator=g).to(new_dtype or v.dtype).to(DEVICE)
+    k_ref, v_ref = k.clone(), v.clone()
+    ref = attention_over_store_reference(q, k_ref, v_ref, valid, q_start, **kw, new_k=new_k, new_v=new_v)
+    k[:, :, q_start], v[:, :, q_start] = float("nan"), float("nan")
+    on_device = torch.tensor([q_start], dtype=torch.int64, device=DEVICE)
+    out = attention_over_store(q, k, v, valid, on_device, **kw, num_splits=num_splits, new_k=new_k, new_v=new_v)
+    assert torch.isfinite(out).all(), "the new token's slot was read from the store before it was written"
+    err = rel_err(out, ref)
+    assert err <= tolerance(c), f"relative error {err:.2e} > {tolerance(c):.0e}"
+    if new_dtype is not None and _INTERPRET:
+        # Triton's interpreter casts fp32 to bf16 by truncation, a GPU rounds to nearest: one bf16 step apart.
+        assert torch.allclose(k[:, :, q_start].float(), new_k[:, :, 0].float(), rtol=2 ** -7, atol=0)
+        assert torch.allclose(v[:, :, q_start].float(), new_v[:, :, 0].float(), rtol=2 ** -7, atol=0)
+    else:
+        assert torch.equal(k[:, :, q_start], new_k[:, :, 0].to(k.dtype))
+        assert torch.equal(v[:, :, q_start], new_v[:, :, 0].to(v.dtype))
+    k[:, :, q_start], v[:, :, q_start] = k_ref[:, :, q_start], v_ref[:, :, q_start]
+    assert torch.equal(k.nan_to_num(7.0), k_ref.nan_to_num(7.0)) and torch.equal(v.nan_to_num(7.0),
+                                                                                  v_ref.nan_to_num(7.0))
+
+
+def test_new_token_refused_half_misshapen_or_with_several_queries():
+    (q, k, v, valid, q_start), kw = make_inputs(Case(46, Lq=1, kv_len=20))
+    B, Hkv, _, D = k.shape
+    new = torch.zeros(B, Hkv, 1, D, device=DEVICE, dtype=k.dtype)
+    with pytest.raises(ValueError, match="both be given"):
+        attention_over_store(q, k, v, valid, q_start, **kw, new_k=new)
+    with pytest.raises(ValueError, match="both be given"):
+        attention_over_store(q, k, v, valid, q_start, **kw, new_k=new, new_v=new[:, :1])
+    (q, k, v, valid, q_start), kw = make_inputs(Case(47, Lq=2, kv_len=20))
+    with pytest.raises(ValueError, match="Lq must be 1"):
+        attention_over_store(q, k, v, valid, q_start, **kw, new_k=new, new_v=new)
 
 
 def test_q_start_on_the_device_refuses_a_mask_and_a_wrong_tensor():

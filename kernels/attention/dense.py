@@ -25,7 +25,11 @@ Design
   they must hold finite values.
 * **Split-KV (flash-decoding).** When there are few programs (decode: few rows, small batch)
   but many keys, the key range of each row block is cut into ``num_splits`` chunks, each done by
-  its own program, which writes fp32 partials ``(m, l, acc)``; ``_combine_kernel`` merges them.
+  its own program, which writes fp32 partials ``(m, l, acc)``; ``_combine_kernel`` merges them,
+  one program per row loading every chunk at once.
+* **Decode writes its own token.** Given ``new_k``/``new_v`` (one query, its slot on the device),
+  the launch writes them into the store and attends them from registers, so a captured decode
+  step has one launch per layer where a copy of K, a copy of V and the attention were three.
 * **Log-sum-exp.** With ``return_lse`` the program (or the combine) also writes each row's
   natural-log logsumexp ``ln(2) * (m + log2(l))``, -inf for rows with nothing visible.
 * **Shared with other stores.** Everything but the K/V tile loads lives in public @triton.jit
@@ -55,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_attention_inputs
+from .reference import check_attention_inputs, check_new_token
 
 __all__ = ["attention_over_store", "choose_num_splits"]
 
@@ -305,10 +309,14 @@ def _attn_fwd_kernel(
     K, V,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
+    K_NEW, V_NEW,
+    sknb, sknh, sknd,
+    svnb, svnh, svnd,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_LSE: tl.constexpr, IS_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
     UPCAST_DOT: tl.constexpr, Q_START_ON_DEVICE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    APPEND: tl.constexpr,
 ):
     """One program: rows [pid_m*BLOCK_M, +BLOCK_M) of (batch, kv head) pid_bh, key chunk pid_s.
 
@@ -322,6 +330,10 @@ def _attn_fwd_kernel(
     DOT_FP32: fp32 semantics for mixed/fp32 inputs (p stays fp32); otherwise p is rounded to v's
     16-bit dtype. UPCAST_DOT: the tl.dot multiplies run on fp32 copies of their operands.
     Q_START_ON_DEVICE: q_start is a pointer to the slot of the first query (see :func:`query_slots`).
+    APPEND (decode, Lq = 1): the new token's K_NEW (B, Hkv, 1, D) and V_NEW (B, Hkv, 1, Dv) go into the store at
+    slot q_start in this launch (program (0, bh, 0) writes them), so no program reads that slot from the store:
+    the key range stops before it and the last key chunk attends the new token from K_NEW / V_NEW, rounded to the
+    store's dtype as a read of the slot would give them. One launch instead of two copies and an attention.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -330,8 +342,15 @@ def _attn_fwd_kernel(
     q = load_q(Q, b, head, qi, row_ok, sqb, sqh, sql, sqd, D, BLOCK_D)
     q_start, kv_len = query_slots(q_start, kv_len, Lq, Q_START_ON_DEVICE)
     q_pos = q_start + qi
-    lo, hi = key_range(pid_m, pid_s, R, group, q_start, kv_len, window, num_splits,
-                       CAUSAL, HAS_WINDOW, IS_SPLIT, BLOCK_M, BLOCK_N)
+    if APPEND:
+        # The store loop stops before the new token's slot (this launch writes it); one query, so shifting its
+        # slot back by one moves the causal end there; the window start moves one slot earlier, harmless since
+        # visibility is still tested at the true slot.
+        lo, hi = key_range(pid_m, pid_s, R, group, q_start - 1, kv_len - 1, window, num_splits,
+                           CAUSAL, HAS_WINDOW, IS_SPLIT, BLOCK_M, BLOCK_N)
+    else:
+        lo, hi = key_range(pid_m, pid_s, R, group, q_start, kv_len, window, num_splits,
+                           CAUSAL, HAS_WINDOW, IS_SPLIT, BLOCK_M, BLOCK_N)
     mask_rows = b * smb + head * smh + qi.to(tl.int64) * smi   # int64: B*Hq*Lq*kv_len may exceed int32
 
     # ---- key tiles: a scalar base pointer per tensor, advanced by BLOCK_N slots per iteration,
@@ -364,6 +383,28 @@ def _attn_fwd_kernel(
         k_base += BLOCK_N * sks
         v_base += BLOCK_N * svs
 
+    if APPEND:
+        # The new token as a key tile whose row 0 is K_NEW / V_NEW (the other rows masked), rounded to the
+        # store's dtype, through the same scores and softmax step as a tile read from the store.
+        first = (offs_t == 0)[:, None]
+        new_k_offs = (offs_t[:, None] * 0 + offs_d[None, :])
+        new_v_offs = (offs_t[:, None] * 0 + offs_dv[None, :])
+        k_new = tl.load(K_NEW + b * sknb + hkv * sknh + new_k_offs * sknd, mask=first & d_ok[None, :],
+                        other=0.0).to(K.dtype.element_ty)
+        v_new = tl.load(V_NEW + b * svnb + hkv * svnh + new_v_offs * svnd, mask=first & dv_ok[None, :],
+                        other=0.0).to(V.dtype.element_ty)
+        if pid_s == num_splits - 1:
+            new_ok = keys_ok(VALID, b * svalb, svals, q_start + offs_t, q_start + 1, HAS_VALID)
+            s = scores(q, tl.where(new_ok[:, None], k_new, 0.0).to(k_new.dtype), qk_scale, softcap_log2, HAS_SOFTCAP, UPCAST_DOT)
+            vis = visible(MASK, mask_rows, smj, row_ok, new_ok, q_start + offs_t, q_pos, window,
+                          CAUSAL, HAS_WINDOW, HAS_MASK)
+            m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, vis, tl.where(new_ok[:, None], v_new, 0.0).to(v_new.dtype),
+                                         DOT_FP32, UPCAST_DOT)
+        if pid_m == 0 and pid_s == 0:
+            slot = q_start.to(tl.int64)
+            tl.store(K + b * skb + hkv * skh + slot * sks + new_k_offs * skd, k_new, mask=first & d_ok[None, :])
+            tl.store(V + b * svb + hkv * svh + slot * svs + new_v_offs * svd, v_new, mask=first & dv_ok[None, :])
+
     finish_rows(OUT, M_PART, L_PART, LSE, acc, m_i, l_i, pid_bh, pid_s, num_splits,
                 b, head, qi, rows, row_ok, R, DV, sob, soh, sol, sod, slb, slh, sll,
                 HAS_LSE, IS_SPLIT, BLOCK_DV)
@@ -374,37 +415,40 @@ def _combine_kernel(
     ACC, M_PART, L_PART, OUT, LSE,
     sob, soh, sol, sod, slb, slh, sll,
     Hkv, group, Lq, num_splits, DV,
-    HAS_LSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Merge split-KV partials. Grid: (cdiv(R, BLOCK_M), B * Hkv), R = Lq * group.
+    """Merge split-KV partials. Grid: (R, B * Hkv), R = Lq * group: one program per row, which loads every
+    chunk's partials at once (BLOCK_S >= num_splits) instead of one chunk after another: a chain of dependent
+    loads is what made this launch cost more than the memory it reads.
 
     ACC: (B*Hkv, num_splits, R, Dv) fp32; M_PART, L_PART: (B*Hkv, num_splits, R) fp32;
     OUT: (B, Hq, Lq, Dv) in q's dtype; LSE: (B, Hq, Lq) fp32, written iff HAS_LSE.
     """
-    pid_m = tl.program_id(0)
+    row = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b, _, R, rows, row_ok, qi, head = program_rows(pid_m, pid_bh, Hkv, group, Lq, BLOCK_M)
+    R = Lq * group
+    b = (pid_bh // Hkv).to(tl.int64)
+    head = (pid_bh % Hkv).to(tl.int64) * group + row % group
+    qi = row // group
+    offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask2 = row_ok[:, None] & (offs_dv[None, :] < DV)
-
-    m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_run = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for s in range(num_splits):
-        part = (pid_bh * num_splits + s).to(tl.int64) * R + rows
-        m_s = tl.load(M_PART + part, mask=row_ok, other=float("-inf"))
-        l_s = tl.load(L_PART + part, mask=row_ok, other=0.0)
-        a_s = tl.load(ACC + part[:, None] * DV + offs_dv[None, :], mask=mask2, other=0.0)
-        m_new = tl.maximum(m_run, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # empty chunks have m = -inf
-        alpha = tl.exp2(m_run - m_safe)
-        beta = tl.exp2(m_s - m_safe)
-        l_run = l_run * alpha + l_s * beta
-        acc = acc * alpha[:, None] + a_s * beta[:, None]
-        m_run = m_new
-
-    _store_rows(OUT, LSE, acc, m_run, l_run, b, head, qi, row_ok, DV, sob, soh, sol, sod,
-                slb, slh, sll, HAS_LSE, BLOCK_DV)
+    s_ok = offs_s < num_splits
+    part = (pid_bh * num_splits + offs_s).to(tl.int64) * R + row      # (BLOCK_S,) partial ids
+    m_s = tl.load(M_PART + part, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(L_PART + part, mask=s_ok, other=0.0)
+    a_s = tl.load(ACC + part[:, None] * DV + offs_dv[None, :], mask=s_ok[:, None] & (offs_dv < DV)[None, :],
+                  other=0.0)
+    m = tl.max(m_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)      # every chunk empty: the row sees nothing
+    w = tl.exp2(m_s - m_safe)                          # empty chunks (m = -inf) weigh 0
+    l_sum = tl.sum(l_s * w, 0)
+    acc = tl.sum(a_s * w[:, None], 0)
+    out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)
+    tl.store(OUT + b * sob + head * soh + qi * sol + offs_dv * sod, out.to(OUT.dtype.element_ty), mask=offs_dv < DV)
+    if HAS_LSE:
+        lse = tl.where(l_sum > 0.0, (m + tl.log2(tl.where(l_sum > 0.0, l_sum, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(LSE + b * slb + head * slh + qi * sll, lse)
 
 
 def _check_device(caller: str, inputs: dict) -> torch.device:
@@ -518,18 +562,18 @@ def launch_attention(kernel, store_args, store_meta, store, q, valid, mask, dims
         **store_meta, num_warps=num_warps, num_stages=num_stages,
     )
     if is_split:
-        _combine_kernel[(row_blocks, B * Hkv)](
+        block_s = max(2, triton.next_power_of_2(num_splits))
+        _combine_kernel[(R, B * Hkv)](
             acc_part, m_part, l_part, out, lse, *out.stride(), *lse_strides,
             Hkv, group, Lq, num_splits, Dv,
-            # not tuned: 8 warps keep a 64 x 256 fp32 accumulator in registers without spills
-            HAS_LSE=return_lse, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV,
-            num_warps=8 if BLOCK_M * BLOCK_DV > 8192 else 4,
+            HAS_LSE=return_lse, BLOCK_S=block_s, BLOCK_DV=BLOCK_DV,
+            num_warps=8 if block_s * BLOCK_DV > 8192 else 4,   # <= 32 fp32 partials per thread
         )
     return result
 
 
 def attention_over_store(q, k, v, valid=None, q_start=None, *, scale, causal=True, window=0,
-                         softcap=0.0, mask=None, num_splits=None, return_lse=False):
+                         softcap=0.0, mask=None, num_splits=None, return_lse=False, new_k=None, new_v=None):
     """Attention of new queries over a KV store (Triton).
 
     q: (B, Hq, Lq, D) fp16/bf16/fp32, any strides; the queries sit in store slots
@@ -549,6 +593,9 @@ def attention_over_store(q, k, v, valid=None, q_start=None, *, scale, causal=Tru
        split-KV with n chunks (clamped to the number of key tiles).
     return_lse: also return lse (B, Hq, Lq) fp32, the natural-log logsumexp of each row's visible
        (scaled, soft-capped) scores, -inf for rows with no visible key.
+    new_k: (B, Hkv, 1, D), new_v: (B, Hkv, 1, Dv), or None: one decode query's own key and value, written
+       into the store at slot q_start by the same launch (cast to the store's dtype), as if copied there
+       before the call (a decode step's cache write and attention in one launch). Needs Lq = 1, no mask.
 
     Returns a new contiguous (B, Hq, Lq, Dv) tensor of q's dtype (and lse if return_lse); rows
     with no visible key are 0.
@@ -558,8 +605,12 @@ def attention_over_store(q, k, v, valid=None, q_start=None, *, scale, causal=Tru
         check_device_q_start(on_device, q, mask)
     dims = check_attention_inputs(q, k, v, valid, None if on_device is not None else q_start, scale=scale,
                                   window=window, softcap=softcap, mask=mask)
+    append = check_new_token(new_k, new_v, q, k, v, mask)
+    new_args = (new_k, new_v, *new_k.stride()[:2], new_k.stride(3), *new_v.stride()[:2], new_v.stride(3)) \
+        if append else (None, None, 0, 0, 0, 0, 0, 0)
     return launch_attention(
-        _attn_fwd_kernel, (k, v, *k.stride(), *v.stride()), {}, {"k": k, "v": v}, q, valid, mask,
+        _attn_fwd_kernel, (k, v, *k.stride(), *v.stride(), *new_args), {"APPEND": append},
+        {"k": k, "v": v}, q, valid, mask,
         dims, scale=scale, causal=causal, window=window, softcap=softcap, num_splits=num_splits,
         return_lse=return_lse, caller="attention_over_store", q_start_on_device=on_device,
     )

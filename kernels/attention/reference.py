@@ -29,6 +29,7 @@ __all__ = [
     "attention_over_store_reference",
     "visibility_mask",
     "check_attention_inputs",
+    "check_new_token",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -92,6 +93,23 @@ def check_attention_inputs(q, k, v, valid, q_start, *, scale, window, softcap, m
     return B, Hq, Hkv, Lq, S, D, Dv, q_start, kv_len
 
 
+def check_new_token(new_k, new_v, q, k, v, mask) -> bool:
+    """Whether a decode query's own key and value come with the call (see :func:`attention_over_store`);
+    raises if they come half, misshapen, with more than one query or with a mask."""
+    if new_k is None and new_v is None:
+        return False
+    B, Hkv, _, D = k.shape
+    want_k, want_v = (B, Hkv, 1, D), (B, Hkv, 1, v.shape[3])
+    if new_k is None or new_v is None or tuple(new_k.shape) != want_k or tuple(new_v.shape) != want_v:
+        got = [None if t is None else tuple(t.shape) for t in (new_k, new_v)]
+        raise ValueError(f"new_k and new_v must both be given, shaped {want_k} and {want_v}; got {got}")
+    if q.shape[2] != 1 or mask is not None:
+        raise ValueError(f"new_k / new_v are one decode query's: Lq must be 1 (got {q.shape[2]}) and mask None")
+    if new_k.device != k.device or new_v.device != k.device:
+        raise ValueError(f"new_k / new_v must be on the store's device {k.device}, got {new_k.device}, {new_v.device}")
+    return True
+
+
 def visibility_mask(valid, q_start, Lq, Hq, *, causal=True, window=0, mask=None):
     """Materialize the (B, Hq, Lq, kv_len) bool mask of the visibility rule in the module doc.
 
@@ -115,7 +133,8 @@ def visibility_mask(valid, q_start, Lq, Hq, *, causal=True, window=0, mask=None)
 
 
 def attention_over_store_reference(q, k, v, valid=None, q_start=None, *, scale, causal=True,
-                                   window=0, softcap=0.0, mask=None, num_splits=None, return_lse=False):
+                                   window=0, softcap=0.0, mask=None, num_splits=None, return_lse=False,
+                                   new_k=None, new_v=None):
     """fp32 reference. Shapes as in :func:`kvpass.kernels.attention.attention_over_store`.
 
     q: (B, Hq, Lq, D); k: (B, Hkv, S, D); v: (B, Hkv, S, Dv); valid: (B, S) bool or None (all
@@ -123,6 +142,8 @@ def attention_over_store_reference(q, k, v, valid=None, q_start=None, *, scale, 
     (1|B, 1|Hq, Lq, kv_len) bool or None.
     Returns a contiguous (B, Hq, Lq, Dv) tensor of q's dtype, and with return_lse also the
     (B, Hq, Lq) fp32 natural-log logsumexp of each row's visible scores (-inf: nothing visible).
+    new_k (B, Hkv, 1, D), new_v (B, Hkv, 1, Dv): the decode query's own key and value, copied into k, v at
+    slot q_start first (in place, cast to the store's dtype).
     ``num_splits`` is accepted (and ignored) so the two functions are call-compatible.
     """
     del num_splits
@@ -131,6 +152,10 @@ def attention_over_store_reference(q, k, v, valid=None, q_start=None, *, scale, 
     B, Hq, Hkv, Lq, S, D, Dv, q_start, kv_len = check_attention_inputs(
         q, k, v, valid, q_start, scale=scale, window=window, softcap=softcap, mask=mask
     )
+    if new_k is not None or new_v is not None:
+        check_new_token(new_k, new_v, q, k, v, mask)
+        k[:, :, q_start : q_start + 1] = new_k
+        v[:, :, q_start : q_start + 1] = new_v
     group = Hq // Hkv
     if valid is None:
         valid = torch.ones(B, kv_len, dtype=torch.bool, device=q.device)

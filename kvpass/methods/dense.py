@@ -86,12 +86,10 @@ class DenseStore(LayerStore):
         return self._allocate(self._k[:, :, :0], self._v[:, :, :0], length)
 
     def decode(self, q, k, v, spec: AttentionSpec, slot, valid):
-        # index_copy_ with a device index: the write position is data, not a Python int, so replays move it.
-        self._k.index_copy_(2, slot, k.to(self._k.dtype))
-        self._v.index_copy_(2, slot, v.to(self._v.dtype))
+        # The slot is a device tensor, so replays move it; the kernel writes k, v there in the same launch.
         return kernels_dispatch.attention(q, self._k, self._v, mask=None, is_causal=True, scale=spec.scale,
                                           softcap=spec.softcap, window=spec.window, valid=valid[:, : self.capacity],
-                                          q_start=slot)
+                                          q_start=slot, new_k=k, new_v=v)
 
     def advance(self, count: int) -> None:
         self._length += count

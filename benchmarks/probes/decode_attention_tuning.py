@@ -1,0 +1,118 @@
+"""Where a captured dense decode step spends its GPU time, and which launch of the decode attention kernel reads
+the store fastest.
+
+--part profile: `random:llama:8b` bf16, kvpass dense (captured) and the fp16 peer at B1 over a 4,096-token fill;
+  each one's recorded step replayed under torch.profiler; GPU time per kernel name, per step.
+--part sweep: the decode attention kernel alone (kernels/attention, q_start on the device, valid given, as the
+  captured step launches it) against torch SDPA over the same static store, Llama-3-8B's heads (32 q, 8 kv, dim
+  128), for several split counts and tile shapes; each timed as a replayed CUDA graph (do_bench_cudagraph); GB/s =
+  the K/V bytes below the position over the time.
+
+    python benchmarks/probes/decode_attention_tuning.py --part profile
+    python benchmarks/probes/decode_attention_tuning.py --part sweep
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+
+def profile(context: int, steps: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    import kvpass
+    from kvpass.eval import bench
+    from kvpass.models import load_model
+
+    model = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")[0]
+    kvpass.compile(model, kvpass.Config(attention=kvpass.Dense()))
+    for name in ("kvpass", "peer"):
+        step = bench.decode_stepper(model, name, batch=1, context=context, capacity=context + 64 + steps)
+        for _ in range(12):
+            step()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        totals = collections.Counter()
+        counts = collections.Counter()
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                totals[event.name] += event.device_time
+                counts[event.name] += 1
+        total = sum(totals.values()) / steps
+        print(f"\n== {name}: GPU kernel time {total / 1e3:.3f} ms per step, {sum(counts.values()) / steps:.0f} "
+              f"kernels per step", flush=True)
+        for kernel, us in totals.most_common(25):
+            print(f"{us / steps:9.1f} us/step {counts[kernel] / steps:5.0f}x  {kernel[:110]}")
+        del step
+        kvpass.report(model)
+        torch.cuda.empty_cache()
+
+
+def sweep(points) -> None:
+    from triton.testing import do_bench_cudagraph
+
+    from kvpass.kernels.attention import dense
+    from kvpass.kernels.attention.reference import check_attention_inputs
+
+    hq, hkv, d = 32, 8, 128
+    for batch, context in points:
+        capacity = context + 64
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        k = torch.randn(batch, hkv, capacity, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn_like(k)
+        q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        valid = torch.ones(batch, capacity, dtype=torch.bool, device="cuda")
+        slot = torch.tensor([context], device="cuda")
+        kv_bytes = 2 * batch * hkv * (context + 1) * d * 2
+        sdpa_ms = do_bench_cudagraph(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        ref = F.scaled_dot_product_attention(q, k[:, :, :context + 1], v[:, :, :context + 1], enable_gqa=True)
+        print(f"\n== B{batch} ctx {context}: SDPA over the capacity {sdpa_ms * 1e3:.1f} us "
+              f"({kv_bytes * (capacity / (context + 1)) / sdpa_ms / 1e6:.0f} GB/s)", flush=True)
+        dims = check_attention_inputs(q, k, v, valid, None, scale=d ** -0.5, window=0, softcap=0.0, mask=None)
+        best = None
+        for splits, block_n, warps, stages in itertools.product((None, 8, 16, 32, 64, 128), (32, 64, 128),
+                                                                (4, 8), (2, 3)):
+            def config(rows, block_d, fp32, block_n=block_n, warps=warps, stages=stages):
+                return 16, block_n, warps, stages
+
+            def run():
+                return dense.launch_attention(
+                    dense._attn_fwd_kernel, (k, v, *k.stride(), *v.stride()), {}, {"k": k, "v": v}, q, valid, None,
+                    dims, scale=d ** -0.5, causal=True, window=0, softcap=0.0, num_splits=splits, return_lse=False,
+                    caller="sweep", launch_config=config, q_start_on_device=slot)
+            try:
+                err = (run().float() - ref.float()).abs().max().item()
+                ms = do_bench_cudagraph(run)
+            except Exception as exc:  # a tile shape that does not fit shared memory
+                print(f"splits {splits} BLOCK_N {block_n} warps {warps} stages {stages}: {type(exc).__name__}")
+                continue
+            line = (f"splits {str(splits):>4} BLOCK_N {block_n:3d} warps {warps} stages {stages}: {ms * 1e3:7.1f} us "
+                    f"{kv_bytes / ms / 1e6:6.0f} GB/s  x{sdpa_ms / ms:.2f} of SDPA  max err {err:.1e}")
+            if best is None or ms < best[0]:
+                best = (ms, line)
+            if splits is None or ms < 1.15 * best[0]:
+                print(line, flush=True)
+        print("best:", best[1], flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("profile", "sweep"), required=True)
+    parser.add_argument("--points", default="1x4096,1x32768,1x131072,8x32768")
+    args = parser.parse_args()
+    if args.part == "profile":
+        profile(4096, 20)
+    else:
+        sweep([tuple(int(x) for x in p.split("x")) for p in args.points.split(",")])
+
+
+if __name__ == "__main__":
+    main()
