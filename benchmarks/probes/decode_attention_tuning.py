@@ -3,12 +3,15 @@ the store fastest.
 
 --part profile: `random:llama:8b` bf16, kvpass dense (captured) and the fp16 peer at B1 over a 4,096-token fill;
   each one's recorded step replayed under torch.profiler; GPU time per kernel name, per step.
---part sweep: the decode attention kernel alone (kernels/attention, q_start on the device, valid given, as the
-  captured step launches it) against torch SDPA over the same static store, Llama-3-8B's heads (32 q, 8 kv, dim
+--part prefill: where a 32K-token prefill spends its GPU time, kvpass-compiled against HF's own SDPA forward
+  (torch.profiler, top kernels), and torch SDPA's causal prompt attention with enable_gqa against repeated K/V.
+--part sweep: the decode attention kernel alone (kernels/attention, q_start on the device, valid and the new
+  token given, as the captured step launches it) against torch SDPA over the same static store, Llama-3-8B's heads (32 q, 8 kv, dim
   128), for several split counts and tile shapes; each timed as a replayed CUDA graph (do_bench_cudagraph); GB/s =
   the K/V bytes below the position over the time.
 
     python benchmarks/probes/decode_attention_tuning.py --part profile
+    python benchmarks/probes/decode_attention_tuning.py --part prefill
     python benchmarks/probes/decode_attention_tuning.py --part sweep
 """
 from __future__ import annotations
@@ -21,10 +24,53 @@ import torch
 import torch.nn.functional as F
 
 
-def profile(context: int, steps: int) -> None:
+def _kernel_table(run, repeats: int, title: str) -> None:
+    """GPU time per kernel name of `repeats` calls of run(), per call, under torch.profiler."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            run()
+        torch.cuda.synchronize()
+    totals, counts = collections.Counter(), collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.device_time
+            counts[event.name] += 1
+    total = sum(totals.values()) / repeats
+    print(f"\n== {title}: GPU kernel time {total / 1e3:.3f} ms per call, {sum(counts.values()) / repeats:.0f} "
+          f"kernels per call", flush=True)
+    for kernel, us in totals.most_common(25):
+        print(f"{us / repeats:9.1f} us/call {counts[kernel] / repeats:5.0f}x  {kernel[:110]}")
+
+
+def prefill(context: int) -> None:
+    import kvpass
+    from kvpass.eval import bench
+    from kvpass.models import load_model
+    from triton.testing import do_bench
+
+    q = torch.randn(1, 32, context, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, context, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    gqa = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    rep = do_bench(lambda: F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                                          is_causal=True))
+    print(f"SDPA causal {context}: enable_gqa {gqa:.2f} ms, repeated K/V {rep:.2f} ms", flush=True)
+    del q, k, v
+    model = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")[0]
+    ids = bench._random_prompt(model, 1, context, 0)
+    with torch.no_grad():
+        model.forward(ids, use_cache=False, logits_to_keep=1)
+        _kernel_table(lambda: model.forward(ids, use_cache=False, logits_to_keep=1), 1, f"HF SDPA forward {context}")
+        kvpass.compile(model, kvpass.Config(attention=kvpass.Dense()))
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+        _kernel_table(lambda: model.generate(ids, max_new_tokens=1, do_sample=False), 1,
+                      f"kvpass generate of one token {context}")
+
+
+def profile(context: int, steps: int) -> None:
     import kvpass
     from kvpass.eval import bench
     from kvpass.models import load_model
@@ -35,22 +81,7 @@ def profile(context: int, steps: int) -> None:
         step = bench.decode_stepper(model, name, batch=1, context=context, capacity=context + 64 + steps)
         for _ in range(12):
             step()
-        torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                step()
-            torch.cuda.synchronize()
-        totals = collections.Counter()
-        counts = collections.Counter()
-        for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                totals[event.name] += event.device_time
-                counts[event.name] += 1
-        total = sum(totals.values()) / steps
-        print(f"\n== {name}: GPU kernel time {total / 1e3:.3f} ms per step, {sum(counts.values()) / steps:.0f} "
-              f"kernels per step", flush=True)
-        for kernel, us in totals.most_common(25):
-            print(f"{us / steps:9.1f} us/step {counts[kernel] / steps:5.0f}x  {kernel[:110]}")
+        _kernel_table(step, steps, f"{name} decode step")
         del step
         kvpass.report(model)
         torch.cuda.empty_cache()
@@ -71,6 +102,7 @@ def sweep(points) -> None:
         q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         valid = torch.ones(batch, capacity, dtype=torch.bool, device="cuda")
         slot = torch.tensor([context], device="cuda")
+        new_k, new_v = k[:, :, context:context + 1].clone(), v[:, :, context:context + 1].clone()
         kv_bytes = 2 * batch * hkv * (context + 1) * d * 2
         sdpa_ms = do_bench_cudagraph(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
         ref = F.scaled_dot_product_attention(q, k[:, :, :context + 1], v[:, :, :context + 1], enable_gqa=True)
@@ -85,7 +117,9 @@ def sweep(points) -> None:
 
             def run():
                 return dense.launch_attention(
-                    dense._attn_fwd_kernel, (k, v, *k.stride(), *v.stride()), {}, {"k": k, "v": v}, q, valid, None,
+                    dense._attn_fwd_kernel, (k, v, *k.stride(), *v.stride(), new_k, new_v, *new_k.stride()[:2],
+                                             new_k.stride(3), *new_v.stride()[:2], new_v.stride(3)),
+                    {"APPEND": True}, {"k": k, "v": v}, q, valid, None,
                     dims, scale=d ** -0.5, causal=True, window=0, softcap=0.0, num_splits=splits, return_lse=False,
                     caller="sweep", launch_config=config, q_start_on_device=slot)
             try:
@@ -105,11 +139,13 @@ def sweep(points) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("profile", "sweep"), required=True)
+    parser.add_argument("--part", choices=("profile", "prefill", "sweep"), required=True)
     parser.add_argument("--points", default="1x4096,1x32768,1x131072,8x32768")
     args = parser.parse_args()
     if args.part == "profile":
         profile(4096, 20)
+    elif args.part == "prefill":
+        prefill(32768)
     else:
         sweep([tuple(int(x) for x in p.split("x")) for p in args.points.split(",")])
 

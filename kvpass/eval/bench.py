@@ -230,13 +230,14 @@ def interleaved_paths(model, paths, *, batch: int, context: int, steps: int, war
 
 def generate_point(model, *, context: int, new_tokens: int, seed: int = 0) -> dict:
     """What a user runs: HF `generate` of `new_tokens` after a real prefill of a random `context`-token prompt
-    through `model` as prepared (e.g. kvpass.compile). Times a 1-token generate (the prefill) and a full one, each
-    after a warm-up generate that compiles and records; decode tok/s = (new_tokens - 1) / (full - prefill)."""
+    through `model` as prepared (e.g. kvpass.compile). Times a 1-token generate (the prefill) and a full one, after
+    a warm-up generate of the same length (what a user's second request meets: compiled, recorded, the cache
+    grown to its size); decode tok/s = (new_tokens - 1) / (full - prefill)."""
     device = next(model.parameters()).device
     ids = _random_prompt(model, 1, context, seed)
     seconds = {}
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=8, do_sample=False)
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for n in (1, new_tokens):
