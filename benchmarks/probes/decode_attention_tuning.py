@@ -1,7 +1,7 @@
 """Where a captured dense decode step spends its GPU time, and which launch of the decode attention kernel reads
 the store fastest.
 
---part profile: `random:llama:8b` bf16, kvpass dense (captured) and the fp16 peer at B1 over a 4,096-token fill;
+--part profile: `random:llama:8b` bf16, kvpass dense (captured) and the fp16 peer at each point (B x fill);
   each one's recorded step replayed under torch.profiler; GPU time per kernel name, per step.
 --part prefill: where a 32K-token prefill spends its GPU time, kvpass-compiled against HF's own SDPA forward
   (torch.profiler, top kernels), and torch SDPA's causal prompt attention with enable_gqa against repeated K/V.
@@ -70,20 +70,21 @@ def prefill(context: int) -> None:
                       f"kvpass generate of one token {context}")
 
 
-def profile(context: int, steps: int) -> None:
+def profile(batch: int, context: int, steps: int) -> None:
     import kvpass
+    from kvpass.attach import backend_of
     from kvpass.eval import bench
     from kvpass.models import load_model
 
     model = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")[0]
     kvpass.compile(model, kvpass.Config(attention=kvpass.Dense()))
     for name in ("kvpass", "peer"):
-        step = bench.decode_stepper(model, name, batch=1, context=context, capacity=context + 64 + steps)
+        step = bench.decode_stepper(model, name, batch=batch, context=context, capacity=context + 64 + steps)
         for _ in range(12):
             step()
         _kernel_table(step, steps, f"{name} decode step")
         del step
-        kvpass.report(model)
+        backend_of(model).runtime.release()
         torch.cuda.empty_cache()
 
 
@@ -142,12 +143,14 @@ def main() -> None:
     parser.add_argument("--part", choices=("profile", "prefill", "sweep"), required=True)
     parser.add_argument("--points", default="1x4096,1x32768,1x131072,8x32768")
     args = parser.parse_args()
+    points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
     if args.part == "profile":
-        profile(4096, 20)
+        for batch, context in points:
+            profile(batch, context, 20)
     elif args.part == "prefill":
         prefill(32768)
     else:
-        sweep([tuple(int(x) for x in p.split("x")) for p in args.points.split(",")])
+        sweep(points)
 
 
 if __name__ == "__main__":

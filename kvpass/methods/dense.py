@@ -9,6 +9,24 @@ from ..config import Dense
 from .base import AttentionSpec, LayerStore, static_capacity
 
 
+_CAUSAL_CHECK_ROWS = 4096  # rows of the mask compared at a time: bounds the comparison's memory at long prompts
+
+
+def is_plain_causal(mask: torch.Tensor) -> bool:
+    """Whether a bool mask (Bm, Hm, L, L) (True = attend) is exactly the causal one: every query sees itself and
+    the keys before it, nothing else (no padding, no window). One device sync."""
+    L = mask.shape[-1]
+    if mask.dtype != torch.bool or mask.shape[-2] != L:
+        return False
+    keys = torch.arange(L, device=mask.device)
+    differs = torch.zeros((), dtype=torch.bool, device=mask.device)
+    for start in range(0, L, _CAUSAL_CHECK_ROWS):
+        block = mask[..., start : start + _CAUSAL_CHECK_ROWS, :]
+        queries = torch.arange(start, start + block.shape[-2], device=mask.device)
+        differs |= (block != (keys <= queries[:, None])).any()
+    return not bool(differs)
+
+
 class DenseStore(LayerStore):
     method: Dense
     captured_decode = True
@@ -69,6 +87,8 @@ class DenseStore(LayerStore):
         if q.is_cuda and q.shape[2] == self._length and spec.softcap == 0 and (mask is not None or not spec.window):
             # The whole store is this prompt: dense adds nothing to its attention, so torch's fastest kernel
             # (flash without a mask; past = 0, so its top-left causal alignment is the right one) does it.
+            if mask is not None and is_plain_causal(mask):
+                mask, is_causal = None, True  # HF materializes it under torch.compile; flash needs it gone
             return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                                   is_causal=is_causal and mask is None, scale=spec.scale,
                                                   enable_gqa=q.shape[1] != k.shape[1])
