@@ -49,49 +49,59 @@ def speed(points, steps: int, warmup: int) -> list[dict]:
     model = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")[0]
     kvpass.compile(model, DENSE)
     backend = backend_of(model)
-    device = torch.device("cuda")
-    bandwidth = bench.measured_bandwidth(device)
+    bandwidth = bench.measured_bandwidth(torch.device("cuda"))
     rows = []
     for batch, context in points:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        capacity = context + warmup + steps + 1
-        weights = bench.step_bytes(model, batch, 0, torch.bfloat16)
-        kv_bytes = bench.step_bytes(model, batch, capacity, torch.bfloat16) - weights
-        together = 2 * kv_bytes + weights < 0.85 * torch.cuda.mem_get_info()[1]
-        graphs_before = len(backend.records)
-        row = {"batch": batch, "context": context, "interleaved": together, "bandwidth_Bps": bandwidth,
-               "step_bytes_kvpass": bench.step_bytes(model, batch, context, torch.bfloat16),
-               "step_bytes_peer": bench.step_bytes(model, batch, capacity, torch.bfloat16)}
-        groups = [("kvpass", "peer")] if together else [("kvpass",), ("peer",)]
-        for names in groups:
-            steppers = {name: bench.decode_stepper(model, name, batch=batch, context=context, capacity=capacity)
-                        for name in names}
-            times = bench.interleave(steppers, device, steps=steps, warmup=warmup)
-            for name, seconds in times.items():
-                median = statistics.median(seconds)
-                gpu_ms = _gpu_ms(name, steppers[name], backend)
-                row[name] = {"step_ms": 1e3 * median, "tokens_per_s": batch / median, "gpu_ms_replayed": gpu_ms,
-                             "gpu_busy": None if gpu_ms is None else gpu_ms / (1e3 * median),
-                             "step_ms_all": [1e3 * t for t in seconds]}
-            if "kvpass" in names:
-                report = kvpass.report(model)
-                row.update(kv_bytes_by_part=report["kv_bytes_by_part"], decode_engine=report["decode_engine"],
-                           graphs_compiled=len(backend.records) - graphs_before,
-                           compile_seconds=report["compile_seconds"])
-            steppers.clear()
-            if "kvpass" in names:
-                backend.runtime.release()  # the next cache (the peer's, or the next point's) needs the room
+        try:
+            rows.append(_speed_point(model, backend, bandwidth, batch, context, steps, warmup))
+        except torch.OutOfMemoryError as error:  # keep the other points' rows: the record says which one failed
+            backend.runtime.release()
             torch.cuda.empty_cache()
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        row["kvpass_over_peer"] = row["kvpass"]["tokens_per_s"] / row["peer"]["tokens_per_s"]
-        rows.append(row)
-        print(f"B{batch} ctx {context}: kvpass {row['kvpass']['tokens_per_s']:.1f} tok/s ({row['kvpass']['step_ms']:.2f} "
-              f"ms, GPU {row['kvpass']['gpu_ms_replayed'] or float('nan'):.2f} ms) | peer "
-              f"{row['peer']['tokens_per_s']:.1f} tok/s ({row['peer']['step_ms']:.2f} ms, GPU "
-              f"{row['peer']['gpu_ms_replayed'] or float('nan'):.2f} ms) | ratio {row['kvpass_over_peer']:.3f} | "
-              f"interleaved {together} | engine {row['decode_engine']} | compiles {row['graphs_compiled']}", flush=True)
+            rows.append({"batch": batch, "context": context, "error": f"{type(error).__name__}: {error}"[:300]})
+            print(f"B{batch} ctx {context}: {rows[-1]['error']}", flush=True)
     return rows
+
+
+def _speed_point(model, backend, bandwidth, batch: int, context: int, steps: int, warmup: int) -> dict:
+    """One (batch, context) row: kvpass and the peer, interleaved where both caches fit together."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    capacity = context + warmup + steps + 1
+    weights = bench.step_bytes(model, batch, 0, torch.bfloat16)
+    kv_bytes = bench.step_bytes(model, batch, capacity, torch.bfloat16) - weights
+    together = 2 * kv_bytes + weights < 0.85 * torch.cuda.mem_get_info()[1]
+    graphs_before = len(backend.records)
+    row = {"batch": batch, "context": context, "interleaved": together, "bandwidth_Bps": bandwidth,
+           "step_bytes_kvpass": bench.step_bytes(model, batch, context, torch.bfloat16),
+           "step_bytes_peer": bench.step_bytes(model, batch, capacity, torch.bfloat16)}
+    groups = [("kvpass", "peer")] if together else [("kvpass",), ("peer",)]
+    for names in groups:
+        steppers = {name: bench.decode_stepper(model, name, batch=batch, context=context, capacity=capacity)
+                    for name in names}
+        times = bench.interleave(steppers, torch.device("cuda"), steps=steps, warmup=warmup)
+        for name, seconds in times.items():
+            median = statistics.median(seconds)
+            gpu_ms = _gpu_ms(name, steppers[name], backend)
+            row[name] = {"step_ms": 1e3 * median, "tokens_per_s": batch / median, "gpu_ms_replayed": gpu_ms,
+                         "gpu_busy": None if gpu_ms is None else gpu_ms / (1e3 * median),
+                         "step_ms_all": [1e3 * t for t in seconds]}
+        if "kvpass" in names:
+            report = kvpass.report(model)
+            row.update(kv_bytes_by_part=report["kv_bytes_by_part"], decode_engine=report["decode_engine"],
+                       graphs_compiled=len(backend.records) - graphs_before,
+                       compile_seconds=report["compile_seconds"])
+        steppers.clear()
+        if "kvpass" in names:
+            backend.runtime.release()  # the next cache (the peer's, or the next point's) needs the room
+        torch.cuda.empty_cache()
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    row["kvpass_over_peer"] = row["kvpass"]["tokens_per_s"] / row["peer"]["tokens_per_s"]
+    print(f"B{batch} ctx {context}: kvpass {row['kvpass']['tokens_per_s']:.1f} tok/s ({row['kvpass']['step_ms']:.2f} "
+          f"ms, GPU {row['kvpass']['gpu_ms_replayed'] or float('nan'):.2f} ms) | peer "
+          f"{row['peer']['tokens_per_s']:.1f} tok/s ({row['peer']['step_ms']:.2f} ms, GPU "
+          f"{row['peer']['gpu_ms_replayed'] or float('nan'):.2f} ms) | ratio {row['kvpass_over_peer']:.3f} | "
+          f"interleaved {together} | engine {row['decode_engine']} | compiles {row['graphs_compiled']}", flush=True)
+    return row
 
 
 def e2e(contexts, new_tokens: int) -> list[dict]:

@@ -62,25 +62,37 @@ def kernel_table(records) -> str:
                      [f"{_env(r)}; {r.get('shape')}" for r in records])
 
 
+def _commit(record) -> str:
+    """The commit a record's code came from (its first word: a record may say more about how it ran)."""
+    return (record["environment"].get("commit") or "?").split()[0]
+
+
 def engine_speed_table(records) -> str:
     rows = []
     for record in records:
         for row in record["results"]:
+            if "error" in row:  # a point that did not run (out of memory): its row says so
+                rows.append([_commit(record), row["batch"], row["context"], record["args"]["steps"],
+                             row["error"][:60]] + [""] * 7)
+                continue
             k, p = row["kvpass"], row["peer"]
             busy = "" if k.get("gpu_busy") is None else f"{100 * k['gpu_busy']:.0f} %"
-            rows.append([row["batch"], row["context"], f"{k['tokens_per_s']:.1f}", f"{p['tokens_per_s']:.1f}",
+            rows.append([_commit(record), row["batch"], row["context"], record["args"]["steps"],
+                         f"{k['tokens_per_s']:.1f}",
+                         f"{p['tokens_per_s']:.1f}",
                          f"{row['kvpass_over_peer']:.3f}", busy, "yes" if row["interleaved"] else "no (memory)",
                          row["decode_engine"]["records"], row["graphs_compiled"], f"{row['peak_gib']:.1f}"])
-    return _markdown(["batch", "context", "kvpass tok/s", "peer tok/s", "kvpass / peer", "GPU-busy (kvpass)",
+    return _markdown(["code", "batch", "context", "steps", "kvpass tok/s", "peer tok/s", "kvpass / peer", "GPU-busy (kvpass)",
                       "interleaved", "recordings", "compiles", "peak GiB"], rows, [_env(r) for r in records])
 
 
 def engine_e2e_table(records) -> str:
-    rows = [[row["context"], row["new_tokens"], f"{row['prefill_s']:.3f}", f"{row['hf_sdpa_prefill_s']:.3f}",
+    rows = [[_commit(record), row["context"], row["new_tokens"], f"{row['prefill_s']:.3f}",
+             f"{row['hf_sdpa_prefill_s']:.3f}",
              f"{row['prefill_fraction_of_sdpa']:.2f}", f"{row['decode_tokens_per_s']:.1f}", f"{row['peak_gib']:.1f}",
              f"{sum(row['kv_bytes_by_part'].values()) / 2**20:.0f}"]
             for record in records for row in record["results"]]
-    return _markdown(["prompt", "new tokens", "kvpass prefill s", "HF SDPA prefill s", "SDPA / kvpass",
+    return _markdown(["code", "prompt", "new tokens", "kvpass prefill s", "HF SDPA prefill s", "SDPA / kvpass",
                       "decode tok/s", "peak GiB", "KV MiB held"], rows, [_env(r) for r in records])
 
 

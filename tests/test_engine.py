@@ -214,3 +214,22 @@ def test_engine_stands_aside_when_hf_attention_updates_the_cache_outside_any_gra
             got = model.generate(ids, **options).logits
             assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-4
     assert "unfused" in kvpass.report(model)["decode_engine"]["standing_aside"]
+
+
+def test_a_plain_causal_prompt_mask_is_recognized_and_nothing_else_is(monkeypatch):
+    """Dense prefill drops HF's materialized mask for torch's flash kernel only when the mask is exactly causal
+    (checked in row blocks: the block size is made small so several blocks are compared)."""
+    from kvpass.methods import dense
+
+    monkeypatch.setattr(dense, "_CAUSAL_CHECK_ROWS", 3)
+    L = 10
+    causal = torch.ones(L, L, dtype=torch.bool).tril()[None, None]
+    assert dense.is_plain_causal(causal) and dense.is_plain_causal(causal.expand(2, 4, L, L))
+    windowed, late = causal.clone(), causal.clone()
+    padded = causal.expand(2, 1, L, L).clone()
+    padded[1, :, :, :2] = False                                   # row 1 left-padded by two tokens
+    windowed[..., 9, :3] = False                                  # a sliding window cuts the last row
+    late[..., 9, 9] = False                                       # the last query does not see itself
+    for mask in (padded, windowed, late, torch.ones(1, 1, L, L, dtype=torch.bool),
+                 causal.float(), causal[..., 1:, :]):
+        assert not dense.is_plain_causal(mask)

@@ -46,10 +46,7 @@ def _kernel_table(run, repeats: int, title: str) -> None:
         print(f"{us / repeats:9.1f} us/call {counts[kernel] / repeats:5.0f}x  {kernel[:110]}")
 
 
-def prefill(context: int) -> None:
-    import kvpass
-    from kvpass.eval import bench
-    from kvpass.models import load_model
+def _sdpa_prompt_attention(context: int) -> None:
     from triton.testing import do_bench
 
     q = torch.randn(1, 32, context, 128, device="cuda", dtype=torch.bfloat16)
@@ -58,7 +55,14 @@ def prefill(context: int) -> None:
     rep = do_bench(lambda: F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
                                                           is_causal=True))
     print(f"SDPA causal {context}: enable_gqa {gqa:.2f} ms, repeated K/V {rep:.2f} ms", flush=True)
-    del q, k, v
+
+
+def prefill(context: int) -> None:
+    import kvpass
+    from kvpass.eval import bench
+    from kvpass.models import load_model
+
+    _sdpa_prompt_attention(context)
     model = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")[0]
     ids = bench._random_prompt(model, 1, context, 0)
     with torch.no_grad():
