@@ -18,7 +18,8 @@ A store that meets the captured-decode contract (`captured_decode = True`) also 
     store.reset()                       # a new sequence: empty, same buffers
 
 Work that does not fit a fixed-shape step (e.g. clustering a full segment) belongs outside the graph, at step
-counts the host knows.
+counts the host knows. `StaticStore` holds the host-side half of the contract (length, reset, reserve, advance)
+for stores whose buffers grow only when a sequence outgrows them.
 """
 from __future__ import annotations
 
@@ -127,3 +128,39 @@ class LayerStore:
     def advance(self, count: int) -> None:
         """Host bookkeeping after `count` decode steps ran on the device."""
         raise NotImplementedError
+
+
+class StaticStore(LayerStore):
+    """A store meeting the captured-decode contract whose slots are counted on the host (`_length`) over buffers
+    of `capacity` slots that keep their addresses until they must grow. Subclasses implement `capacity` and
+    `_grow(length)`, plus the LayerStore methods."""
+
+    captured_decode = True
+
+    def __init__(self, method: AttentionMethod, layer: int, capacity: int | None = None):
+        super().__init__(method, layer, capacity)
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        raise NotImplementedError
+
+    def _grow(self, length: int) -> bool:
+        """Reallocate the buffers for at least `length` slots, keeping what they hold; True if reallocated."""
+        raise NotImplementedError
+
+    def reset(self) -> bool:
+        self._length = 0
+        return True
+
+    def reserve(self, length: int) -> bool:
+        if length <= self.capacity:  # every decode step asks: answer without building views
+            return False
+        return self._grow(length)
+
+    def advance(self, count: int) -> None:
+        self._length += count

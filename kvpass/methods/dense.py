@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from .. import kernels_dispatch
 from ..config import Dense
-from .base import AttentionSpec, LayerStore, static_capacity
+from .base import AttentionSpec, StaticStore, static_capacity
 
 
 _CAUSAL_CHECK_ROWS = 4096  # rows of the mask compared at a time: bounds the comparison's memory at long prompts
@@ -27,19 +27,13 @@ def is_plain_causal(mask: torch.Tensor) -> bool:
     return not bool(differs)
 
 
-class DenseStore(LayerStore):
+class DenseStore(StaticStore):
     method: Dense
-    captured_decode = True
 
     def __init__(self, method: Dense, layer: int, capacity: int | None = None):
         super().__init__(method, layer, capacity)
         self._k: torch.Tensor | None = None  # (B, Hkv, capacity, D)
         self._v: torch.Tensor | None = None  # (B, Hkv, capacity, Dv)
-        self._length = 0
-
-    @property
-    def length(self) -> int:
-        return self._length
 
     @property
     def batch(self) -> int:
@@ -96,13 +90,7 @@ class DenseStore(LayerStore):
                                           softcap=spec.softcap, window=spec.window)
 
     # -- captured decode ----------------------------------------------------------------------------------
-    def reset(self) -> bool:
-        self._length = 0
-        return True
-
-    def reserve(self, length: int) -> bool:
-        if length <= self.capacity:  # every decode step asks: answer without building views
-            return False
+    def _grow(self, length: int) -> bool:
         return self._allocate(self._k[:, :, :0], self._v[:, :, :0], length)
 
     def decode(self, q, k, v, spec: AttentionSpec, slot, valid):
@@ -110,9 +98,6 @@ class DenseStore(LayerStore):
         return kernels_dispatch.attention(q, self._k, self._v, mask=None, is_causal=True, scale=spec.scale,
                                           softcap=spec.softcap, window=spec.window, valid=valid[:, : self.capacity],
                                           q_start=slot, new_k=k, new_v=v)
-
-    def advance(self, count: int) -> None:
-        self._length += count
 
     def materialize(self):
         if self._k is None:

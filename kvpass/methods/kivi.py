@@ -18,7 +18,7 @@ import torch
 
 from .. import kernels_dispatch
 from ..config import KIVI
-from .base import AttentionSpec, LayerStore, static_capacity
+from .base import AttentionSpec, StaticStore, static_capacity
 
 
 # -- quantizers ----------------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def _put(buffer: torch.Tensor, index: torch.Tensor, new: torch.Tensor, condition
     buffer.index_copy_(2, index, torch.where(condition, new, buffer[:, :, index]))
 
 
-class KIVIStore(LayerStore):
+class KIVIStore(StaticStore):
     """KV cache of one layer as KIVI holds it: quantized keys, quantized values and an exact tail of each.
 
     After every `append` (a prefill as well as a decode step) of a sequence of n tokens, with r = residual and
@@ -126,7 +126,6 @@ class KIVIStore(LayerStore):
     """
 
     method: KIVI
-    captured_decode = True
 
     def __init__(self, method: KIVI, layer: int, capacity: int | None = None):
         super().__init__(method, layer, capacity)
@@ -134,11 +133,6 @@ class KIVIStore(LayerStore):
         self._values: tuple[torch.Tensor, ...] = ()  # codes, scale, zero: (B, Hkv, C, Dv), (B, Hkv, C, 1) x 2
         self._ring_k: torch.Tensor | None = None     # (B, Hkv, r + g, D): exact keys, token t at t mod (r + g)
         self._ring_v: torch.Tensor | None = None     # (B, Hkv, r + 1, Dv): exact values, token t at t mod (r + 1)
-        self._length = 0
-
-    @property
-    def length(self) -> int:
-        return self._length
 
     @property
     def batch(self) -> int:
@@ -264,13 +258,7 @@ class KIVIStore(LayerStore):
         return keys[:, :, :n], values[:, :, :n]
 
     # -- captured decode ----------------------------------------------------------------------------------
-    def reset(self) -> bool:
-        self._length = 0
-        return True
-
-    def reserve(self, length: int) -> bool:
-        if length <= self.capacity:  # every decode step asks: answer without building views
-            return False
+    def _grow(self, length: int) -> bool:
         return self._make_room(self._ring_k, self._ring_v, length)
 
     def decode(self, q, k, v, spec: AttentionSpec, slot, valid):
@@ -298,9 +286,6 @@ class KIVIStore(LayerStore):
         return kernels_dispatch.attention(q, keys, values, mask=None, is_causal=True, scale=spec.scale,
                                           softcap=spec.softcap, window=spec.window, valid=valid[:, : self.capacity],
                                           q_start=slot)
-
-    def advance(self, count: int) -> None:
-        self._length += count
 
     def nbytes(self):
         """Bytes allocated, by component (capacity reserved for later tokens counts, as in DenseStore):
