@@ -3,12 +3,12 @@
 # image); CPU part: accuracy of the real model (runs anywhere, a few minutes on 2 cores).
 #   bash benchmarks/baseline.sh gpu-decode     # Llama-3-8B shape, random bf16 weights
 #   bash benchmarks/baseline.sh cpu-accuracy   # smollm2-135m dense perplexity + passkey
-#   bash benchmarks/baseline.sh gpu-engine-check|gpu-engine-speed|gpu-engine-e2e   # the decode engine (issue 19)
+#   bash benchmarks/baseline.sh gpu-engine-check|gpu-engine-speed|gpu-engine-e2e|gpu-engine-kernel   # the decode engine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT_DIR:-benchmarks/results}
 KVPASS=${KVPASS:-kvpass}
-case "${1:?usage: baseline.sh gpu-decode|gpu-static|gpu-engine-check|gpu-engine-speed|gpu-engine-e2e|cpu-accuracy}" in
+case "${1:?usage: baseline.sh gpu-decode|gpu-static|gpu-engine-check|gpu-engine-speed|gpu-engine-e2e|gpu-engine-kernel|cpu-accuracy}" in
   gpu-decode)
     $KVPASS bench decode --model random:llama:8b --dtype bfloat16 --batch 1 --context 4096 32768 131072 \
       --steps 20 --paths kvpass hf-eager --prefill-max 4096 --out "$OUT"
@@ -27,6 +27,9 @@ case "${1:?usage: baseline.sh gpu-decode|gpu-static|gpu-engine-check|gpu-engine-
     python benchmarks/decode_engine.py --part speed --out "$OUT" ;;
   gpu-engine-e2e)
     python benchmarks/decode_engine.py --part e2e --out "$OUT" ;;
+  gpu-engine-kernel)   # where the step's GPU time goes (kernel tables), and the decode attention launch against SDPA
+    python benchmarks/probes/decode_attention_tuning.py --part profile --points 1x4096,8x32768
+    python benchmarks/probes/decode_attention_tuning.py --part sweep --points 1x4096,8x32768 ;;
   cpu-accuracy)
     $KVPASS eval ppl --model smollm2-135m --text enwiki --seqlen 1024 --max-windows 8 --out "$OUT"
     $KVPASS eval ppl --model smollm2-135m --text enwiki --seqlen 1024 --max-windows 2 --decode-tail 128 --out "$OUT"

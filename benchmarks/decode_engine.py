@@ -18,6 +18,7 @@ batch = each row alone, are tests/test_cuda.py.)
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 
 import torch
@@ -90,9 +91,13 @@ def _speed_point(model, backend, bandwidth, batch: int, context: int, steps: int
             row.update(kv_bytes_by_part=report["kv_bytes_by_part"], decode_engine=report["decode_engine"],
                        graphs_compiled=len(backend.records) - graphs_before,
                        compile_seconds=report["compile_seconds"])
+        for step in steppers.values():
+            if hasattr(step, "peer"):
+                step.peer.release()
         steppers.clear()
         if "kvpass" in names:
             backend.runtime.release()  # the next cache (the peer's, or the next point's) needs the room
+        gc.collect()
         torch.cuda.empty_cache()
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     row["kvpass_over_peer"] = row["kvpass"]["tokens_per_s"] / row["peer"]["tokens_per_s"]

@@ -3,6 +3,7 @@
 CUDA graphs themselves need a GPU (tests/test_cuda.py); here every decode step runs the same compiled graph and
 the same kvpass::decode_attention ops eagerly, which is what a recording replays."""
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -130,6 +131,10 @@ def test_peer_step_equals_the_model_when_its_cache_is_exactly_full():
         peer.slot.fill_(7)
         got = peer.step(ids[:, -1:])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # release() frees the cache at once, without waiting for the garbage collector (the peer sits in a cycle)
+    held = weakref.ref(peer.keys[0])
+    peer.release()
+    assert held() is None
 
 
 def test_a_new_batch_size_reallocates_and_bumps_the_pool_version():

@@ -67,6 +67,12 @@ class PeerDecoder:
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.lm_head(inner.norm(h))[:, -1]
 
+    def release(self) -> None:
+        """Free the cache and the recorded graph now: the peer, its compiled step and the bound method that step
+        wraps form a reference cycle, which would hold the whole cache until Python's garbage collector runs."""
+        self.keys, self.values = [], []
+        self._graph = self._logits = None
+
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         """One decode step at the current slot, then the slot advances. Returns (B, vocab) logits (a buffer the
