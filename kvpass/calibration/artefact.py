@@ -31,16 +31,35 @@ def model_description(model: torch.nn.Module) -> dict:
         "attention_heads": heads,
         "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
         "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        "shard": shard_of(model),
         "fingerprint": fingerprint(model),
     }
 
 
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter: the local shard of a DTensor (tensor-parallel), else the parameter."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def shard_of(model: torch.nn.Module) -> dict | None:
+    """{"rank", "world"} of this process when the model's weights are sharded over several (HF tensor parallel:
+    the parameters are DTensors), else None. A method calibrated on one shard learned that shard's KV heads and
+    FFN channels only."""
+    if not any(hasattr(param, "to_local") for param in model.parameters()):
+        return None
+    import torch.distributed as dist
+
+    return {"rank": dist.get_rank(), "world": dist.get_world_size()}
+
+
 def fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over every parameter's name, shape and first 64 values: cheap, and different weights differ."""
+    """sha256 over every parameter's name, shape and first 64 values (of this process's shard under tensor
+    parallelism): cheap, and different weights differ."""
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
-        digest.update(f"{name}{tuple(param.shape)}".encode())
-        digest.update(param.detach().flatten()[:64].float().cpu().numpy().tobytes())
+        local = _local(param.detach())
+        digest.update(f"{name}{tuple(local.shape)}".encode())
+        digest.update(local.flatten()[:64].float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -114,6 +133,13 @@ class Calibration:
         if wrong:
             raise ValueError(f"the calibration artefact was made for another model ({theirs.get('name_or_path')!r}): "
                              + "; ".join(wrong) + ". Calibrate this model: kvpass calibrate --model ...")
+        if theirs.get("shard") != ours["shard"]:
+            def where(shard):
+                return "the whole model" if shard is None else f"rank {shard['rank']} of {shard['world']}"
+            raise ValueError(f"the calibration artefact was made for {where(theirs.get('shard'))} and this process "
+                             f"runs {where(ours['shard'])} of a tensor-parallel model: a shard's calibration holds its "
+                             f"own KV heads and FFN channels. Calibrate under the same plan, one artefact per rank "
+                             f"(leave Config.calibration None under torchrun, or give each rank its own file)")
         stored = self.meta["sections"].get(section)
         if stored is None:
             raise ValueError(f"the calibration artefact has no section {section!r} (it has "
