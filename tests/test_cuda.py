@@ -209,3 +209,45 @@ def test_a_longer_generation_re_records_after_its_stores_grow():
                            reference.generate(longer, max_new_tokens=12, do_sample=False))
     engine = kvpass.report(model)["decode_engine"]
     assert engine["captured"] and engine["records"] == 2 and engine["stale_recordings_dropped"] == 1, engine
+
+
+def test_antkv_calibrates_on_cuda_and_decodes_with_its_artefact():
+    """Calibration on the model's device: k-means runs there with seeds drawn on the CPU generator (a CPU generator
+    for CUDA tensors failed in torch.multinomial), the artefact has the CPU's sections and shapes, and a compiled
+    model decodes with it."""
+    from kvpass.calibration import calibrate
+
+    method = kvpass.AnTKV(bits=2)
+    on_cpu = calibrate(FAMILIES["llama"].build(), method, tokens=512, seqlen=128, progress=False)
+    model = FAMILIES["llama"].build().cuda()
+    on_cuda = calibrate(model, method, tokens=512, seqlen=128, progress=False)
+    assert on_cuda.meta["sections"] == on_cpu.meta["sections"]
+    assert {k: v.shape for k, v in on_cuda.tensors.items()} == {k: v.shape for k, v in on_cpu.tensors.items()}
+    assert all(torch.isfinite(v).all() for v in on_cuda.tensors.values())
+
+
+def test_dense_prefill_drops_only_an_exactly_causal_mask():
+    """HF materializes the causal mask under torch.compile (transformers < 5.25); dense prefill then runs SDPA
+    without it (flash). A mask that also hides padding is kept: the output matches the reference with that mask."""
+    from kvpass.kernels.attention import attention_over_store_reference
+    from kvpass.methods.base import AttentionSpec
+    from kvpass.methods.dense import DenseStore
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, Hq, Hkv, L, D = 2, 8, 2, 300, 64
+    q = torch.randn(B, Hq, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    causal = torch.ones(L, L, dtype=torch.bool, device="cuda").tril()[None, None].expand(B, 1, L, L)
+    padded = causal.clone()
+    padded[1, :, :, :5] = False
+    padded[1, :, :5, :5] = torch.eye(5, dtype=torch.bool, device="cuda")  # a padding query sees itself only
+    spec = AttentionSpec(scale=D ** -0.5)
+    for mask in (causal, padded):
+        store = DenseStore(kvpass.Dense(), 0)
+        store.append(k, v)
+        got = store.attend(q, mask, True, spec)
+        want = attention_over_store_reference(q, k, v, scale=spec.scale, mask=mask)
+        assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+    store = DenseStore(kvpass.Dense(), 0)
+    store.append(k, v)
+    assert torch.equal(store.attend(q, causal, True, spec), store.attend(q, None, True, spec))

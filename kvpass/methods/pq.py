@@ -60,7 +60,8 @@ def weighted_kmeans(points: torch.Tensor, weights: torch.Tensor, clusters: int, 
     if N < clusters:
         raise ValueError(f"{N} calibration vectors cannot fit {clusters} centroids; calibrate on more tokens")
     w = weights.float().clamp_min(0) + 1e-12
-    seeds = torch.multinomial(w, clusters, replacement=False, generator=generator)               # (G, C)
+    # Seeds drawn on the CPU (the generator's device): the same seeds, hence the same artefact, on every device.
+    seeds = torch.multinomial(w.cpu(), clusters, replacement=False, generator=generator).to(points.device)  # (G, C)
     centroids = torch.gather(points, 1, seeds[..., None].expand(G, clusters, sub)).clone()
     for _ in range(iterations):
         assign = _nearest(points, centroids)                                                       # (G, N)
