@@ -423,7 +423,13 @@ def cmd_bench_decode(args) -> int:
                             results.append({"path": path, "batch": batch, "context": context, "error": "out of memory"})
                             print(f"{path:14s} B{batch:<3d} ctx {context:>7d}: out of memory")
                         continue
+                    if "kvpass" in rows and args.generate and batch == 1:
+                        rows["kvpass-generate"] = _generate_row(model, context, args.generate)
                     for row in rows.values():
+                        if "tokens_per_s" not in row:  # the generate row reports its own rates
+                            results.append(row)
+                            print(_format_generate_row(row))
+                            continue
                         bytes_per_step = bench.step_bytes(model, batch, context, kv_dtype)
                         row.update({"bytes_per_step": bytes_per_step,
                                     "roofline_tokens_per_s": batch * bandwidth / bytes_per_step})
@@ -440,6 +446,24 @@ def cmd_bench_decode(args) -> int:
                         steps=args.steps)
     print(f"record: {path}")
     return 0
+
+
+def _generate_row(model, context: int, new_tokens: int) -> dict:
+    """What a user runs, through the kvpass-compiled model: a real prefill and HF generate (kvpass.eval.bench
+    .generate_point), beside HF's own SDPA prefill of the same prompt, with the kvpass state after it."""
+    from .eval import bench
+
+    row = {"path": "kvpass-generate", "batch": 1, **bench.generate_point(model, context=context, new_tokens=new_tokens)}
+    row.update(_kvpass_state(model))
+    hf = bench.sdpa_prefill_seconds(model, context=context)
+    row.update(hf_sdpa_prefill_s=hf, prefill_fraction_of_sdpa=hf / row["prefill_s"])
+    return row
+
+
+def _format_generate_row(row: dict) -> str:
+    return (f"{row['path']:14s} B1   ctx {row['context']:>7d}: prefill {row['prefill_s']:.3f} s "
+            f"({row['prefill_fraction_of_sdpa']:.2f}x HF SDPA's speed), decode {row['decode_tokens_per_s']:.1f} tok/s "
+            f"over {row['new_tokens']} tokens" + ("" if row["peak_gib"] is None else f", peak {row['peak_gib']:.1f} GiB"))
 
 
 def _kvpass_state(model) -> dict:
@@ -523,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--cudagraphs", action="store_true", help="CUDA graphs (kvpass: between its ops; HF static: "
                                                                "reduce-overhead)")
     dec.add_argument("--prefill-max", type=int, default=8192, help="also time a prefill at contexts up to this")
+    dec.add_argument("--generate", type=int, default=0, metavar="N",
+                     help="also time what a user runs (kvpass path, batch 1): a random prompt of each context "
+                          "prefilled and N tokens generated through HF generate, beside HF's own SDPA prefill")
     dec.add_argument("--inner", choices=["inductor", "aot_eager", "eager"], default="inductor",
                      help="compiler behind kvpass and hf-static")
     dec.add_argument("--out", default="runs/bench")

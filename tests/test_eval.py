@@ -72,11 +72,15 @@ def test_cli_bad_arguments_are_clear(tmp_path, capsys):
 def test_bench_decode_tiny_cpu_point_writes_a_record(tmp_path, capsys):
     assert main(["bench", "decode", "--model", "random:smollm2:135m", "--context", "32", "--steps", "2",
                  "--paths", "kvpass", "peer", "hf-eager", "--inner", "aot_eager", "--prefill-max", "32",
-                 "--out", str(tmp_path)]) == 0
+                 "--generate", "4", "--out", str(tmp_path)]) == 0
     record = json.loads(next(tmp_path.glob("bench-decode-*.json")).read_text())
     assert record["command"] == "bench decode" and record["environment"]["versions"]["torch"]
     rows = {row["path"]: row for row in record["results"]}
-    assert set(rows) == {"kvpass", "peer", "hf-eager"}
+    assert set(rows) == {"kvpass", "peer", "hf-eager", "kvpass-generate"}
+    generated = rows.pop("kvpass-generate")   # what a user runs: a real prefill and HF generate
+    assert generated["new_tokens"] == 4 and generated["decode_tokens_per_s"] > 0
+    assert generated["prefill_s"] > 0 and generated["hf_sdpa_prefill_s"] > 0
+    assert generated["kv_bytes_by_part"]["keys"] > 0
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["bytes_per_step"] > 0
     kvpass_row = rows["kvpass"]
