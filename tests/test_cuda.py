@@ -137,6 +137,26 @@ def test_chess_inside_cudagraph_partitions(tmp_path):
     assert all(torch.equal(out, outputs[0]) for out in outputs[1:])
 
 
+def test_chess_decode_steps_recorded_by_the_engine_equal_unrecorded_ones(tmp_path):
+    """CHESS+ (sparse FFN and projection kernels, traced triton_ops) inside the decode engine's recorded step: the
+    replayed steps' logits equal the eager steps' for a padded batch, and every step after the warm-up replays."""
+    from test_chess import _artefact
+
+    reference = FAMILIES["llama"].build()
+    config = kvpass.Config(ffn=kvpass.Chess(sparsity=0.5, selective=True),
+                           calibration=_artefact(reference, tmp_path / "c.safetensors"))
+    captured, uncaptured = (FAMILIES["llama"].build().cuda() for _ in range(2))
+    kvpass.compile(captured, config, strict=True)
+    kvpass.compile(uncaptured, config, strict=True, capture=False)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        runs = [model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True) for model in (captured, uncaptured)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].logits, runs[1].logits))
+    engine = kvpass.report(captured)["decode_engine"]
+    assert engine["captured"] and engine["records"] == 1 and engine["replays"] == 17, engine
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_prefill_close_to_hf(dtype):
     reference, model = (FAMILIES["qwen2"].build(dtype=dtype).cuda() for _ in range(2))
