@@ -38,7 +38,7 @@ def run(model, method: str, folder: pathlib.Path) -> dict:
     if section.needs_calibration:
         rank = dist.get_rank() if dist.is_initialized() else None
         path = folder / f"{method}-{'alone' if rank is None else f'rank{rank}'}.safetensors"
-        calibrate(model, section, tokens=1024, seqlen=256, progress=False).save(path)
+        calibrate(model, section, tokens=512, seqlen=128, progress=False).save(path)
         config = dataclasses.replace(config, calibration=str(path))
     kvpass.compile(model, config, inner="eager")  # the rewrite is what is tested; Inductor adds minutes on 2 cores
     with torch.no_grad():
