@@ -423,13 +423,7 @@ def cmd_bench_decode(args) -> int:
                             results.append({"path": path, "batch": batch, "context": context, "error": "out of memory"})
                             print(f"{path:14s} B{batch:<3d} ctx {context:>7d}: out of memory")
                         continue
-                    if "kvpass" in rows and args.generate and batch == 1:
-                        rows["kvpass-generate"] = _generate_row(model, context, args.generate)
                     for row in rows.values():
-                        if "tokens_per_s" not in row:  # the generate row reports its own rates
-                            results.append(row)
-                            print(_format_generate_row(row))
-                            continue
                         bytes_per_step = bench.step_bytes(model, batch, context, kv_dtype)
                         row.update({"bytes_per_step": bytes_per_step,
                                     "roofline_tokens_per_s": batch * bandwidth / bytes_per_step})
@@ -439,6 +433,8 @@ def cmd_bench_decode(args) -> int:
                         print(bench.format_row(row, bytes_per_step, bandwidth) + (
                             f"; prefill {row['prefill_tokens_per_s']:.0f} tok/s" if "prefill_tokens_per_s" in row
                             else "") + (f"; {row['over_peer']:.3f}x peer" if "over_peer" in row else ""))
+                    if "kvpass" in rows and args.generate and batch == 1:
+                        results.append(_generate_row(model, context, args.generate))
         finally:
             undo()
     path = write_record(args.out, "bench decode", results, config=config.to_dict(), model=args.model,
@@ -449,21 +445,17 @@ def cmd_bench_decode(args) -> int:
 
 
 def _generate_row(model, context: int, new_tokens: int) -> dict:
-    """What a user runs, through the kvpass-compiled model: a real prefill and HF generate (kvpass.eval.bench
-    .generate_point), beside HF's own SDPA prefill of the same prompt, with the kvpass state after it."""
+    """What a user runs through the kvpass-compiled model (kvpass.eval.bench.generate_against_sdpa), with the kvpass
+    state after it; printed as it comes."""
     from .eval import bench
 
-    row = {"path": "kvpass-generate", "batch": 1, **bench.generate_point(model, context=context, new_tokens=new_tokens)}
+    row = {"path": "kvpass-generate", "batch": 1, **bench.generate_against_sdpa(model, context=context,
+                                                                                new_tokens=new_tokens)}
     row.update(_kvpass_state(model))
-    hf = bench.sdpa_prefill_seconds(model, context=context)
-    row.update(hf_sdpa_prefill_s=hf, prefill_fraction_of_sdpa=hf / row["prefill_s"])
+    print(f"{row['path']:14s} B1   ctx {context:>7d}: prefill {row['prefill_s']:.3f} s "
+          f"({row['prefill_fraction_of_sdpa']:.2f}x HF SDPA's speed), decode {row['decode_tokens_per_s']:.1f} tok/s "
+          f"over {new_tokens} tokens" + ("" if row["peak_gib"] is None else f", peak {row['peak_gib']:.1f} GiB"))
     return row
-
-
-def _format_generate_row(row: dict) -> str:
-    return (f"{row['path']:14s} B1   ctx {row['context']:>7d}: prefill {row['prefill_s']:.3f} s "
-            f"({row['prefill_fraction_of_sdpa']:.2f}x HF SDPA's speed), decode {row['decode_tokens_per_s']:.1f} tok/s "
-            f"over {row['new_tokens']} tokens" + ("" if row["peak_gib"] is None else f", peak {row['peak_gib']:.1f} GiB"))
 
 
 def _kvpass_state(model) -> dict:

@@ -38,16 +38,24 @@ def _padded_batch(batch=4, length=14):
     return ids, mask
 
 
-def test_recorded_decode_steps_equal_unrecorded_ones_bit_for_bit():
-    """bf16, a left-padded batch of 4: the replayed steps' logits are the eager steps' logits, exactly."""
-    captured, uncaptured = (FAMILIES["llama"].build(dtype=torch.bfloat16).cuda() for _ in range(2))
-    kvpass.compile(captured, kvpass.Config(), strict=True)
-    kvpass.compile(uncaptured, kvpass.Config(), strict=True, capture=False)
+def _recorded_and_unrecorded(config, dtype):
+    """Two tiny Llamas compiled with `config`, one with the decode engine recording its steps and one without,
+    greedy-generate 20 tokens for a left-padded batch of 4; asserts every step's logits are equal, exactly.
+    Returns the two models (for their reports)."""
+    captured, uncaptured = (FAMILIES["llama"].build(dtype=dtype).cuda() for _ in range(2))
+    kvpass.compile(captured, config, strict=True)
+    kvpass.compile(uncaptured, config, strict=True, capture=False)
     ids, mask = _padded_batch()
     with torch.no_grad():
         runs = [model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, output_logits=True,
                                return_dict_in_generate=True) for model in (captured, uncaptured)]
     assert all(torch.equal(a, b) for a, b in zip(runs[0].logits, runs[1].logits))
+    return captured, uncaptured
+
+
+def test_recorded_decode_steps_equal_unrecorded_ones_bit_for_bit():
+    """bf16, a left-padded batch of 4: the replayed steps' logits are the eager steps' logits, exactly."""
+    captured, uncaptured = _recorded_and_unrecorded(kvpass.Config(), torch.bfloat16)
     assert kvpass.report(captured)["decode_engine"]["replays"] == 17
     assert kvpass.report(uncaptured)["decode_engine"]["records"] == 0
 
@@ -56,14 +64,7 @@ def test_kivi_recorded_decode_steps_equal_unrecorded_ones():
     """KIVI's captured step (ring writes, on-device quantization of the leaving value and completed key groups,
     the dequantized capacity) replayed from a CUDA graph gives the eager steps' logits for a padded batch."""
     config = kvpass.Config(attention=kvpass.KIVI(bits=4, group=4, residual=3))
-    captured, uncaptured = (FAMILIES["llama"].build(dtype=torch.bfloat16).cuda() for _ in range(2))
-    kvpass.compile(captured, config, strict=True)
-    kvpass.compile(uncaptured, config, strict=True, capture=False)
-    ids, mask = _padded_batch()
-    with torch.no_grad():
-        runs = [model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, output_logits=True,
-                               return_dict_in_generate=True) for model in (captured, uncaptured)]
-    assert all(torch.equal(a, b) for a, b in zip(runs[0].logits, runs[1].logits))
+    captured, _ = _recorded_and_unrecorded(config, torch.bfloat16)
     engine = kvpass.report(captured)["decode_engine"]
     assert engine["records"] == 1 and engine["replays"] == 17, engine
 
@@ -145,14 +146,7 @@ def test_chess_decode_steps_recorded_by_the_engine_equal_unrecorded_ones(tmp_pat
     reference = FAMILIES["llama"].build()
     config = kvpass.Config(ffn=kvpass.Chess(sparsity=0.5, selective=True),
                            calibration=_artefact(reference, tmp_path / "c.safetensors"))
-    captured, uncaptured = (FAMILIES["llama"].build().cuda() for _ in range(2))
-    kvpass.compile(captured, config, strict=True)
-    kvpass.compile(uncaptured, config, strict=True, capture=False)
-    ids, mask = _padded_batch()
-    with torch.no_grad():
-        runs = [model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, output_logits=True,
-                               return_dict_in_generate=True) for model in (captured, uncaptured)]
-    assert all(torch.equal(a, b) for a, b in zip(runs[0].logits, runs[1].logits))
+    captured, _ = _recorded_and_unrecorded(config, torch.float32)
     engine = kvpass.report(captured)["decode_engine"]
     assert engine["captured"] and engine["records"] == 1 and engine["replays"] == 17, engine
 

@@ -384,26 +384,32 @@ def _attn_fwd_kernel(
         v_base += BLOCK_N * svs
 
     if APPEND:
-        # The new token as a key tile whose row 0 is K_NEW / V_NEW (the other rows masked), rounded to the
-        # store's dtype, through the same scores and softmax step as a tile read from the store.
-        first = (offs_t == 0)[:, None]
-        new_k_offs = (offs_t[:, None] * 0 + offs_d[None, :])
-        new_v_offs = (offs_t[:, None] * 0 + offs_dv[None, :])
-        k_new = tl.load(K_NEW + b * sknb + hkv * sknh + new_k_offs * sknd, mask=first & d_ok[None, :],
-                        other=0.0).to(K.dtype.element_ty)
-        v_new = tl.load(V_NEW + b * svnb + hkv * svnh + new_v_offs * svnd, mask=first & dv_ok[None, :],
-                        other=0.0).to(V.dtype.element_ty)
-        if pid_s == num_splits - 1:
-            new_ok = keys_ok(VALID, b * svalb, svals, q_start + offs_t, q_start + 1, HAS_VALID)
-            s = scores(q, tl.where(new_ok[:, None], k_new, 0.0).to(k_new.dtype), qk_scale, softcap_log2, HAS_SOFTCAP, UPCAST_DOT)
-            vis = visible(MASK, mask_rows, smj, row_ok, new_ok, q_start + offs_t, q_pos, window,
-                          CAUSAL, HAS_WINDOW, HAS_MASK)
-            m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, vis, tl.where(new_ok[:, None], v_new, 0.0).to(v_new.dtype),
-                                         DOT_FP32, UPCAST_DOT)
-        if pid_m == 0 and pid_s == 0:
-            slot = q_start.to(tl.int64)
-            tl.store(K + b * skb + hkv * skh + slot * sks + new_k_offs * skd, k_new, mask=first & d_ok[None, :])
-            tl.store(V + b * svb + hkv * svh + slot * svs + new_v_offs * svd, v_new, mask=first & dv_ok[None, :])
+        is_last_chunk = pid_s == num_splits - 1
+        is_writer = (pid_m == 0) & (pid_s == 0)
+        if is_last_chunk | is_writer:
+            # The new token as a key tile whose row 0 is K_NEW / V_NEW (the other rows masked), rounded to the
+            # store's dtype, through the same scores and softmax step as a tile read from the store. Only the
+            # programs that attend it (the last key chunk) or write it (one per (batch, KV head)) load it.
+            first = (offs_t == 0)[:, None]
+            new_k_offs = (offs_t[:, None] * 0 + offs_d[None, :])
+            new_v_offs = (offs_t[:, None] * 0 + offs_dv[None, :])
+            k_new = tl.load(K_NEW + b * sknb + hkv * sknh + new_k_offs * sknd, mask=first & d_ok[None, :],
+                            other=0.0).to(K.dtype.element_ty)
+            v_new = tl.load(V_NEW + b * svnb + hkv * svnh + new_v_offs * svnd, mask=first & dv_ok[None, :],
+                            other=0.0).to(V.dtype.element_ty)
+            if is_last_chunk:
+                new_ok = keys_ok(VALID, b * svalb, svals, q_start + offs_t, q_start + 1, HAS_VALID)
+                k_tile = tl.where(new_ok[:, None], k_new, 0.0).to(k_new.dtype)
+                v_tile = tl.where(new_ok[:, None], v_new, 0.0).to(v_new.dtype)
+                s = scores(q, k_tile, qk_scale, softcap_log2, HAS_SOFTCAP, UPCAST_DOT)
+                vis = visible(MASK, mask_rows, smj, row_ok, new_ok, q_start + offs_t, q_pos, window,
+                              CAUSAL, HAS_WINDOW, HAS_MASK)
+                m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, vis, v_tile, DOT_FP32, UPCAST_DOT)
+            if is_writer:
+                slot = q_start.to(tl.int64)
+                tl.store(K + b * skb + hkv * skh + slot * sks + new_k_offs * skd, k_new, mask=first & d_ok[None, :])
+                tl.store(V + b * svb + hkv * svh + slot * svs + new_v_offs * svd, v_new,
+                         mask=first & dv_ok[None, :])
 
     finish_rows(OUT, M_PART, L_PART, LSE, acc, m_i, l_i, pid_bh, pid_s, num_splits,
                 b, head, qi, rows, row_ok, R, DV, sob, soh, sol, sod, slb, slh, sll,

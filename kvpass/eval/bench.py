@@ -253,6 +253,14 @@ def generate_point(model, *, context: int, new_tokens: int, seed: int = 0) -> di
             "peak_gib": None if peak is None else peak / 2**30}
 
 
+def generate_against_sdpa(model, *, context: int, new_tokens: int, seed: int = 0) -> dict:
+    """generate_point's row, beside HF's own SDPA prefill of the same prompt: `hf_sdpa_prefill_s` and
+    `prefill_fraction_of_sdpa` (HF's seconds over the model's)."""
+    row = generate_point(model, context=context, new_tokens=new_tokens, seed=seed)
+    hf = sdpa_prefill_seconds(model, context=context, seed=seed)
+    return {**row, "hf_sdpa_prefill_s": hf, "prefill_fraction_of_sdpa": hf / row["prefill_s"]}
+
+
 def sdpa_prefill_seconds(model, *, context: int, seed: int = 0, repeats: int = 3) -> float:
     """Best of `repeats` uncompiled HF forwards (the model's own SDPA attention) over a random prompt: the prefill
     kvpass's is compared with. model.forward bypasses model.compile (which wraps only __call__)."""
