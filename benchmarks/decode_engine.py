@@ -5,6 +5,8 @@ batch = each row alone, are tests/test_cuda.py.)
 --part speed: `random:llama:8b` in bf16, kvpass dense (captured decode) and the peer (kvpass.eval.peer: static KV,
   SDPA, the whole step in one CUDA graph) over the same weights, their steps interleaved (A B A B ...) over a
   random-filled cache; B1 at 4K, 32K, 128K and B8 at 32K (sequential where both caches do not fit together).
+  `--chess S [--selective]`: kvpass runs CHESS at sparsity S on its FFNs (thresholds calibrated by kvpass.compile
+  on random token ids) beside dense attention; the peer stays the dense fp16 step over the same weights.
   Beside tok/s: the GPU time of one replayed step (the recorded graph replayed back to back) over the wall time of
   a step (GPU-busy fraction), peak GiB, the runtime's KV bytes by part, recordings and compiles.
 --part e2e: what a user runs: a real prefill of a random prompt and HF `generate` through kvpass.compile, against
@@ -12,6 +14,7 @@ batch = each row alone, are tests/test_cuda.py.)
 --part compile: the seconds of the kvpass pass against Inductor's over the graphs one generate compiles.
 
     python benchmarks/decode_engine.py --part speed --out benchmarks/results
+    python benchmarks/decode_engine.py --part speed --chess 0.5 --points 1x4096,1x32768 --out benchmarks/results
     python benchmarks/decode_engine.py --part e2e --out benchmarks/results
     python benchmarks/decode_engine.py --part compile --out benchmarks/results [--model M --device cpu]
 """
@@ -46,9 +49,9 @@ def _gpu_ms(name, step, backend) -> float | None:
     return None if step.peer._graph is None else _replay_ms(step.peer._graph)
 
 
-def speed(points, steps: int, warmup: int) -> list[dict]:
+def speed(points, steps: int, warmup: int, config: kvpass.Config = DENSE) -> list[dict]:
     model = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")[0]
-    kvpass.compile(model, DENSE)
+    kvpass.compile(model, config)
     backend = backend_of(model)
     bandwidth = bench.measured_bandwidth(torch.device("cuda"))
     rows = []
@@ -161,10 +164,14 @@ def main(argv=None):
     parser.add_argument("--points", default="1x4096,1x32768,1x131072,8x32768", help="BxCONTEXT,...")
     parser.add_argument("--contexts", default="4096,32768", help="e2e prompt lengths")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--chess", type=float, default=None, metavar="S", help="--part speed: CHESS FFNs at sparsity S")
+    parser.add_argument("--selective", action="store_true", help="with --chess: CHESS+ (selective projections)")
     args = parser.parse_args(argv)
+    config = DENSE if args.chess is None else kvpass.Config(
+        attention=kvpass.Dense(), ffn=kvpass.Chess(sparsity=args.chess, selective=args.selective))
     if args.part == "speed":
         points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
-        result = speed(points, args.steps, args.warmup)
+        result = speed(points, args.steps, args.warmup, config)
     elif args.part == "e2e":
         result = e2e([int(c) for c in args.contexts.split(",")], args.new_tokens)
     else:
@@ -172,7 +179,7 @@ def main(argv=None):
     if args.out:
         model = args.model if args.part == "compile" else "random:llama:8b"
         dtype = "float32" if args.part == "compile" and args.device != "cuda" else "bfloat16"
-        path = write_record(args.out, f"bench decode-engine-{args.part}", result, config=DENSE.to_dict(),
+        path = write_record(args.out, f"bench decode-engine-{args.part}", result, config=config.to_dict(),
                             model=model, dtype=dtype, args=vars(args))
         print("record:", path)
 
