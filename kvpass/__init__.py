@@ -8,6 +8,8 @@ from .attach import attach, backend, compile, detach, reset, sequence
 from .attach import resolve_calibrations_with as _resolve_calibrations_with
 from .backend import Backend, KvpassMatchError
 from .config import KIVI, AnTKV, Chess, Config, Dense, DenseFFN, WaveIndex
+from . import portable
+from .portable import export
 from .report import report
 
 __version__ = "0.1.0"
@@ -33,5 +35,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'kvpass' has no attribute {name!r}")
 
 
-__all__ = ["Config", "Dense", "AnTKV", "KIVI", "WaveIndex", "DenseFFN", "Chess", "backend", "Backend", "KvpassMatchError", "compile", "attach", "detach",
+__all__ = ["Config", "Dense", "AnTKV", "KIVI", "WaveIndex", "DenseFFN", "Chess", "backend", "Backend", "KvpassMatchError", "compile", "attach", "detach", "export", "portable",
            "report", "reset", "sequence", "KVCache"]

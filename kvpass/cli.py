@@ -467,6 +467,28 @@ def _kvpass_state(model) -> dict:
             if key in state}
 
 
+def cmd_export(args) -> int:
+    """Export the model under the flags' config (kvpass.export), write FILE.pt2 and FILE.json, then load the file
+    back and generate from the prompt with it, as a user of the file would."""
+    from . import portable
+
+    config = _config(args)
+    model, tokenizer = _load(args)
+    start = time.perf_counter()
+    program = portable.export(model, config, max_batch=args.max_batch, max_cache_len=args.max_cache_len)
+    exported_s = time.perf_counter() - start
+    path, meta = portable.save(program, args.out, config=config, model_name=args.model)
+    ops = sum(node.target == torch.ops.kvpass.static_attention.default for node in program.graph.nodes)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, exported in {exported_s:.1f} s; "
+          f"{ops} kvpass::static_attention nodes) and {meta}")
+    if tokenizer is not None and args.max_new_tokens > 0:
+        ids = _encode(tokenizer, args.prompt, False, args.device)
+        out = portable.generate(torch.export.load(path), ids["input_ids"], ids.get("attention_mask"),
+                                max_new_tokens=args.max_new_tokens)
+        print("loaded back, greedy:", tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .eval.plot import plot_records
     from .eval.records import load_records
@@ -545,6 +567,14 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--inner", choices=["inductor", "aot_eager", "eager"], default="inductor",
                      help="compiler behind kvpass and hf-static")
     dec.add_argument("--out", default="runs/bench")
+    ex = sub.add_parser("export", help="a portable program (torch.export .pt2 + .json) that carries its KV cache")
+    _add_model_args(ex)
+    ex.add_argument("--out", required=True, help="the .pt2 file to write (metadata beside it as .json)")
+    ex.add_argument("--max-batch", type=int, default=1, help="rows the program's cache holds")
+    ex.add_argument("--max-cache-len", type=int, default=2048, help="tokens per row the program's cache holds")
+    ex.add_argument("--prompt", default="The capital of France is", help="generated from after loading the file")
+    ex.add_argument("--max-new-tokens", type=int, default=16, help="0: do not load back and generate")
+    ex.set_defaults(run=cmd_export)
     pl = sub.add_parser("plot", help="PNGs from JSON records")
     pl.add_argument("records", nargs="+", help="record files or folders")
     pl.add_argument("--out", default="runs/plots")

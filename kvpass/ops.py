@@ -10,6 +10,8 @@ treat them as opaque calls with known output shapes (`register_fake`).
   once replays it. It allocates nothing whose size depends on the length and never synchronizes.
 - `kvpass::cache_update`: the kvpass HF cache's update. The attention rewrite fuses it into
   `kvpass::attention`; left unfused it still gives the right answer (stores the new k/v, returns all).
+- `kvpass::static_attention`: attention over a KV store the caller passes and the op writes (no runtime): the
+  op of an exported program (kvpass/portable.py), whose cache is the program's own buffers.
 The stateless FFN ops (`kvpass::ffn`, `kvpass::sparse_linear`) are in kvpass/ffn_ops.py.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import kernels_dispatch
 from . import runtime as _runtime
 from .methods.base import AttentionSpec
 
@@ -97,3 +100,27 @@ def cache_update(k: Tensor, v: Tensor, runtime: int, layer: int, past: int) -> t
 def _(k, v, runtime, layer, past):
     B, H, L, _ = k.shape
     return k.new_empty(B, H, past + L, k.shape[-1]), v.new_empty(B, H, past + L, v.shape[-1])
+
+
+@torch.library.custom_op("kvpass::static_attention", mutates_args=("k_store", "v_store"))
+def static_attention(q: Tensor, k: Tensor, v: Tensor, k_store: Tensor, v_store: Tensor, valid: Tensor,
+                     cache_position: Tensor, scale: float, softcap: float, window: int) -> Tensor:
+    """Attention of new tokens over a KV store the caller owns (no runtime): an exported program's cache
+    (kvpass.portable), whose buffers travel with the program.
+
+    q: (B, Hq, L, D); k, v: (B, Hkv, L, D|Dv), the new tokens, written into k_store, v_store (Bmax, Hkv, S, D|Dv)
+    at slots cache_position (L,) int64, consecutive; rows B.. of the stores are left alone. valid: (Bmax, S) bool,
+    False for padding slots (the caller keeps it). The new tokens see the valid slots up to their own (causal),
+    within the sliding window if window > 0. Returns (B, Hq, L, Dv), contiguous."""
+    batch = q.shape[0]
+    k_store[:batch].index_copy_(2, cache_position, k.to(k_store.dtype))
+    v_store[:batch].index_copy_(2, cache_position, v.to(v_store.dtype))
+    out = kernels_dispatch.attention(q, k_store[:batch], v_store[:batch], mask=None, is_causal=True, scale=scale,
+                                     softcap=softcap, window=window, valid=valid[:batch],
+                                     q_start=cache_position[:1])
+    return out.contiguous()
+
+
+@static_attention.register_fake
+def _(q, k, v, k_store, v_store, valid, cache_position, scale, softcap, window):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])

@@ -1,0 +1,235 @@
+"""A kvpass-configured Hugging Face decoder as a portable program: `torch.export` of the model with its KV cache
+as the program's own buffers, saved as a `.pt2` that `torch.export.load` opens in a fresh process.
+
+    program = kvpass.export(model, kvpass.Config(), max_batch=2, max_cache_len=1024)
+    kvpass.portable.save(program, "model.pt2", model_name="smollm2-135m")          # + model.json
+    # elsewhere, with kvpass installed (it registers the op the program calls):
+    program = torch.export.load("model.pt2")
+    tokens = kvpass.portable.generate(program, input_ids, attention_mask, max_new_tokens=32)
+
+How the program is built. `torch.export` traces the model's Python, not a Dynamo graph, so the kvpass graph
+rewrite (a torch.compile backend) cannot run there. Instead the attention goes through transformers' own
+attention-function registry: while tracing, every attention layer calls `kvpass::static_attention` (kvpass/ops.py)
+on the new tokens' queries, keys and values and on that layer's store buffers, which the op writes and attends
+(visibility from the per-slot `valid` buffer, causality and the layer's sliding window). The op stays one named
+node per layer in the exported graph; the stores, like transformers' exportable static cache, are buffers mutated
+in place, so a loaded program keeps its cache between calls and needs no kvpass runtime, registry or Python state.
+
+The program's one entry point serves prefill and decode (the token count is a dynamic dimension):
+`program(input_ids (B, L), attention_mask (B, L), position_ids (B, L), cache_position (L,))` -> the last token's
+logits (B, V). A new sequence starts at cache_position 0; attention_mask marks left padding (0) of the new tokens.
+The `.pt2` holds the weights and the zeroed cache (max_batch x max_cache_len tokens).
+
+Methods: Dense attention with the model's own FFN. The other methods keep state that a program cannot carry yet
+(AnTKV's online anchor choice, the wave index's clustering) or rewrite the FFN through the FX pass (CHESS):
+export refuses them with a ValueError.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers kvpass::static_attention, which the traced attention calls)
+from .config import Config, Dense, DenseFFN
+
+ATTENTION = "kvpass-static"
+__all__ = ["export", "generate", "save", "PortableDecoder"]
+
+
+class _Tracing:
+    """The program whose forward is running: the attention function finds its buffers and cache positions here."""
+    program: "PortableDecoder | None" = None
+    cache_position: Tensor | None = None
+
+
+def _static_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                      softcap=None, **kwargs):
+    """transformers' attention-function signature: query (B, Hq, L, D), key/value (B, Hkv, L, D) of the new tokens
+    (the model runs without an HF cache). Returns ((B, L, Hq, Dv), None) as transformers' functions do."""
+    program = _Tracing.program
+    if program is None:
+        raise RuntimeError(f"attn_implementation={ATTENTION!r} runs only inside a kvpass.export program")
+    layer = module.layer_idx
+    out = torch.ops.kvpass.static_attention(
+        query, key, value, program.store(layer, "keys"), program.store(layer, "values"), program.valid,
+        _Tracing.cache_position, float(scaling if scaling is not None else query.shape[-1] ** -0.5),
+        float(softcap or 0.0), int(sliding_window or 0))
+    return out.transpose(1, 2), None
+
+
+def _no_mask(*args, **kwargs):
+    """The op takes visibility from the program's `valid` buffer, causality and the window: HF builds no mask."""
+    return None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, _static_attention)
+    AttentionMaskInterface.register(ATTENTION, _no_mask)
+
+
+class _Attention:
+    """Sets the model's attention implementation for the duration of a block, then puts the user's back."""
+
+    def __init__(self, model, name: str):
+        self.config, self.name = model.config, name
+
+    def __enter__(self):
+        self.previous = self.config._attn_implementation
+        self.config._attn_implementation = self.name
+
+    def __exit__(self, *exc):
+        self.config._attn_implementation = self.previous
+
+
+def _store_shapes(model) -> dict[int, tuple[int, int, int, torch.dtype]]:
+    """{layer index: (kv heads, key dim, value dim, dtype)} of every attention layer that calls transformers'
+    attention interface, found by running one token through the model with a recording attention function."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    shapes = {}
+
+    def record(module, query, key, value, *args, **kwargs):
+        shapes[module.layer_idx] = (key.shape[1], key.shape[3], value.shape[3], key.dtype)
+        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register("kvpass-shapes", record)
+    device = next(model.parameters()).device
+    with _Attention(model, "kvpass-shapes"), torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+    return shapes
+
+
+class PortableDecoder(torch.nn.Module):
+    """What torch.export traces: the model, and its KV cache as buffers (`keys_<layer>`, `values_<layer>`:
+    (max_batch, kv heads, max_cache_len, head dim) in the model's dtype; `valid`: (max_batch, max_cache_len) bool)."""
+
+    def __init__(self, model, max_batch: int, max_cache_len: int):
+        super().__init__()
+        self.model = model
+        shapes = _store_shapes(model)
+        layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        if sorted(shapes) != list(range(layers)):
+            raise ValueError(f"kvpass.export: {len(shapes)} of the model's {layers} attention layers go through "
+                             "transformers' attention interface (found layers "
+                             f"{sorted(shapes)}); the others would keep no cache in the program: this model cannot "
+                             "be exported by kvpass")
+        device = next(model.parameters()).device
+        for layer, (heads, key_dim, value_dim, dtype) in shapes.items():
+            self.register_buffer(f"keys_{layer}", torch.zeros(max_batch, heads, max_cache_len, key_dim, dtype=dtype,
+                                                              device=device))
+            self.register_buffer(f"values_{layer}", torch.zeros(max_batch, heads, max_cache_len, value_dim,
+                                                                dtype=dtype, device=device))
+        self.register_buffer("valid", torch.zeros(max_batch, max_cache_len, dtype=torch.bool, device=device))
+
+    def store(self, layer: int, part: str) -> Tensor:
+        return getattr(self, f"{part}_{layer}")
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache_position: Tensor):
+        batch = input_ids.shape[0]
+        self.valid[:batch].index_copy_(1, cache_position, attention_mask.bool())
+        _Tracing.program, _Tracing.cache_position = self, cache_position
+        try:
+            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=1)
+        finally:
+            _Tracing.program = _Tracing.cache_position = None
+        return out.logits[:, -1]
+
+
+def _check_exportable(config: Config, max_batch: int, max_cache_len: int) -> None:
+    if not isinstance(config.attention, Dense):
+        raise ValueError(f"kvpass.export takes attention=Dense() for now, got {type(config.attention).__name__}: its "
+                         "store keeps state an exported program cannot carry yet; export with kvpass.Config()")
+    if config.ffn is not None and not isinstance(config.ffn, DenseFFN):
+        raise ValueError(f"kvpass.export takes the model's own FFN (ffn=None or DenseFFN()), got "
+                         f"{type(config.ffn).__name__}: it is rewritten by the torch.compile pass, which export "
+                         "does not run")
+    for name, value, least in (("max_batch", max_batch, 1), ("max_cache_len", max_cache_len, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}={value!r} must be an int >= {least}")
+
+
+def export(model, config: Config | None = None, *, max_batch: int = 1,
+           max_cache_len: int = 2048) -> torch.export.ExportedProgram:
+    """The exported program of `model` (an HF decoder) under `config` (default kvpass.Config(): dense attention)
+    for up to `max_batch` rows and `max_cache_len` tokens per row (prompt and generated). See the module doc for
+    its entry point; `save` writes it, `generate` runs it."""
+    config = config or Config()
+    _check_exportable(config, max_batch, max_cache_len)
+    _register_attention()
+    program = PortableDecoder(model, max_batch, max_cache_len).eval()
+    device = program.valid.device
+    # A prompt's example: transformers reads positions while tracing (packed-sequence detection), so they must
+    # look like a real prompt's (all-zero positions trace a packed batch).
+    slots = torch.arange(2, device=device)
+    ids, positions = torch.ones(max_batch, 2, dtype=torch.long, device=device), slots.repeat(max_batch, 1)
+    batch = torch.export.Dim("batch", min=1, max=max_batch) if max_batch > 1 else torch.export.Dim.STATIC
+    tokens = torch.export.Dim("tokens", min=1, max=max_cache_len)
+    rows = {0: batch, 1: tokens}
+    with _Attention(model, ATTENTION), torch.no_grad():
+        return torch.export.export(program, (ids, torch.ones_like(ids), positions, slots),
+                                   dynamic_shapes=(rows, rows, rows, {0: tokens}))
+
+
+def _limits(module) -> tuple[int, int]:
+    """(max_batch, max_cache_len) of a program, from its `valid` buffer."""
+    return tuple(module.get_buffer("valid").shape)
+
+
+@torch.no_grad()
+def generate(program, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int) -> Tensor:
+    """Greedy decoding with an exported program (an ExportedProgram or its `.module()`): input_ids (B, L) with
+    left padding marked 0 in attention_mask; returns (B, L + max_new_tokens) ids. Starts a new sequence."""
+    module = program.module() if isinstance(program, torch.export.ExportedProgram) else program
+    max_batch, max_cache_len = _limits(module)
+    batch, length = input_ids.shape
+    if batch > max_batch or length + max_new_tokens - 1 > max_cache_len:
+        raise ValueError(f"{batch} rows of {length} + {max_new_tokens} tokens do not fit this program "
+                         f"(max_batch={max_batch}, max_cache_len={max_cache_len}): export it with larger limits")
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    device = input_ids.device
+    logits = module(input_ids, mask, positions, torch.arange(length, device=device))
+    new, position = [logits.argmax(-1)], positions[:, -1:]
+    ones = torch.ones(batch, 1, dtype=mask.dtype, device=device)
+    for slot in range(length, length + max_new_tokens - 1):
+        position = position + 1
+        logits = module(new[-1][:, None], ones, position, torch.tensor([slot], device=device))
+        new.append(logits.argmax(-1))
+    return torch.cat([input_ids, torch.stack(new, 1)], dim=1)
+
+
+def _versions() -> dict:
+    found = {}
+    for package in ("kvpass", "torch", "transformers", "triton"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def save(program: torch.export.ExportedProgram, path, *, config: Config | None = None,
+         model_name: str | None = None) -> tuple[Path, Path]:
+    """Write `path` (.pt2, torch.export.save) and its metadata beside it (.json: config, model, limits, versions,
+    the entry point). Returns both paths."""
+    path = Path(path)
+    torch.export.save(program, path)
+    max_batch, max_cache_len = _limits(program.module())
+    meta = {"model": model_name, "config": (config or Config()).to_dict(), "max_batch": max_batch,
+            "max_cache_len": max_cache_len, "versions": _versions(), "python": platform.python_version(),
+            "calibration_digest": None,   # dense attention needs no calibration
+            "entry_point": "program(input_ids (B, L), attention_mask (B, L), position_ids (B, L), cache_position "
+                           "(L,)) -> last-token logits (B, V); cache_position 0 starts a sequence",
+            "needs": "import kvpass (registers kvpass::static_attention) before torch.export.load"}
+    side = path.with_suffix(".json")
+    side.write_text(json.dumps(meta, indent=2) + "\n")
+    return path, side

@@ -1,0 +1,118 @@
+"""kvpass.export (kvpass/portable.py): a portable program that carries its KV cache, loaded back with
+torch.export.load, generates the tokens of the kvpass-compiled model; bad input is refused."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kvpass
+from kvpass import portable
+
+from families import FAMILIES
+
+
+def _padded(batch=2, length=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    return ids, mask
+
+
+def _compiled_tokens(name, ids, mask, new_tokens):
+    model = FAMILIES[name].build()
+    kvpass.compile(model, kvpass.Config(), inner="aot_eager", strict=True)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+
+
+# gemma3: a sliding window (8) shorter than the sequence beside a global layer, its own score scale; gpt2: Conv1D
+@pytest.mark.parametrize("name", ["llama", "gemma3", "gpt2"])
+def test_saved_program_loaded_back_generates_the_compiled_models_tokens(name, tmp_path):
+    ids, mask = _padded()
+    program = kvpass.export(FAMILIES[name].build(), max_batch=2, max_cache_len=24)
+    layers = FAMILIES[name].build().config.num_hidden_layers
+    targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.kvpass.static_attention.default) == layers
+    assert not any(str(t).startswith(("kvpass.attention", "kvpass.decode_attention")) for t in targets)
+    path, _ = portable.save(program, tmp_path / f"{name}.pt2", model_name=name)
+    got = portable.generate(torch.export.load(path), ids, mask, max_new_tokens=8)
+    assert torch.equal(got, _compiled_tokens(name, ids, mask, 8))
+
+
+def test_a_fresh_process_loads_the_file_and_a_second_sequence_reuses_the_cache(tmp_path):
+    """No state of the exporting process is needed: only `import kvpass` (the op). A second generate starts a
+    new sequence over the same buffers and gives that sequence's own tokens (HF's greedy tokens: the test above
+    ties the program to the compiled model)."""
+    ids, mask = _padded()
+    path, meta = portable.save(kvpass.export(FAMILIES["llama"].build(), max_batch=2, max_cache_len=24),
+                               tmp_path / "llama.pt2", config=kvpass.Config(), model_name="llama")
+    torch.save({"ids": ids, "mask": mask}, tmp_path / "inputs.pt")
+    script = textwrap.dedent(f"""
+        import torch, kvpass
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        program = torch.export.load({str(path)!r})
+        module = program.module()
+        other = kvpass.portable.generate(module, inputs["ids"][:, 3:], max_new_tokens=5)
+        tokens = kvpass.portable.generate(module, inputs["ids"], inputs["mask"], max_new_tokens=8)
+        torch.save({{"tokens": tokens, "other": other}}, {str(tmp_path / "out.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    out = torch.load(tmp_path / "out.pt")
+    reference = FAMILIES["llama"].build()
+    with torch.no_grad():
+        assert torch.equal(out["tokens"], reference.generate(ids, attention_mask=mask, max_new_tokens=8,
+                                                             do_sample=False))
+        assert torch.equal(out["other"], reference.generate(ids[:, 3:], max_new_tokens=5, do_sample=False))
+    assert '"max_cache_len": 24' in meta.read_text()
+
+
+def test_the_static_attention_op_passes_opcheck():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 3, 16, generator=g)
+    k, v = torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g)
+    stores = torch.zeros(3, 2, 8, 16), torch.zeros(3, 2, 8, 16)
+    valid = torch.ones(3, 8, dtype=torch.bool)
+    torch.library.opcheck(torch.ops.kvpass.static_attention.default,
+                          (q, k, v, *stores, valid, torch.arange(2, 5), 0.25, 0.0, 0))
+
+
+@pytest.mark.parametrize("config, match", [
+    (kvpass.Config(attention=kvpass.AnTKV(bits=1)), "attention=Dense"),
+    (kvpass.Config(ffn=kvpass.Chess(sparsity=0.5)), "ffn=None or DenseFFN"),
+])
+def test_methods_a_program_cannot_carry_are_refused(config, match):
+    with pytest.raises(ValueError, match=match):
+        kvpass.export(FAMILIES["llama"].build(), config)
+
+
+@pytest.mark.parametrize("limits", [{"max_batch": 0}, {"max_cache_len": 1}, {"max_batch": 1.5}])
+def test_bad_limits_are_refused(limits):
+    with pytest.raises(ValueError, match=next(iter(limits))):
+        kvpass.export(FAMILIES["llama"].build(), **limits)
+
+
+def test_more_rows_or_tokens_than_the_program_holds_are_refused():
+    program = kvpass.export(FAMILIES["llama"].build(), max_batch=2, max_cache_len=12)
+    ids, _ = _padded(batch=3)
+    with pytest.raises(ValueError, match="max_batch=2"):
+        portable.generate(program, ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_cache_len=12"):
+        portable.generate(program, ids[:2], max_new_tokens=5)
+    with pytest.raises(Exception, match="<= 2"):   # the raw program's own guard on its dynamic batch
+        program.module()(ids, torch.ones_like(ids), ids, torch.arange(ids.shape[1]))
+
+
+def test_a_model_whose_attention_bypasses_the_interface_is_refused():
+    model = FAMILIES["llama"].build()
+    attention = model.model.layers[1].self_attn
+
+    def own_attention(hidden_states, *args, **kwargs):   # a layer with its own code: nothing kvpass can hook
+        return torch.zeros_like(hidden_states), None
+
+    attention.forward = own_attention
+    with pytest.raises(ValueError, match=r"1 of the model's 2 attention layers"):
+        kvpass.export(model)
+    assert model.config._attn_implementation != portable.ATTENTION   # the model is left as it was
