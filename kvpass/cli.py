@@ -468,24 +468,32 @@ def _kvpass_state(model) -> dict:
 
 
 def cmd_export(args) -> int:
-    """Export the model under the flags' config (kvpass.export), write FILE.pt2 and FILE.json, then load the file
-    back and generate from the prompt with it, as a user of the file would."""
-    from . import portable
+    """Export the model under the flags' config: FILE.pt2 (kvpass.export, + FILE.json) or FILE.onnx
+    (kvpass.portable_onnx); then load the file back and generate from the prompt with it, as its user would."""
+    from . import portable, portable_onnx
 
     config = _config(args)
     model, tokenizer = _load(args)
+    onnx = str(args.out).endswith(".onnx")
     start = time.perf_counter()
-    program = portable.export(model, config, max_batch=args.max_batch, max_cache_len=args.max_cache_len)
-    exported_s = time.perf_counter() - start
-    path, meta = portable.save(program, args.out, config=config, model_name=args.model)
-    ops = sum(node.target == torch.ops.kvpass.static_attention.default for node in program.graph.nodes)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, exported in {exported_s:.1f} s; "
-          f"{ops} kvpass::static_attention nodes) and {meta}")
+    if onnx:
+        path = portable_onnx.export(model, args.out, config)
+        written = f"{path}"
+    else:
+        program = portable.export(model, config, max_batch=args.max_batch, max_cache_len=args.max_cache_len)
+        path, meta = portable.save(program, args.out, config=config, model_name=args.model)
+        written = f"{path} and {meta}"
+    print(f"wrote {written} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
     if tokenizer is not None and args.max_new_tokens > 0:
-        ids = _encode(tokenizer, args.prompt, False, args.device)
-        out = portable.generate(torch.export.load(path), ids["input_ids"], ids.get("attention_mask"),
-                                max_new_tokens=args.max_new_tokens)
-        print("loaded back, greedy:", tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+        ids = _encode(tokenizer, args.prompt, False, "cpu" if onnx else args.device)
+        prompt, mask = ids["input_ids"], ids.get("attention_mask")
+        if onnx:
+            out = portable_onnx.generate(path, prompt, mask, max_new_tokens=args.max_new_tokens,
+                                         cache_len=args.max_cache_len)
+        else:
+            out = portable.generate(torch.export.load(path), prompt, mask, max_new_tokens=args.max_new_tokens)
+        print(f"loaded back ({'onnxruntime' if onnx else 'torch.export.load'}), greedy:",
+              tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True))
     return 0
 
 
@@ -567,11 +575,13 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--inner", choices=["inductor", "aot_eager", "eager"], default="inductor",
                      help="compiler behind kvpass and hf-static")
     dec.add_argument("--out", default="runs/bench")
-    ex = sub.add_parser("export", help="a portable program (torch.export .pt2 + .json) that carries its KV cache")
+    ex = sub.add_parser("export", help="a portable program: torch.export .pt2 (+ .json) that carries its KV cache, "
+                                       "or .onnx for onnxruntime")
     _add_model_args(ex)
-    ex.add_argument("--out", required=True, help="the .pt2 file to write (metadata beside it as .json)")
-    ex.add_argument("--max-batch", type=int, default=1, help="rows the program's cache holds")
-    ex.add_argument("--max-cache-len", type=int, default=2048, help="tokens per row the program's cache holds")
+    ex.add_argument("--out", required=True, help="FILE.pt2 (metadata beside it as .json) or FILE.onnx")
+    ex.add_argument("--max-batch", type=int, default=1, help=".pt2: rows the program's cache holds")
+    ex.add_argument("--max-cache-len", type=int, default=2048, help="tokens per row the .pt2 program's cache holds "
+                                                                    "(.onnx: the cache generating back uses)")
     ex.add_argument("--prompt", default="The capital of France is", help="generated from after loading the file")
     ex.add_argument("--max-new-tokens", type=int, default=16, help="0: do not load back and generate")
     ex.set_defaults(run=cmd_export)

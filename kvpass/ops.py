@@ -11,7 +11,8 @@ treat them as opaque calls with known output shapes (`register_fake`).
 - `kvpass::cache_update`: the kvpass HF cache's update. The attention rewrite fuses it into
   `kvpass::attention`; left unfused it still gives the right answer (stores the new k/v, returns all).
 - `kvpass::static_attention`: attention over a KV store the caller passes and the op writes (no runtime): the
-  op of an exported program (kvpass/portable.py), whose cache is the program's own buffers.
+  op of an exported program (kvpass/portable.py), whose cache is the program's own buffers;
+  `kvpass::static_attention_functional` returns the written stores instead (ONNX: the cache in, the cache out).
 The stateless FFN ops (`kvpass::ffn`, `kvpass::sparse_linear`) are in kvpass/ffn_ops.py.
 """
 from __future__ import annotations
@@ -124,3 +125,19 @@ def static_attention(q: Tensor, k: Tensor, v: Tensor, k_store: Tensor, v_store: 
 @static_attention.register_fake
 def _(q, k, v, k_store, v_store, valid, cache_position, scale, softcap, window):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("kvpass::static_attention_functional", mutates_args=())
+def static_attention_functional(q: Tensor, k: Tensor, v: Tensor, k_store: Tensor, v_store: Tensor, valid: Tensor,
+                                cache_position: Tensor, scale: float, softcap: float,
+                                window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`static_attention` that returns the written stores (new tensors) instead of writing the caller's: the form
+    for runtimes whose programs hold no state, such as ONNX, where the cache is an input and an output of each
+    call (kvpass.portable_onnx). Returns (out, k_store written, v_store written)."""
+    k_store, v_store = k_store.clone(), v_store.clone()
+    return static_attention(q, k, v, k_store, v_store, valid, cache_position, scale, softcap, window), k_store, v_store
+
+
+@static_attention_functional.register_fake
+def _(q, k, v, k_store, v_store, valid, cache_position, scale, softcap, window):
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), torch.empty_like(k_store), torch.empty_like(v_store)

@@ -42,24 +42,34 @@ __all__ = ["export", "generate", "save", "PortableDecoder"]
 
 
 class _Tracing:
-    """The program whose forward is running: the attention function finds its buffers and cache positions here."""
-    program: "PortableDecoder | None" = None
-    cache_position: Tensor | None = None
+    """The module whose forward is running (a PortableDecoder, or kvpass.portable_onnx's OnnxDecoder): the attention
+    function hands it each layer's new tokens (its `attend`)."""
+    module = None
 
 
 def _static_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                       softcap=None, **kwargs):
     """transformers' attention-function signature: query (B, Hq, L, D), key/value (B, Hkv, L, D) of the new tokens
     (the model runs without an HF cache). Returns ((B, L, Hq, Dv), None) as transformers' functions do."""
-    program = _Tracing.program
-    if program is None:
+    if _Tracing.module is None:
         raise RuntimeError(f"attn_implementation={ATTENTION!r} runs only inside a kvpass.export program")
-    layer = module.layer_idx
-    out = torch.ops.kvpass.static_attention(
-        query, key, value, program.store(layer, "keys"), program.store(layer, "values"), program.valid,
-        _Tracing.cache_position, float(scaling if scaling is not None else query.shape[-1] ** -0.5),
-        float(softcap or 0.0), int(sliding_window or 0))
+    scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    out = _Tracing.module.attend(module.layer_idx, query, key, value, scale, float(softcap or 0.0),
+                                 int(sliding_window or 0))
     return out.transpose(1, 2), None
+
+
+class serving:
+    """Makes `module` (with an `attend` method) the one the attention function serves for the duration of a block."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        _Tracing.module = self.module
+
+    def __exit__(self, *exc):
+        _Tracing.module = None
 
 
 def _no_mask(*args, **kwargs):
@@ -67,21 +77,20 @@ def _no_mask(*args, **kwargs):
     return None
 
 
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+class attention_implementation:
+    """Sets the model's attention implementation (default: kvpass's, registered with transformers on entry) for the
+    duration of a block, then puts the user's back."""
 
-    AttentionInterface.register(ATTENTION, _static_attention)
-    AttentionMaskInterface.register(ATTENTION, _no_mask)
-
-
-class _Attention:
-    """Sets the model's attention implementation for the duration of a block, then puts the user's back."""
-
-    def __init__(self, model, name: str):
+    def __init__(self, model, name: str = ATTENTION):
         self.config, self.name = model.config, name
 
     def __enter__(self):
+        if self.name == ATTENTION:
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface
+
+            AttentionInterface.register(ATTENTION, _static_attention)
+            AttentionMaskInterface.register(ATTENTION, _no_mask)
         self.previous = self.config._attn_implementation
         self.config._attn_implementation = self.name
 
@@ -89,9 +98,10 @@ class _Attention:
         self.config._attn_implementation = self.previous
 
 
-def _store_shapes(model) -> dict[int, tuple[int, int, int, torch.dtype]]:
+def store_shapes(model) -> dict[int, tuple[int, int, int, torch.dtype]]:
     """{layer index: (kv heads, key dim, value dim, dtype)} of every attention layer that calls transformers'
-    attention interface, found by running one token through the model with a recording attention function."""
+    attention interface, found by running one token through the model with a recording attention function; raises
+    if some layer does not call it (its cache would not be the program's)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -103,8 +113,13 @@ def _store_shapes(model) -> dict[int, tuple[int, int, int, torch.dtype]]:
 
     AttentionInterface.register("kvpass-shapes", record)
     device = next(model.parameters()).device
-    with _Attention(model, "kvpass-shapes"), torch.no_grad():
+    with attention_implementation(model, "kvpass-shapes"), torch.no_grad():
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if sorted(shapes) != list(range(layers)):
+        raise ValueError(f"kvpass.export: {len(shapes)} of the model's {layers} attention layers go through "
+                         f"transformers' attention interface (found layers {sorted(shapes)}); the others would keep "
+                         "no cache in the program: this model cannot be exported by kvpass")
     return shapes
 
 
@@ -115,36 +130,31 @@ class PortableDecoder(torch.nn.Module):
     def __init__(self, model, max_batch: int, max_cache_len: int):
         super().__init__()
         self.model = model
-        shapes = _store_shapes(model)
-        layers = model.config.get_text_config(decoder=True).num_hidden_layers
-        if sorted(shapes) != list(range(layers)):
-            raise ValueError(f"kvpass.export: {len(shapes)} of the model's {layers} attention layers go through "
-                             "transformers' attention interface (found layers "
-                             f"{sorted(shapes)}); the others would keep no cache in the program: this model cannot "
-                             "be exported by kvpass")
         device = next(model.parameters()).device
-        for layer, (heads, key_dim, value_dim, dtype) in shapes.items():
+        for layer, (heads, key_dim, value_dim, dtype) in store_shapes(model).items():
             self.register_buffer(f"keys_{layer}", torch.zeros(max_batch, heads, max_cache_len, key_dim, dtype=dtype,
                                                               device=device))
             self.register_buffer(f"values_{layer}", torch.zeros(max_batch, heads, max_cache_len, value_dim,
                                                                 dtype=dtype, device=device))
         self.register_buffer("valid", torch.zeros(max_batch, max_cache_len, dtype=torch.bool, device=device))
 
-    def store(self, layer: int, part: str) -> Tensor:
-        return getattr(self, f"{part}_{layer}")
+    def attend(self, layer: int, query, key, value, scale: float, softcap: float, window: int) -> Tensor:
+        """The layer's new tokens written into its store buffers and attended (kvpass::static_attention)."""
+        return torch.ops.kvpass.static_attention(query, key, value, getattr(self, f"keys_{layer}"),
+                                                 getattr(self, f"values_{layer}"), self.valid, self.cache_position,
+                                                 scale, softcap, window)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache_position: Tensor):
         batch = input_ids.shape[0]
         self.valid[:batch].index_copy_(1, cache_position, attention_mask.bool())
-        _Tracing.program, _Tracing.cache_position = self, cache_position
-        try:
+        self.cache_position = cache_position
+        with serving(self):
             out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=1)
-        finally:
-            _Tracing.program = _Tracing.cache_position = None
         return out.logits[:, -1]
 
 
-def _check_exportable(config: Config, max_batch: int, max_cache_len: int) -> None:
+def check_method(config: Config) -> None:
+    """Refuses (ValueError) the methods an exported program cannot carry."""
     if not isinstance(config.attention, Dense):
         raise ValueError(f"kvpass.export takes attention=Dense() for now, got {type(config.attention).__name__}: its "
                          "store keeps state an exported program cannot carry yet; export with kvpass.Config()")
@@ -152,9 +162,6 @@ def _check_exportable(config: Config, max_batch: int, max_cache_len: int) -> Non
         raise ValueError(f"kvpass.export takes the model's own FFN (ffn=None or DenseFFN()), got "
                          f"{type(config.ffn).__name__}: it is rewritten by the torch.compile pass, which export "
                          "does not run")
-    for name, value, least in (("max_batch", max_batch, 1), ("max_cache_len", max_cache_len, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name}={value!r} must be an int >= {least}")
 
 
 def export(model, config: Config | None = None, *, max_batch: int = 1,
@@ -163,8 +170,10 @@ def export(model, config: Config | None = None, *, max_batch: int = 1,
     for up to `max_batch` rows and `max_cache_len` tokens per row (prompt and generated). See the module doc for
     its entry point; `save` writes it, `generate` runs it."""
     config = config or Config()
-    _check_exportable(config, max_batch, max_cache_len)
-    _register_attention()
+    check_method(config)
+    for name, value, least in (("max_batch", max_batch, 1), ("max_cache_len", max_cache_len, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}={value!r} must be an int >= {least}")
     program = PortableDecoder(model, max_batch, max_cache_len).eval()
     device = program.valid.device
     # A prompt's example: transformers reads positions while tracing (packed-sequence detection), so they must
@@ -174,7 +183,7 @@ def export(model, config: Config | None = None, *, max_batch: int = 1,
     batch = torch.export.Dim("batch", min=1, max=max_batch) if max_batch > 1 else torch.export.Dim.STATIC
     tokens = torch.export.Dim("tokens", min=1, max=max_cache_len)
     rows = {0: batch, 1: tokens}
-    with _Attention(model, ATTENTION), torch.no_grad():
+    with attention_implementation(model), torch.no_grad():
         return torch.export.export(program, (ids, torch.ones_like(ids), positions, slots),
                                    dynamic_shapes=(rows, rows, rows, {0: tokens}))
 

@@ -116,3 +116,57 @@ def test_a_model_whose_attention_bypasses_the_interface_is_refused():
     with pytest.raises(ValueError, match=r"1 of the model's 2 attention layers"):
         kvpass.export(model)
     assert model.config._attn_implementation != portable.ATTENTION   # the model is left as it was
+
+
+# ---- ONNX (kvpass.portable_onnx): onnxruntime runs it without kvpass --------------------------------------------
+
+def test_onnx_translation_of_the_attention_op_matches_the_op_in_onnxruntime(tmp_path):
+    """Rows that see nothing (padding) come out 0 as from the kernels; the stores come back with the tokens."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from kvpass import portable_onnx
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, k_store, v_store, valid, cache_position):
+            return torch.ops.kvpass.static_attention_functional(q, k, v, k_store, v_store, valid, cache_position,
+                                                                0.3, 0.0, 2)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, 3, 80, generator=g), torch.randn(2, 2, 3, 80, generator=g), torch.randn(2, 2, 3, 80,
+                                                                                                         generator=g)
+    stores = torch.randn(3, 2, 9, 80, generator=g), torch.randn(3, 2, 9, 80, generator=g)   # a spare third row
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    valid[1, :5] = False          # row 1's first new query (slot 4) sees nothing
+    inputs = (q, k, v, *stores, valid, torch.arange(4, 7))
+    want = Attend()(*inputs)
+    assert want[0][1, :, 0].abs().max() == 0
+    path = tmp_path / "attend.onnx"
+    torch.onnx.export(Attend(), inputs, dynamo=True, opset_version=portable_onnx.OPSET, verbose=False,
+                      custom_translation_table={torch.ops.kvpass.static_attention_functional.default:
+                                                portable_onnx._attention_in_onnx}).save(path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {spec.name: t.numpy() for spec, t in zip(session.get_inputs(), inputs)})
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(g_), w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_onnx_model_in_onnxruntime_generates_the_compiled_models_tokens(name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from kvpass import portable_onnx
+
+    ids, mask = _padded()
+    path = portable_onnx.export(FAMILIES[name].build(), tmp_path / f"{name}.onnx")
+    import onnx
+
+    graph = onnx.load(path).graph
+    assert sum(node.op_type == "Attention" for node in graph.node) == FAMILIES[name].build().config.num_hidden_layers
+    assert not any(node.domain not in ("", "ai.onnx") for node in graph.node)   # standard operators only
+    got = portable_onnx.generate(path, ids, mask, max_new_tokens=8, cache_len=20)
+    assert torch.equal(got, _compiled_tokens(name, ids, mask, 8))
+
+
+def test_onnx_export_refuses_what_it_cannot_carry(tmp_path):
+    from kvpass import portable_onnx
+
+    with pytest.raises(ValueError, match="attention=Dense"):
+        portable_onnx.export(FAMILIES["llama"].build(), tmp_path / "x.onnx", kvpass.Config(attention=kvpass.KIVI()))
