@@ -45,7 +45,8 @@ def run(model, method: str, folder: pathlib.Path) -> dict:
         tokens = model.generate(prompt(), max_new_tokens=NEW_TOKENS, do_sample=False)[0, PROMPT_LENGTH:]
     report = kvpass.report(model)
     kvpass.detach(model)
-    return {"tokens": tokens.tolist(), "kv_bytes": report["kv_bytes"], "unmatched": report["unmatched"]}
+    return {"tokens": tokens.tolist(), "kv_bytes": report["kv_bytes"], "unmatched": report["unmatched"],
+            "sparse_ffn_sites": report.get("chess", {}).get("sparse_ffn_sites", 0)}
 
 
 def main() -> None:

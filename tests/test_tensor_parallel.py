@@ -3,7 +3,7 @@ two CPU processes over gloo (tests/tensor_parallel_worker.py) against one proces
 
 Each rank's runtime holds the KV heads of its shard and runs with a calibration of its own shard (the worker gives
 each rank its artefact; the automatic one is keyed by the shard's weights); an artefact made for another shard is
-refused.
+refused. CHESS thresholds each rank's shard of the FFN channels.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def alone(tiny_llama, tmp_path_factory) -> dict:
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     with torch.no_grad():
         hf = model.generate(worker.prompt(), max_new_tokens=worker.NEW_TOKENS, do_sample=False)
-    return {"hf": hf[0, worker.PROMPT_LENGTH:].tolist(), **{m: worker.run(model, m, folder) for m in ("dense", "antkv")}}
+    return {"hf": hf[0, worker.PROMPT_LENGTH:].tolist(), **{m: worker.run(model, m, folder) for m in METHODS}}
 
 
 def test_dense_under_tensor_parallel_generates_the_single_process_tokens_with_half_the_kv_per_rank(ranks, alone):
@@ -71,13 +71,14 @@ def test_antkv_calibrates_each_shard_and_generates_the_single_process_tokens(ran
         assert not rank["antkv"]["unmatched"]
 
 
-def test_chess_under_tensor_parallel_stays_exact_and_says_why(ranks, alone):
-    """CHESS's sparse FFN does not take a sharded down projection yet: each rank keeps its FFNs exact, says so in the
-    report, and generates HF's tokens (never silently wrong ones)."""
+def test_chess_sparsifies_each_ranks_ffn_shard_and_generates_the_single_process_tokens(ranks, alone):
+    """The down projection is row-parallel: each rank's FFN is its shard of the intermediate channels (a DTensor's
+    local shard in the graph), with the thresholds its own calibration gave those channels; the all-reduce after it
+    sums the sparse partial outputs."""
+    assert alone["chess"]["sparse_ffn_sites"] == 2
     for rank in ranks:
-        assert rank["chess"]["tokens"] == alone["hf"]
-        assert len(rank["chess"]["unmatched"]) == 2
-        assert all("no CHESS thresholds" in line for line in rank["chess"]["unmatched"])
+        assert not rank["chess"]["unmatched"] and rank["chess"]["sparse_ffn_sites"] == 2
+        assert rank["chess"]["tokens"] == alone["chess"]["tokens"]
 
 
 def test_an_artefact_made_for_another_shard_is_refused(tiny_llama):

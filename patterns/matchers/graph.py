@@ -98,7 +98,8 @@ def _is_none_at_dim2(index) -> bool:
 
 def real_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, torch.Tensor]:
     """The real tensors behind gm's placeholders (Dynamo passes them as example inputs, weights included when
-    modules are inlined) and get_attr nodes (weights of non-inlined modules)."""
+    modules are inlined), get_attr nodes (weights of non-inlined modules) and `to_local()` of either (a weight
+    sharded by a tensor-parallel plan is a DTensor, whose local shard is what the graph multiplies by)."""
     values = {}
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
@@ -111,4 +112,7 @@ def real_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, torch.Tenso
                 value = getattr(value, part, None)
             if isinstance(value, torch.Tensor):
                 values[node] = value
+        elif (node.op == "call_method" and node.target == "to_local" and len(node.args) == 1
+              and hasattr(values.get(node.args[0]), "to_local")):
+            values[node] = values[node.args[0]].to_local()
     return values
