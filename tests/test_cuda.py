@@ -265,3 +265,19 @@ def test_dense_prefill_drops_only_an_exactly_causal_mask():
     store = DenseStore(kvpass.Dense(), 0)
     store.append(k, v)
     assert torch.equal(store.attend(q, causal, True, spec), store.attend(q, None, True, spec))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_exported_program_on_cuda_generates_hf_greedy(name, tmp_path):
+    """kvpass.export on CUDA: the program's kvpass::static_attention runs the Triton kernel (device slot, validity),
+    saved and loaded back."""
+    from kvpass import portable
+
+    reference, model = FAMILIES[name].build().cuda(), FAMILIES[name].build().cuda()
+    ids = _prompt(0, 11, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        expected = reference.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    path, _ = portable.save(kvpass.export(model, max_batch=2, max_cache_len=32), tmp_path / "p.pt2")
+    assert torch.equal(portable.generate(torch.export.load(path), ids, mask, max_new_tokens=12), expected)
