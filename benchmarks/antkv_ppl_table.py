@@ -38,7 +38,7 @@ def runs() -> list[tuple[str, kvpass.AnTKV]]:
 def bytes_per_token(method, layers: int, kv_heads: int, head_dim: int) -> float:
     if method is None:
         return layers * kv_heads * 2 * head_dim * 2
-    codes = head_dim // method.sub_vector * 2                      # keys and values, one byte per sub-vector
+    codes = sum(head_dim // method.rate(part)[0] for part in ("keys", "values"))   # one byte per sub-vector
     return layers * kv_heads * (codes + 4 + method.anchor_ratio * 2 * head_dim * 2)
 
 

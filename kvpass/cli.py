@@ -42,7 +42,8 @@ def _attention_method(args, bits=None):
     bits = bits if bits is not None else args.bits
     bits = {"antkv": 1.0, "kivi": 2}.get(args.attention) if bits is None else bits
     if args.attention == "antkv":
-        return AnTKV(bits=bits, anchor_ratio=args.anchor_ratio, window=args.window, score=args.score, keys=args.keys)
+        return AnTKV(bits=bits, anchor_ratio=args.anchor_ratio, window=args.window, score=args.score, keys=args.keys,
+                     value_bits=args.value_bits)
     if args.attention == "kivi":
         return KIVI(bits=int(bits), group=args.group, residual=args.window)
     if args.attention == "wave":
@@ -74,7 +75,8 @@ def _config(args) -> Config:
 
 def _method_name(config: Config) -> str:
     m = config.attention
-    name = {"antkv": lambda: (f"antkv-{m.bits:g}bit-{m.anchor_ratio:g}anchors"      # defaults unnamed
+    name = {"antkv": lambda: (f"antkv-{m.bits:g}bit" + ("" if m.value_bits is None else f"-v{m.value_bits:g}bit")
+                              + f"-{m.anchor_ratio:g}anchors"      # defaults unnamed
                               + ("" if m.score == "bound" else f"-{m.score}")
                               + ("" if m.keys == "pre-rope" else f"-{m.keys}")),
             "kivi": lambda: f"kivi-{m.bits}bit",
@@ -134,8 +136,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                                                                            "or one per layer (cats)")
     parser.add_argument("--attention", choices=["dense", "antkv", "kivi", "wave"], default="dense",
                         help="KV-cache method")
-    parser.add_argument("--bits", type=float, default=None, help="antkv: bits/value (4, 2, 1, 0.75, 0.375; default "
-                                                                  "1); kivi: 2, 4 or 8 (default 2)")
+    parser.add_argument("--bits", type=float, default=None, help="antkv: bits/value (4, 3, 2, 1.5, 1, 0.75, 0.5, "
+                                                                  "0.375; default 1); kivi: 2, 4 or 8 (default 2)")
+    parser.add_argument("--value-bits", type=float, default=None, help="antkv: the values' rate when it differs from "
+                                                                       "--bits (then the keys' rate)")
     parser.add_argument("--anchor-ratio", type=float, default=0.01, help="antkv: fraction of tokens kept exact")
     parser.add_argument("--window", type=int, default=32, help="antkv/kivi: newest tokens kept exact")
     parser.add_argument("--score", choices=ANCHOR_SCORES, default="bound", help="antkv: Anchor Score candidate")

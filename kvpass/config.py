@@ -56,8 +56,8 @@ class Dense(AttentionMethod):
 
 # AnTKV rates: bits/value -> (sub-vector length, codebook size); bits = log2(codebook size) / sub-vector length.
 # Every codebook has at most 256 entries, so a code is one uint8 per sub-vector.
-ANTKV_RATES: dict[float, tuple[int, int]] = {4.0: (2, 256), 2.0: (4, 256), 1.0: (8, 256), 0.75: (8, 64),
-                                             0.375: (16, 64)}
+ANTKV_RATES: dict[float, tuple[int, int]] = {4.0: (2, 256), 3.0: (2, 64), 2.0: (4, 256), 1.5: (4, 64),
+                                             1.0: (8, 256), 0.75: (8, 64), 0.5: (16, 256), 0.375: (16, 64)}
 ANCHOR_SCORES = ("attention", "attention_variance", "bound")
 # Where AnTKV's key codebooks live: before RoPE (keys rotated back by their position, RoPE re-applied when read;
 # the better one, docs/antkv.md) or after it (keys as attention sees them).
@@ -69,6 +69,8 @@ class AnTKV(AttentionMethod):
     """Anchor-token-aware vector quantization of the KV cache (arXiv 2506.19505); see docs/antkv.md.
 
     bits: bits per value, one of ANTKV_RATES (product quantization of keys and values per layer and KV head);
+    value_bits: the values' rate when it differs from the keys' (then `bits` is the keys' rate and the average is
+        their mean; keys carry the larger error, docs/antkv.md); None: values at `bits` too;
     anchor_ratio: fraction of tokens kept exact, chosen online by the highest Anchor Score;
     window: the newest tokens stay exact until `window` later queries have scored them (then they are encoded
         or become anchors); score: the Anchor Score candidate (ANCHOR_SCORES);
@@ -81,11 +83,18 @@ class AnTKV(AttentionMethod):
     window: int = 32
     score: str = "bound"
     keys: str = "pre-rope"
+    value_bits: float | None = None
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or float(self.bits) not in ANTKV_RATES:
-            raise ValueError(f"bits={self.bits!r} is not an AnTKV rate; use one of {sorted(ANTKV_RATES)}")
-        object.__setattr__(self, "bits", float(self.bits))
+        for name in ("bits", "value_bits"):
+            value = getattr(self, name)
+            if name == "value_bits" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) not in ANTKV_RATES:
+                raise ValueError(f"{name}={value!r} is not an AnTKV rate; use one of {sorted(ANTKV_RATES)}")
+            object.__setattr__(self, name, float(value))
+        if self.value_bits == self.bits:
+            object.__setattr__(self, "value_bits", None)   # one spelling per configuration (names, sections)
         if isinstance(self.anchor_ratio, bool) or not isinstance(self.anchor_ratio, (int, float)) \
                 or not 0.0 <= self.anchor_ratio <= 0.5:
             raise ValueError(f"anchor_ratio={self.anchor_ratio!r} must be a fraction in [0, 0.5] (0.01 keeps 1 % of "
@@ -97,13 +106,9 @@ class AnTKV(AttentionMethod):
         if self.keys not in ANTKV_KEYS:
             raise ValueError(f"keys={self.keys!r}: key codebooks are {' or '.join(map(repr, ANTKV_KEYS))}")
 
-    @property
-    def sub_vector(self) -> int:
-        return ANTKV_RATES[self.bits][0]
-
-    @property
-    def codebook_size(self) -> int:
-        return ANTKV_RATES[self.bits][1]
+    def rate(self, part: str) -> tuple[int, int]:
+        """(sub-vector length, codebook size) of the "keys" or the "values"."""
+        return ANTKV_RATES[self.bits if part == "keys" or self.value_bits is None else self.value_bits]
 
     @property
     def needs_calibration(self) -> bool:

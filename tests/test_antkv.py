@@ -12,6 +12,7 @@ from kernel_paths import assert_kernel_paths_agree
 
 import kvpass
 from kvpass import calibration
+from kvpass.attach import backend_of
 from kvpass.methods.rope import stored_rotation
 from kvpass.calibration.artefact import Calibration
 from kvpass.config import AnTKV
@@ -51,6 +52,27 @@ def test_artefact_round_trip_and_metadata(llama, tmp_path):
     assert tuple(book.shape) == (cfg.num_key_value_heads, 16 // 8, 256, 8)  # head dim 16, 8-d sub-vectors
     assert loaded.meta["text"]["name"] == "random-token-ids" and loaded.meta["text"]["tokens"] == 1024
     loaded.check(model, "antkv-1bit", calibration.antkv.section_params(AnTKV(bits=1)))
+
+
+def test_unequal_key_and_value_rates_calibrate_their_own_codebooks_and_decode(tmp_path):
+    """value_bits: keys at 1.5 bit (4-d sub-vectors, 64 centroids), values at 0.5 bit (16-d, 256): one section with
+    each side's codebook shape, read by the store, whose codes hold 4 key and 1 value byte per token and head."""
+    model = FAMILIES["llama"].build()
+    method = AnTKV(bits=1.5, value_bits=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cal = calibration.calibrate(model, method, tokens=1024, seqlen=128, progress=False)
+    section = cal.section("antkv-1.5bit-values-0.5bit")
+    heads = model.config.num_key_value_heads
+    assert tuple(section["layers.0.keys"].shape) == (heads, 4, 64, 4)
+    assert tuple(section["layers.0.values"].shape) == (heads, 1, 256, 16)
+    path = cal.save(tmp_path / "a.safetensors")
+    kvpass.compile(model, kvpass.Config(attention=method, calibration=str(path)), inner="eager")
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    store = backend_of(model).runtime.store(0)
+    assert store._codes_k.shape[-1] == 4 and store._codes_v.shape[-1] == 1
 
 
 def test_artefact_for_another_model_or_setting_is_refused(llama, tmp_path):

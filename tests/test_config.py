@@ -10,7 +10,7 @@ def test_defaults_and_round_trip():
     assert kvpass.Config.from_dict(cfg.to_dict()) == cfg
     assert kvpass.Config().attention == kvpass.Dense()
     for method in (kvpass.AnTKV(bits=0.375, anchor_ratio=0.02, window=8, score="attention", keys="post-rope"),
-                   kvpass.KIVI(bits=4)):
+                   kvpass.AnTKV(bits=1.5, value_bits=0.5), kvpass.KIVI(bits=4)):
         assert kvpass.Config.from_dict(kvpass.Config(attention=method).to_dict()).attention == method
 
 
@@ -24,7 +24,8 @@ def test_defaults_and_round_trip():
     (lambda: kvpass.backend(kvpass.Config(), strict="yes"), ["strict='yes'"]),
     (lambda: kvpass.backend({"attention": "dense"}), ["kvpass.Config"]),
     (lambda: kvpass.Config.from_dict({"version": 99}), ["version=99"]),
-    (lambda: kvpass.AnTKV(bits=3), ["bits=3", "0.375"]),
+    (lambda: kvpass.AnTKV(bits=5), ["bits=5", "0.375"]),
+    (lambda: kvpass.AnTKV(value_bits=0.25), ["value_bits=0.25", "0.375"]),
     (lambda: kvpass.AnTKV(anchor_ratio=0.9), ["anchor_ratio=0.9", "[0, 0.5]"]),
     (lambda: kvpass.AnTKV(window=0), ["window=0", ">= 1"]),
     (lambda: kvpass.AnTKV(score="magic"), ["score='magic'", "bound"]),
@@ -38,6 +39,11 @@ def test_bad_values_raise_value_error_naming_them(build, words):
         build()
     for word in words:
         assert word in str(info.value)
+
+
+def test_antkv_value_bits_equal_to_bits_is_the_plain_configuration():
+    assert kvpass.AnTKV(bits=2, value_bits=2.0) == kvpass.AnTKV(bits=2)
+    assert kvpass.AnTKV(bits=1.5, value_bits=0.5).rate("values") == (16, 256)
 
 
 def test_configs_are_frozen():

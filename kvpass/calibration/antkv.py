@@ -29,7 +29,10 @@ MAX_POINTS = 8192
 
 
 def section_params(method: AnTKV) -> dict:
-    return {"bits": method.bits, "sub_vector": method.sub_vector, "codebook_size": method.codebook_size,
+    return {"bits": method.bits, "sub_vector": method.rate("keys")[0], "codebook_size": method.rate("keys")[1],
+            **({} if method.value_bits is None else {"value_bits": method.value_bits,
+                                                     "value_sub_vector": method.rate("values")[0],
+                                                     "value_codebook_size": method.rate("values")[1]}),
             "keys": method.keys, "kmeans_iterations": KMEANS_ITERATIONS, "max_points": MAX_POINTS,
             "anchor_excluded": ANCHOR_EXCLUDED}
 
@@ -104,8 +107,8 @@ def calibrate_antkv(model: torch.nn.Module, windows: torch.Tensor, methods: list
         for part, w in (("keys", key_weights), ("values", value_weights)):
             for name, method in rates.items():
                 vectors = keys[method.keys] if part == "keys" else values
-                tensors[name][f"layers.{layer}.{part}"] = _codebook(vectors, w, method.sub_vector,
-                                                                    method.codebook_size, device, generator)
+                tensors[name][f"layers.{layer}.{part}"] = _codebook(vectors, w, *method.rate(part), device,
+                                                                    generator)
         for name, method in rates.items():
             if method.keys == "pre-rope":
                 tensors[name].update(rotation_tensors(layer, rotations[layer]))

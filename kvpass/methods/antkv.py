@@ -34,7 +34,8 @@ _STATS = 4  # sum A, sum A(1-A), sum A |q| |v - o|, visible (query, head) pairs:
 
 def section_name(method: AnTKV) -> str:
     """The calibration section this store reads its codebooks from (kvpass.calibration.antkv writes it)."""
-    return f"antkv-{method.bits:g}bit" + ("" if method.keys == "pre-rope" else f"-{method.keys}-keys")
+    return (f"antkv-{method.bits:g}bit" + ("" if method.value_bits is None else f"-values-{method.value_bits:g}bit")
+            + ("" if method.keys == "pre-rope" else f"-{method.keys}-keys"))
 
 
 def anchor_score(method: AnTKV, stats: torch.Tensor, key_error: torch.Tensor, value_error: torch.Tensor,
