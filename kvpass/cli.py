@@ -19,6 +19,7 @@ import torch
 from .calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS
 from .config import (
     ANCHOR_SCORES,
+    ANTKV_KEY_METRICS,
     ANTKV_KEYS,
     CHESS_RULES,
     KIVI,
@@ -43,7 +44,7 @@ def _attention_method(args, bits=None):
     bits = {"antkv": 1.0, "kivi": 2}.get(args.attention) if bits is None else bits
     if args.attention == "antkv":
         return AnTKV(bits=bits, anchor_ratio=args.anchor_ratio, window=args.window, score=args.score, keys=args.keys,
-                     value_bits=args.value_bits)
+                     value_bits=args.value_bits, key_metric=args.key_metric)
     if args.attention == "kivi":
         return KIVI(bits=int(bits), group=args.group, residual=args.window)
     if args.attention == "wave":
@@ -78,7 +79,8 @@ def _method_name(config: Config) -> str:
     name = {"antkv": lambda: (f"antkv-{m.bits:g}bit" + ("" if m.value_bits is None else f"-v{m.value_bits:g}bit")
                               + f"-{m.anchor_ratio:g}anchors"      # defaults unnamed
                               + ("" if m.score == "bound" else f"-{m.score}")
-                              + ("" if m.keys == "pre-rope" else f"-{m.keys}")),
+                              + ("" if m.keys == "pre-rope" else f"-{m.keys}")
+                              + ("" if m.key_metric == "euclidean" else f"-{m.key_metric}-metric")),
             "kivi": lambda: f"kivi-{m.bits}bit",
             "wave": lambda: (f"wave-{m.retrieval:g}r-{m.estimation:g}e"
                              + ("" if m.recent == WaveIndex().recent else f"-{m.recent}recent")
@@ -140,6 +142,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                                                                   "0.375; default 1); kivi: 2, 4 or 8 (default 2)")
     parser.add_argument("--value-bits", type=float, default=None, help="antkv: the values' rate when it differs from "
                                                                        "--bits (then the keys' rate)")
+    parser.add_argument("--key-metric", choices=ANTKV_KEY_METRICS, default="euclidean",
+                        help="antkv: key codebooks minimize |error|^2 (euclidean) or the expected score error (query)")
     parser.add_argument("--anchor-ratio", type=float, default=0.01, help="antkv: fraction of tokens kept exact")
     parser.add_argument("--window", type=int, default=32, help="antkv/kivi: newest tokens kept exact")
     parser.add_argument("--score", choices=ANCHOR_SCORES, default="bound", help="antkv: Anchor Score candidate")

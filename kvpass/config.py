@@ -59,6 +59,9 @@ class Dense(AttentionMethod):
 ANTKV_RATES: dict[float, tuple[int, int]] = {4.0: (2, 256), 3.0: (2, 64), 2.0: (4, 256), 1.5: (4, 64),
                                              1.0: (8, 256), 0.75: (8, 64), 0.5: (16, 256), 0.375: (16, 64)}
 ANCHOR_SCORES = ("attention", "attention_variance", "bound")
+# How AnTKV's key codebooks measure a key's error: plain squared distance, or the expected squared error of the
+# query-key score, e^T E[q q^T] e (k-means and encoding in the space whitened by the calibration queries' moment).
+ANTKV_KEY_METRICS = ("euclidean", "query")
 # Where AnTKV's key codebooks live: before RoPE (keys rotated back by their position, RoPE re-applied when read;
 # the better one, docs/antkv.md) or after it (keys as attention sees them).
 ANTKV_KEYS = ("pre-rope", "post-rope")
@@ -74,7 +77,8 @@ class AnTKV(AttentionMethod):
     anchor_ratio: fraction of tokens kept exact, chosen online by the highest Anchor Score;
     window: the newest tokens stay exact until `window` later queries have scored them (then they are encoded
         or become anchors); score: the Anchor Score candidate (ANCHOR_SCORES);
-    keys: "pre-rope" or "post-rope" key codebooks (ANTKV_KEYS).
+    keys: "pre-rope" or "post-rope" key codebooks (ANTKV_KEYS);
+    key_metric: "euclidean" or "query" (ANTKV_KEY_METRICS): what the key codebooks minimize and encoding uses.
     """
 
     method: ClassVar[str] = "antkv"
@@ -84,6 +88,7 @@ class AnTKV(AttentionMethod):
     score: str = "bound"
     keys: str = "pre-rope"
     value_bits: float | None = None
+    key_metric: str = "euclidean"
 
     def __post_init__(self):
         for name in ("bits", "value_bits"):
@@ -105,6 +110,8 @@ class AnTKV(AttentionMethod):
             raise ValueError(f"score={self.score!r} is not an Anchor Score; use one of {list(ANCHOR_SCORES)}")
         if self.keys not in ANTKV_KEYS:
             raise ValueError(f"keys={self.keys!r}: key codebooks are {' or '.join(map(repr, ANTKV_KEYS))}")
+        if self.key_metric not in ANTKV_KEY_METRICS:
+            raise ValueError(f"key_metric={self.key_metric!r}: use one of {list(ANTKV_KEY_METRICS)}")
 
     def rate(self, part: str) -> tuple[int, int]:
         """(sub-vector length, codebook size) of the "keys" or the "values"."""

@@ -75,6 +75,36 @@ def test_unequal_key_and_value_rates_calibrate_their_own_codebooks_and_decode(tm
     assert store._codes_k.shape[-1] == 4 and store._codes_v.shape[-1] == 1
 
 
+def test_query_metric_key_codebooks_cut_the_score_error_they_are_learned_for(llama):
+    """key_metric="query": k-means in the space whitened by the calibration queries' moment, whose Cholesky factors
+    the section stores; encoding in that metric gives keys a lower expected squared score error e^T E[q q^T] e than
+    the Euclidean codebooks do on the same keys (the objective each minimizes), and a compiled model decodes."""
+    model, euclidean = llama
+    method = AnTKV(bits=1, key_metric="query")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        query = calibration.calibrate(model, method, tokens=1024, seqlen=128, progress=False)
+    section = query.section("antkv-1bit-query-metric")
+    white = section["layers.0.key_whitening"]                    # (Hkv, M, 8, 8) lower-triangular factors
+    assert white.shape == (model.config.num_key_value_heads, 2, 8, 8) and torch.equal(white, white.tril())
+    keys = torch.randn(1, model.config.num_key_value_heads, 256, 16, generator=torch.Generator().manual_seed(3))
+
+    def score_error(book, whitening):
+        error = pq.split(keys - pq.decode(pq.encode(keys, book, whitening), book), 8)   # (1, H, n, M, 8)
+        return (torch.einsum("bhnms,hmst->bhnmt", error, white) ** 2).sum().item()
+
+    plain = euclidean.section("antkv-1bit")["layers.0.keys"]
+    assert score_error(section["layers.0.keys"], white) < score_error(plain, None)
+    kvpass.compile(model, kvpass.Config(attention=method, calibration=None), inner="eager")
+    try:
+        with torch.no_grad():
+            model.generate(torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0)),
+                           max_new_tokens=4, do_sample=False)
+        assert backend_of(model).runtime.store(0)._whitening is not None
+    finally:
+        kvpass.detach(model)
+
+
 def test_artefact_for_another_model_or_setting_is_refused(llama, tmp_path):
     _, cal = llama
     path = cal.save(tmp_path / "a.safetensors")

@@ -35,7 +35,8 @@ _STATS = 4  # sum A, sum A(1-A), sum A |q| |v - o|, visible (query, head) pairs:
 def section_name(method: AnTKV) -> str:
     """The calibration section this store reads its codebooks from (kvpass.calibration.antkv writes it)."""
     return (f"antkv-{method.bits:g}bit" + ("" if method.value_bits is None else f"-values-{method.value_bits:g}bit")
-            + ("" if method.keys == "pre-rope" else f"-{method.keys}-keys"))
+            + ("" if method.keys == "pre-rope" else f"-{method.keys}-keys")
+            + ("" if method.key_metric == "euclidean" else f"-{method.key_metric}-metric"))
 
 
 def anchor_score(method: AnTKV, stats: torch.Tensor, key_error: torch.Tensor, value_error: torch.Tensor,
@@ -66,6 +67,7 @@ class AnTKVStore(LayerStore):
 
         tensors = calibration.section(section_name(method))
         self._books_cpu = (tensors[f"layers.{layer}.keys"], tensors[f"layers.{layer}.values"])
+        self._whitening_cpu = tensors.get(f"layers.{layer}.key_whitening")   # None: Euclidean key metric
         self._rope = stored_rotation(tensors, layer)     # None: keys are encoded as attention sees them
         self._length = 0
         self._finalized = 0       # slots < _finalized are codes or anchors; the rest are exact (the window)
@@ -85,6 +87,7 @@ class AnTKVStore(LayerStore):
                 raise ValueError(f"layer {self.layer}: the calibration's {name} codebook {tuple(book.shape)} does not "
                                  f"fit {name} of shape {tuple(x.shape)} (kv heads, head dim); recalibrate this model")
         self._book_k, self._book_v = books
+        self._whitening = None if self._whitening_cpu is None else self._whitening_cpu.to(k.device, torch.float32)
         self._window_k = k.new_empty(B, H, 0, D)
         self._window_v = v.new_empty(B, H, 0, v.shape[-1])
         self._stats = k.new_zeros(_STATS, B, H, 0, dtype=torch.float32)
@@ -201,11 +204,11 @@ class AnTKVStore(LayerStore):
         if rotation is not None:
             positions = rotation.positions(start, start + n)
             codes_k = pq.encode(rope_rotate(k, positions, rotation.inv_freq, rotation.scaling, inverse=True),
-                                self._book_k)
+                                self._book_k, self._whitening)
             decoded_k = rope_rotate(pq.decode(codes_k, self._book_k), positions, rotation.inv_freq,
                                     rotation.scaling)
         else:
-            codes_k = pq.encode(k, self._book_k)
+            codes_k = pq.encode(k, self._book_k, self._whitening)
             decoded_k = pq.decode(codes_k, self._book_k)
         codes_v = pq.encode(v, self._book_v)
         self._codes_k[:, :, start : start + n] = codes_k

@@ -28,15 +28,33 @@ def _nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return score.argmax(-1)
 
 
-def encode(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, L, D) -> codes (B, H, L, M) uint8; codebook: (H, M, C, sub). Computed in fp32."""
+def encode(x: torch.Tensor, codebook: torch.Tensor, whitening: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (B, H, L, D) -> codes (B, H, L, M) uint8; codebook: (H, M, C, sub). Computed in fp32.
+    whitening: None, or (H, M, sub, sub) W: the nearest centroid under (x - c)^T W W^T (x - c) (x @ W against
+    c @ W), the metric the codebook was learned in (see :func:`whiten`)."""
     H, M, C, sub = codebook.shape
     B, _, L, _ = x.shape
     groups = split(x.float(), sub).permute(1, 3, 0, 2, 4).reshape(H * M, B * L, sub)   # (H*M, B*L, sub)
     book = codebook.float().reshape(H * M, C, sub)
+    if whitening is not None:
+        w = whitening.float().reshape(H * M, sub, sub)
+        groups, book = groups @ w, book @ w
     step = max(1, _CHUNK_ENTRIES // (H * M * C))
     codes = torch.cat([_nearest(groups[:, s : s + step], book) for s in range(0, B * L, step)], dim=1)
     return codes.to(torch.uint8).reshape(H, M, B, L).permute(2, 0, 3, 1).contiguous()
+
+
+def whiten(moment: torch.Tensor, sub: int) -> torch.Tensor:
+    """moment: (H, D, D) second moment E[q q^T] of the queries that read the keys -> (H, D // sub, sub, sub) W per
+    sub-space with W W^T = its diagonal block (ridged by 1e-3 of its mean diagonal, so it is invertible): the
+    squared error |(x - c) @ W|^2 is then the expected squared score error of that sub-space, e^T E[q q^T] e."""
+    H, D, _ = moment.shape
+    M = D // sub
+    blocks = moment.double().unflatten(1, (M, sub)).unflatten(3, (M, sub)).diagonal(dim1=1, dim2=3)  # (H, sub, sub, M)
+    blocks = blocks.permute(0, 3, 1, 2)                                                            # (H, M, sub, sub)
+    ridge = 1e-3 * blocks.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    blocks = blocks + ridge[..., None, None] * torch.eye(sub, dtype=blocks.dtype)
+    return torch.linalg.cholesky(blocks).float()
 
 
 def decode(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
