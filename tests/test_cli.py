@@ -92,7 +92,7 @@ def test_inspect_real_model(capsys):
 
 def test_method_flags_are_validated_before_the_model_loads(capsys, no_model):
     for command in (["eval", "ppl"], ["eval", "passkey"], ["generate"], ["bench", "decode"]):
-        _refused(capsys, [*command, "--attention", "antkv", "--bits", "3"], "bits=3.0")
+        _refused(capsys, [*command, "--attention", "antkv", "--bits", "5"], "bits=5.0")
     _refused(capsys, ["generate", "--attention", "kivi", "--bits", "3"], "bits=3")
     _refused(capsys, ["calibrate", "--attention", "kivi", "--out", "x.safetensors"], "needs no calibration")
     _refused(capsys, ["eval", "ppl", "--attention", "wave", "--scoring", "pre-rope", "--search", "graph"],
@@ -172,8 +172,8 @@ def test_debug_logs_show_the_traceback_and_bugs_keep_theirs(monkeypatch):
     saved = (logger.level, list(logger.handlers), logger.propagate)
     monkeypatch.setenv("KVPASS_LOGS", "debug")
     try:
-        with pytest.raises(ValueError, match="bits=3.0"):
-            main(["eval", "ppl", "--attention", "antkv", "--bits", "3"])
+        with pytest.raises(ValueError, match="bits=5.0"):
+            main(["eval", "ppl", "--attention", "antkv", "--bits", "5"])
     finally:
         logger.level, logger.handlers[:], logger.propagate = saved[0], saved[1], saved[2]
     monkeypatch.delenv("KVPASS_LOGS")
