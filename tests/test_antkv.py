@@ -75,7 +75,7 @@ def test_unequal_key_and_value_rates_calibrate_their_own_codebooks_and_decode(tm
     assert store._codes_k.shape[-1] == 4 and store._codes_v.shape[-1] == 1
 
 
-def test_query_metric_key_codebooks_cut_the_score_error_they_are_learned_for(llama):
+def test_query_metric_key_codebooks_cut_the_score_error_they_are_learned_for(llama, tmp_path):
     """key_metric="query": k-means in the space whitened by the calibration queries' moment, whose Cholesky factors
     the section stores; encoding in that metric gives keys a lower expected squared score error e^T E[q q^T] e than
     the Euclidean codebooks do on the same keys (the objective each minimizes), and a compiled model decodes."""
@@ -95,7 +95,8 @@ def test_query_metric_key_codebooks_cut_the_score_error_they_are_learned_for(lla
 
     plain = euclidean.section("antkv-1bit")["layers.0.keys"]
     assert score_error(section["layers.0.keys"], white) < score_error(plain, None)
-    kvpass.compile(model, kvpass.Config(attention=method, calibration=None), inner="eager")
+    path = query.save(tmp_path / "query.safetensors")
+    kvpass.compile(model, kvpass.Config(attention=method, calibration=str(path)), inner="eager")
     try:
         with torch.no_grad():
             model.generate(torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0)),

@@ -149,7 +149,7 @@ def test_onnx_translation_of_the_attention_op_matches_the_op_in_onnxruntime(tmp_
         torch.testing.assert_close(torch.from_numpy(g_), w, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3"])
+@pytest.mark.parametrize("name", ["gemma3"])   # a sliding window beside a global layer; llama adds nothing here
 def test_onnx_model_in_onnxruntime_generates_the_compiled_models_tokens(name, tmp_path):
     pytest.importorskip("onnxruntime")
     from kvpass import portable_onnx
