@@ -103,10 +103,10 @@ def detach(model: torch.nn.Module) -> None:
     if backend is not None:
         backend.unbind()  # backend_of(model) is None from here
         compiled = model.__dict__.get("_compiled_call_impl")
+        if backend.engine is not None and compiled is backend.engine:
+            compiled = model.__dict__["_compiled_call_impl"] = backend.engine.compiled_call   # the call it fronted
         if compiled is not None and getattr(compiled, "_kvpass_backend", None) is backend:
-            del model.__dict__["_compiled_call_impl"]
-        elif backend.engine is not None and compiled is backend.engine:
-            model.__dict__["_compiled_call_impl"] = backend.engine.compiled_call  # model.compile's own call stays
+            del model.__dict__["_compiled_call_impl"]   # kvpass.compile's own compile goes too (model.compile's stays)
         backend.engine = None
         backend.runtime.static_decode = False
 

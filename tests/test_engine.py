@@ -83,6 +83,12 @@ def test_capture_false_and_model_compile_directly_run_the_engine_too():
         assert torch.equal(direct.generate(ids, max_new_tokens=6, do_sample=False), want)  # the engine now
     assert "capture is off" in kvpass.report(off)["decode_engine"]["not_captured"]
     assert kvpass.report(direct)["decode_engine"]["eager_steps"] == 5
+    # detach undoes kvpass.compile whole (plain HF again) and leaves the user's own model.compile in place
+    compiled_by_user = direct.__dict__["_compiled_call_impl"].compiled_call
+    kvpass.detach(off)
+    kvpass.detach(direct)
+    assert "_compiled_call_impl" not in off.__dict__
+    assert direct.__dict__["_compiled_call_impl"] is compiled_by_user
 
 
 def test_methods_without_the_contract_keep_the_uncaptured_op():
