@@ -67,22 +67,30 @@ def _commit(record) -> str:
     return (record["environment"].get("commit") or "?").split()[0]
 
 
+def _ffn_method(record) -> str:
+    """kvpass's FFN in a decode-engine speed record: dense, CHESS at its sparsity, or CHESS+ (selective)."""
+    ffn = (record.get("config") or {}).get("ffn") or {}
+    if ffn.get("method") != "chess":
+        return "dense"
+    return f"CHESS{'+' if ffn.get('selective') else ''} {ffn['sparsity']}"
+
+
 def engine_speed_table(records) -> str:
     rows = []
     for record in records:
         for row in record["results"]:
             if "error" in row:  # a point that did not run (out of memory): its row says so
-                rows.append([_commit(record), row["batch"], row["context"], record["args"]["steps"],
-                             row["error"][:60]] + [""] * 7)
+                rows.append([_commit(record), _ffn_method(record), row["batch"], row["context"],
+                             record["args"]["steps"], row["error"][:60]] + [""] * 7)
                 continue
             k, p = row["kvpass"], row["peer"]
             busy = "" if k.get("gpu_busy") is None else f"{100 * k['gpu_busy']:.0f} %"
-            rows.append([_commit(record), row["batch"], row["context"], record["args"]["steps"],
+            rows.append([_commit(record), _ffn_method(record), row["batch"], row["context"], record["args"]["steps"],
                          f"{k['tokens_per_s']:.1f}",
                          f"{p['tokens_per_s']:.1f}",
                          f"{row['kvpass_over_peer']:.3f}", busy, "yes" if row["interleaved"] else "no (memory)",
                          row["decode_engine"]["records"], row["graphs_compiled"], f"{row['peak_gib']:.1f}"])
-    return _markdown(["code", "batch", "context", "steps", "kvpass tok/s", "peer tok/s", "kvpass / peer", "GPU-busy (kvpass)",
+    return _markdown(["code", "kvpass FFN", "batch", "context", "steps", "kvpass tok/s", "peer tok/s", "kvpass / peer", "GPU-busy (kvpass)",
                       "interleaved", "recordings", "compiles", "peak GiB"], rows, [_env(r) for r in records])
 
 
