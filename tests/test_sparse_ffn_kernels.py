@@ -151,8 +151,10 @@ def test_sparse_ffn_matches_reference(H, I, T, dtype, activation, gated, bias, c
     (896, 4864, 1, BF16, "relu", False, False, True, 0.5),
     (4096, 1536, 3, BF16, "silu", True, False, False, 0.5),
     (576, 14336, 8, F32, "gelu_tanh", True, True, False, 0.7),
-    # Llama-3-8B at batch 8 (batch 1 runs at the other shapes: 70 s each under the interpreter)
-    pytest.param(4096, 14336, 8, BF16, "silu", True, False, False, 0.5, marks=pytest.mark.slow),
+    # Llama-3-8B at batch 8, on a GPU only: 80 s under CI's interpreter, and the shapes above already take each
+    # dimension past its tiles (H 4096, I 14336)
+    pytest.param(4096, 14336, 8, BF16, "silu", True, False, False, 0.5,
+                 marks=pytest.mark.skipif(DEVICE == "cpu", reason="Llama-3-8B's FFN: on a GPU only")),
 ])
 def test_sparse_ffn_matches_reference_large(large_tiles, H, I, T, dtype, activation, gated, bias, column_major,
                                             sparsity):
