@@ -6,13 +6,16 @@ the store fastest.
 --part prefill: where a 32K-token prefill spends its GPU time, kvpass-compiled against HF's own SDPA forward
   (torch.profiler, top kernels), and torch SDPA's causal prompt attention with enable_gqa against repeated K/V.
 --part sweep: the decode attention kernel alone (kernels/attention, q_start on the device, valid and the new
-  token given, as the captured step launches it) against torch SDPA over the same static store, Llama-3-8B's heads (32 q, 8 kv, dim
-  128), for several split counts and tile shapes; each timed as a replayed CUDA graph (do_bench_cudagraph); GB/s =
-  the K/V bytes below the position over the time.
+  token given, as the captured step launches it) against torch SDPA over the same static store, Llama-3-8B's heads
+  (32 q, 8 kv, dim 128), for several split counts and tile shapes; each timed as a replayed CUDA graph
+  (do_bench_cudagraph); GB/s = the K/V bytes below the position over the time. `--no-append` (the new token not
+  fused into the launch) and `--no-valid` (no per-slot validity loads) time the launch without either part: at B8
+  32K neither explained the step's gap, the split count did (log probe-decode-kernel-variants-20261207-h100.txt;
+  a loop over TMA tensor descriptors, timed then too, was no faster than the pointer tiles).
 
     python benchmarks/probes/decode_attention_tuning.py --part profile
     python benchmarks/probes/decode_attention_tuning.py --part prefill
-    python benchmarks/probes/decode_attention_tuning.py --part sweep
+    python benchmarks/probes/decode_attention_tuning.py --part sweep [--no-append] [--no-valid]
 """
 from __future__ import annotations
 
@@ -92,7 +95,7 @@ def profile(batch: int, context: int, steps: int) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep(points) -> None:
+def sweep(points, append: bool = True, with_valid: bool = True) -> None:
     from triton.testing import do_bench_cudagraph
 
     from kvpass.kernels.attention import dense
@@ -120,11 +123,13 @@ def sweep(points) -> None:
             def config(rows, block_d, fp32, block_n=block_n, warps=warps, stages=stages):
                 return 16, block_n, warps, stages
 
+            new = ((new_k, new_v, *new_k.stride()[:2], new_k.stride(3), *new_v.stride()[:2], new_v.stride(3))
+                   if append else (None, None, 0, 0, 0, 0, 0, 0))
+
             def run():
                 return dense.launch_attention(
-                    dense._attn_fwd_kernel, (k, v, *k.stride(), *v.stride(), new_k, new_v, *new_k.stride()[:2],
-                                             new_k.stride(3), *new_v.stride()[:2], new_v.stride(3)),
-                    {"APPEND": True}, {"k": k, "v": v}, q, valid, None,
+                    dense._attn_fwd_kernel, (k, v, *k.stride(), *v.stride(), *new),
+                    {"APPEND": append}, {"k": k, "v": v}, q, valid if with_valid else None, None,
                     dims, scale=d ** -0.5, causal=True, window=0, softcap=0.0, num_splits=splits, return_lse=False,
                     caller="sweep", launch_config=config, q_start_on_device=slot)
             try:
@@ -146,6 +151,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("profile", "prefill", "sweep"), required=True)
     parser.add_argument("--points", default="1x4096,1x32768,1x131072,8x32768")
+    parser.add_argument("--no-append", action="store_true", help="--part sweep: the new token not fused")
+    parser.add_argument("--no-valid", action="store_true", help="--part sweep: no per-slot validity loads")
     args = parser.parse_args()
     points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
     if args.part == "profile":
@@ -154,7 +161,7 @@ def main() -> None:
     elif args.part == "prefill":
         prefill(32768)
     else:
-        sweep(points)
+        sweep(points, append=not args.no_append, with_valid=not args.no_valid)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def choose_num_splits(programs: int, keys: int, sm_count: int = _DEFAULT_SM_COUN
     programs (one wave: a second, part-filled wave of equal chunks costs a whole chunk's time); never
     give a split fewer than ``_SPLIT_MIN_KEYS_PER_SPLIT`` keys nor use more than ``_SPLIT_MAX`` splits.
     Measured on an H100 (B8 32K, Llama-3-8B heads, 64 programs unsplit, the captured step's launch): 4 splits
-    (256 programs) 359 us, 5 splits (320) 461 us (`benchmarks/probes/decode_kernel_variants.py`).
+    (256 programs) 359 us, 5 splits (320) 461 us (log benchmarks/results/probe-decode-kernel-variants-20261207-h100.txt).
     """
     target = _PROGRAMS_PER_SM * sm_count
     if keys < _SPLIT_MIN_KEYS or programs >= target:
