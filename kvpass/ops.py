@@ -12,7 +12,8 @@ treat them as opaque calls with known output shapes (`register_fake`).
   `kvpass::attention`; left unfused it still gives the right answer (stores the new k/v, returns all).
 - `kvpass::static_attention`: attention over a KV store the caller passes and the op writes (no runtime): the
   op of an exported program (kvpass/portable.py), whose cache is the program's own buffers;
-  `kvpass::static_attention_functional` returns the written stores instead (ONNX: the cache in, the cache out).
+  `kvpass::static_attention_functional` returns the written stores instead (ONNX: the cache in, the cache out);
+  `kvpass::static_kivi_attention` is the same over a KIVI store (quantized parts and exact rings).
 The stateless FFN ops (`kvpass::ffn`, `kvpass::sparse_linear`) are in kvpass/ffn_ops.py.
 """
 from __future__ import annotations
@@ -22,7 +23,9 @@ from torch import Tensor
 
 from . import kernels_dispatch
 from . import runtime as _runtime
+from .config import KIVI
 from .methods.base import AttentionSpec
+from .methods.kivi import KIVIStore
 
 # How the attention op finds its past: decided by the graph rewrite (kvpass.patterns.matchers), baked into each
 # kvpass::attention call as its `mode` argument, read here (the runtime never sees a mode).
@@ -124,6 +127,38 @@ def static_attention(q: Tensor, k: Tensor, v: Tensor, k_store: Tensor, v_store: 
 
 @static_attention.register_fake
 def _(q, k, v, k_store, v_store, valid, cache_position, scale, softcap, window):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+_KIVI_BUFFERS = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero", "ring_k", "ring_v")
+
+
+@torch.library.custom_op("kvpass::static_kivi_attention", mutates_args=_KIVI_BUFFERS)
+def static_kivi_attention(q: Tensor, k: Tensor, v: Tensor, key_codes: Tensor, key_scale: Tensor, key_zero: Tensor,
+                          value_codes: Tensor, value_scale: Tensor, value_zero: Tensor, ring_k: Tensor, ring_v: Tensor,
+                          valid: Tensor, cache_position: Tensor, bits: int, group: int, residual: int, scale: float,
+                          softcap: float, window: int) -> Tensor:
+    """`static_attention` over a KIVI store the caller owns (an exported program's, kvpass.portable): the buffers of
+    `kvpass.methods.kivi.quantized_buffers` and `exact_rings` for Bmax rows, of which rows :B are the batch's. The
+    new tokens enter the store as KIVIStore appends them (the oldest exact ones leave and are quantized), then
+    attend over the held tokens dequantized, with the same visibility as `static_attention`. The store's length is
+    cache_position[0] (read on the host: the program runs eagerly, one call per prompt or token). Returns
+    (B, Hq, L, Dv), contiguous."""
+    batch = q.shape[0]
+    keys, values = (key_codes, key_scale, key_zero), (value_codes, value_scale, value_zero)
+    store = KIVIStore.over_buffers(KIVI(bits=bits, group=group, residual=residual),
+                                   [part[:batch] for part in keys], [part[:batch] for part in values],
+                                   ring_k[:batch], ring_v[:batch], length=int(cache_position[0]))
+    store.append(k, v)
+    held_k, held_v = store.materialize()
+    out = kernels_dispatch.attention(q, held_k, held_v, mask=None, is_causal=True, scale=scale, softcap=softcap,
+                                     window=window, valid=valid[:batch, : held_k.shape[2]], q_start=cache_position[:1])
+    return out.contiguous()
+
+
+@static_kivi_attention.register_fake
+def _(q, k, v, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, ring_k, ring_v, valid,
+      cache_position, bits, group, residual, scale, softcap, window):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 

@@ -20,9 +20,10 @@ The program's one entry point serves prefill and decode (the token count is a dy
 logits (B, V). A new sequence starts at cache_position 0; attention_mask marks left padding (0) of the new tokens.
 The `.pt2` holds the weights and the zeroed cache (max_batch x max_cache_len tokens).
 
-Methods: Dense attention with the model's own FFN. The other methods keep state that a program cannot carry yet
-(AnTKV's online anchor choice, the wave index's clustering) or rewrite the FFN through the FX pass (CHESS):
-export refuses them with a ValueError.
+Methods: Dense attention, and KIVI (`kvpass::static_kivi_attention`: its codes, scales and exact rings are the
+program's buffers, written as the runtime's KIVI store writes its own), each with the model's own FFN. The other
+methods keep state that a program cannot carry yet (AnTKV's online anchor choice, the wave index's clustering) or
+rewrite the FFN through the FX pass (CHESS): export refuses them with a ValueError.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers kvpass::static_attention, which the traced attention calls)
-from .config import Config, Dense, DenseFFN
+from .config import KIVI, Config, Dense, DenseFFN
+from .methods import kivi
 
 ATTENTION = "kvpass-static"
 __all__ = ["export", "generate", "save", "PortableDecoder"]
@@ -123,26 +125,48 @@ def store_shapes(model) -> dict[int, tuple[int, int, int, torch.dtype]]:
     return shapes
 
 
-class PortableDecoder(torch.nn.Module):
-    """What torch.export traces: the model, and its KV cache as buffers (`keys_<layer>`, `values_<layer>`:
-    (max_batch, kv heads, max_cache_len, head dim) in the model's dtype; `valid`: (max_batch, max_cache_len) bool)."""
+def store_buffers(method: Dense | KIVI, batch: int, heads: int, slots: int, key_dim: int, value_dim: int,
+                  dtype: torch.dtype, device) -> dict[str, Tensor]:
+    """One layer's store as named zeroed buffers, in the order its op takes them: Dense `keys`, `values` (batch,
+    heads, slots, key|value dim); KIVI the quantized parts of `slots` slots (rounded up as a KIVI store needs) and
+    the exact rings (kvpass.methods.kivi)."""
+    if isinstance(method, KIVI):
+        keys, values = kivi.quantized_buffers(batch, heads, kivi.capacity_for(method, slots), key_dim, value_dim,
+                                              dtype, device, method.group)
+        rings = kivi.exact_rings(method, batch, heads, key_dim, value_dim, dtype, device)
+        return dict(zip(("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero", "ring_k",
+                         "ring_v"), (*keys, *values, *rings)))
+    return {name: torch.zeros(batch, heads, slots, dim, dtype=dtype, device=device)
+            for name, dim in (("keys", key_dim), ("values", value_dim))}
 
-    def __init__(self, model, max_batch: int, max_cache_len: int):
+
+class PortableDecoder(torch.nn.Module):
+    """What torch.export traces: the model, and its KV cache as buffers `<part>_<layer>` (`store_buffers`: Dense
+    `keys`, `values` of (max_batch, kv heads, max_cache_len, head dim) in the model's dtype; KIVI its codes,
+    scales, zeros and exact rings); `valid`: (max_batch, max_cache_len) bool."""
+
+    def __init__(self, model, max_batch: int, max_cache_len: int, method: Dense | KIVI | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.method = model, method or Dense()
         device = next(model.parameters()).device
+        self.parts: list[str] = []
         for layer, (heads, key_dim, value_dim, dtype) in store_shapes(model).items():
-            self.register_buffer(f"keys_{layer}", torch.zeros(max_batch, heads, max_cache_len, key_dim, dtype=dtype,
-                                                              device=device))
-            self.register_buffer(f"values_{layer}", torch.zeros(max_batch, heads, max_cache_len, value_dim,
-                                                                dtype=dtype, device=device))
+            buffers = store_buffers(self.method, max_batch, heads, max_cache_len, key_dim, value_dim, dtype, device)
+            self.parts = list(buffers)
+            for part, buffer in buffers.items():
+                self.register_buffer(f"{part}_{layer}", buffer)
         self.register_buffer("valid", torch.zeros(max_batch, max_cache_len, dtype=torch.bool, device=device))
 
     def attend(self, layer: int, query, key, value, scale: float, softcap: float, window: int) -> Tensor:
-        """The layer's new tokens written into its store buffers and attended (kvpass::static_attention)."""
-        return torch.ops.kvpass.static_attention(query, key, value, getattr(self, f"keys_{layer}"),
-                                                 getattr(self, f"values_{layer}"), self.valid, self.cache_position,
-                                                 scale, softcap, window)
+        """The layer's new tokens written into its store buffers and attended (kvpass::static_attention, or
+        kvpass::static_kivi_attention)."""
+        stores = [getattr(self, f"{part}_{layer}") for part in self.parts]
+        if isinstance(self.method, KIVI):
+            m = self.method
+            return torch.ops.kvpass.static_kivi_attention(query, key, value, *stores, self.valid, self.cache_position,
+                                                          m.bits, m.group, m.residual, scale, softcap, window)
+        return torch.ops.kvpass.static_attention(query, key, value, *stores, self.valid, self.cache_position, scale,
+                                                 softcap, window)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache_position: Tensor):
         batch = input_ids.shape[0]
@@ -153,11 +177,14 @@ class PortableDecoder(torch.nn.Module):
         return out.logits[:, -1]
 
 
-def check_method(config: Config) -> None:
-    """Refuses (ValueError) the methods an exported program cannot carry."""
-    if not isinstance(config.attention, Dense):
-        raise ValueError(f"kvpass.export takes attention=Dense() for now, got {type(config.attention).__name__}: its "
-                         "store keeps state an exported program cannot carry yet; export with kvpass.Config()")
+def check_method(config: Config, attention: tuple[type, ...] = (Dense, KIVI), to: str = "kvpass.export") -> None:
+    """Refuses (ValueError) the methods an exported program cannot carry: attention other than `attention`'s
+    kinds, an FFN rewritten by the compile pass."""
+    if not isinstance(config.attention, attention):
+        names = " or ".join(f"{kind.__name__}()" for kind in attention)
+        raise ValueError(f"{to} takes attention={names} for now, got {type(config.attention).__name__}: its store "
+                         "keeps state an exported program cannot carry yet (AnTKV's online anchor choice, the wave "
+                         "index's clustering); export with kvpass.Config()")
     if config.ffn is not None and not isinstance(config.ffn, DenseFFN):
         raise ValueError(f"kvpass.export takes the model's own FFN (ffn=None or DenseFFN()), got "
                          f"{type(config.ffn).__name__}: it is rewritten by the torch.compile pass, which export "
@@ -174,7 +201,7 @@ def export(model, config: Config | None = None, *, max_batch: int = 1,
     for name, value, least in (("max_batch", max_batch, 1), ("max_cache_len", max_cache_len, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name}={value!r} must be an int >= {least}")
-    program = PortableDecoder(model, max_batch, max_cache_len).eval()
+    program = PortableDecoder(model, max_batch, max_cache_len, config.attention).eval()
     device = program.valid.device
     # A prompt's example: transformers reads positions while tracing (packed-sequence detection), so they must
     # look like a real prompt's (all-zero positions trace a packed batch).

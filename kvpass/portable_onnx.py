@@ -10,7 +10,7 @@ The model's inputs: input_ids, attention_mask, position_ids (B, L) int64, cache_
 bool and per layer `keys_<i>`, `values_<i>` (B, kv heads, S, head dim): S is the cache's length, the caller's choice
 (zeros and all-False start a sequence). Outputs: the last token's `logits` (B, V), then `valid` and the stores with
 the new tokens written, to pass to the next call. Dense attention only: the other methods' state and kernels have
-no ONNX form (kvpass.export refuses them too).
+no ONNX form yet (KIVI exports to a .pt2 through kvpass.export; AnTKV, the wave index and CHESS to neither).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import Config
+from .config import Config, Dense
 from .portable import attention_implementation, check_method, serving, store_shapes
 
 __all__ = ["export", "generate", "OnnxDecoder"]
@@ -92,7 +92,7 @@ def _names(layers: int) -> list[str]:
 def export(model, path, config: Config | None = None) -> Path:
     """Write `model` (an HF decoder, dense kvpass attention) as an ONNX model to `path`; see the module doc."""
     config = config or Config()
-    check_method(config)
+    check_method(config, attention=(Dense,), to="kvpass.portable_onnx.export")
     module = OnnxDecoder(model).eval()
     shapes = store_shapes(model)
     device = next(model.parameters()).device

@@ -21,9 +21,9 @@ def _padded(batch=2, length=9, seed=0):
     return ids, mask
 
 
-def _compiled_tokens(name, ids, mask, new_tokens):
+def _compiled_tokens(name, ids, mask, new_tokens, config=None):
     model = FAMILIES[name].build()
-    kvpass.compile(model, kvpass.Config(), inner="aot_eager", strict=True)
+    kvpass.compile(model, config or kvpass.Config(), inner="aot_eager", strict=True)
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
 
@@ -77,6 +77,44 @@ def test_the_static_attention_op_passes_opcheck():
     valid = torch.ones(3, 8, dtype=torch.bool)
     torch.library.opcheck(torch.ops.kvpass.static_attention.default,
                           (q, k, v, *stores, valid, torch.arange(2, 5), 0.25, 0.0, 0))
+
+
+# Groups of 4 and 4 exact tokens: a 9-token prompt and 10 new tokens cross several key groups and value handovers
+KIVI_SMALL = kvpass.Config(attention=kvpass.KIVI(bits=2, group=4, residual=4))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_kivi_program_loaded_back_generates_the_compiled_kivi_tokens(name, tmp_path):
+    """KIVI's codes, scales and exact rings are the program's buffers (kvpass::static_kivi_attention, one per
+    layer): the loaded program generates the kvpass-compiled KIVI model's tokens, which 2-bit quantization moves
+    away from the dense model's."""
+    ids, mask = _padded()
+    program = kvpass.export(FAMILIES[name].build(), KIVI_SMALL, max_batch=2, max_cache_len=24)
+    targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.kvpass.static_kivi_attention.default) == FAMILIES[name].build().config.num_hidden_layers
+    assert torch.ops.kvpass.static_attention.default not in targets
+    assert {"key_codes_0", "ring_v_0"} <= {name for name, _ in program.named_buffers()}
+    path, _ = portable.save(program, tmp_path / f"{name}.pt2", config=KIVI_SMALL, model_name=name)
+    got = portable.generate(torch.export.load(path), ids, mask, max_new_tokens=10)
+    assert torch.equal(got, _compiled_tokens(name, ids, mask, 10, KIVI_SMALL))
+    assert not torch.equal(got, _compiled_tokens(name, ids, mask, 10))
+
+
+def test_the_static_kivi_attention_op_passes_opcheck_and_refuses_to_outgrow_its_buffers():
+    from kvpass.methods import kivi
+
+    method = KIVI_SMALL.attention
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 3, 16, generator=g)
+    k, v = torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 3, 8, generator=g)
+    keys, values = kivi.quantized_buffers(3, 2, kivi.capacity_for(method, 8), 16, 8, torch.float32, "cpu", 4)
+    rings = kivi.exact_rings(method, 3, 2, 16, 8, torch.float32, "cpu")
+    valid = torch.ones(3, 8, dtype=torch.bool)
+    args = (method.bits, method.group, method.residual, 0.25, 0.0, 0)
+    torch.library.opcheck(torch.ops.kvpass.static_kivi_attention.default,
+                          (q, k, v, *keys, *values, *rings, valid, torch.arange(2, 5), *args))
+    with pytest.raises(ValueError, match="larger max_cache_len"):
+        torch.ops.kvpass.static_kivi_attention(q, k, v, *keys, *values, *rings, valid, torch.arange(6, 9), *args)
 
 
 @pytest.mark.parametrize("config, match", [

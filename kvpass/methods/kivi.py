@@ -99,6 +99,31 @@ def _with_exact(dense: torch.Tensor, ring: torch.Tensor, quantized, end) -> torc
     return dense.index_copy_(2, slots, torch.where(exact, ring[:, :, tokens % size], dense[:, :, slots]))
 
 
+def quantized_buffers(batch: int, heads: int, capacity: int, key_dim: int, value_dim: int, dtype: torch.dtype,
+                      device, group: int):
+    """Zeroed quantized parts of `capacity` slots (a multiple of `group`): (key codes (B, H, C, D) uint8, key scale,
+    key zero (B, H, C / group, D)) and (value codes (B, H, C, Dv) uint8, value scale, value zero (B, H, C, 1)), the
+    scales and zeros in `dtype`."""
+    def zeros(rows, width, kind=dtype):
+        return torch.zeros(batch, heads, rows, width, dtype=kind, device=device)
+
+    return ((zeros(capacity, key_dim, torch.uint8), zeros(capacity // group, key_dim), zeros(capacity // group, key_dim)),
+            (zeros(capacity, value_dim, torch.uint8), zeros(capacity, 1), zeros(capacity, 1)))
+
+
+def exact_rings(method: KIVI, batch: int, heads: int, key_dim: int, value_dim: int, dtype: torch.dtype, device):
+    """Zeroed rings of the exact tokens: keys (B, H, r + g, D) and values (B, H, r + 1, Dv) (KIVIStore says why)."""
+    r, g = method.residual, method.group
+    return (torch.zeros(batch, heads, r + g, key_dim, dtype=dtype, device=device),
+            torch.zeros(batch, heads, r + 1, value_dim, dtype=dtype, device=device))
+
+
+def capacity_for(method: KIVI, tokens: int) -> int:
+    """The slots a store needs to hold `tokens` tokens: at least r + g (the exact part's reach), a multiple of g."""
+    g = method.group
+    return -(-max(tokens, method.residual + g) // g) * g
+
+
 def _put(buffer: torch.Tensor, index: torch.Tensor, new: torch.Tensor, condition: torch.Tensor) -> None:
     """buffer[:, :, index] = new where `condition` ((1,) bool on the device) holds, else left as it is."""
     buffer.index_copy_(2, index, torch.where(condition, new, buffer[:, :, index]))
@@ -133,6 +158,18 @@ class KIVIStore(StaticStore):
         self._values: tuple[torch.Tensor, ...] = ()  # codes, scale, zero: (B, Hkv, C, Dv), (B, Hkv, C, 1) x 2
         self._ring_k: torch.Tensor | None = None     # (B, Hkv, r + g, D): exact keys, token t at t mod (r + g)
         self._ring_v: torch.Tensor | None = None     # (B, Hkv, r + 1, Dv): exact values, token t at t mod (r + 1)
+        self._fixed_buffers = False                   # over a caller's buffers (over_buffers): never reallocated
+
+    @classmethod
+    def over_buffers(cls, method: KIVI, keys, values, ring_k, ring_v, length: int) -> KIVIStore:
+        """A store over buffers its caller owns (an exported program's, kvpass.portable), laid out as
+        `quantized_buffers` and `exact_rings` give them, holding the sequence's first `length` tokens. Appending
+        writes into them; an append beyond their capacity is refused, never reallocated (the caller would keep
+        the old buffers)."""
+        store = cls(method, layer=0)
+        store._keys, store._values, store._ring_k, store._ring_v = tuple(keys), tuple(values), ring_k, ring_v
+        store._length, store._fixed_buffers = length, True
+        return store
 
     @property
     def batch(self) -> int:
@@ -182,24 +219,21 @@ class KIVIStore(StaticStore):
                                    self.capacity_hint)
         if capacity is None:
             return False
+        if self._fixed_buffers:
+            raise ValueError(f"{needed} tokens do not fit the {self.capacity} slots of this KIVI store's buffers "
+                             "(an exported program's cache): export it with a larger max_cache_len")
         if not same:  # a new sequence of another shape (the shape of a held one is checked): nothing to keep
             B, H, _, D = k.shape
-            self._ring_k = torch.zeros(B, H, r + g, D, dtype=k.dtype, device=k.device)
-            self._ring_v = torch.zeros(B, H, r + 1, v.shape[3], dtype=k.dtype, device=k.device)
+            self._ring_k, self._ring_v = exact_rings(self.method, B, H, D, v.shape[3], k.dtype, k.device)
             self._keys = self._values = ()
-        self._reallocate(-(-capacity // g) * g)
+        self._reallocate(capacity_for(self.method, capacity))
         return True
 
     def _reallocate(self, capacity: int) -> None:
         """Zeroed quantized parts for `capacity` slots (a multiple of g), holding what the old ones held."""
         B, H, _, D = self._ring_k.shape
-        Dv, dtype, g = self._ring_v.shape[3], self._ring_k.dtype, self.method.group
-
-        def zeros(rows, width, dtype=dtype):
-            return torch.zeros(B, H, rows, width, dtype=dtype, device=self._ring_k.device)
-
-        keys = zeros(capacity, D, torch.uint8), zeros(capacity // g, D), zeros(capacity // g, D)
-        values = zeros(capacity, Dv, torch.uint8), zeros(capacity, 1), zeros(capacity, 1)
+        keys, values = quantized_buffers(B, H, capacity, D, self._ring_v.shape[3], self._ring_k.dtype,
+                                         self._ring_k.device, self.method.group)
         for old, new in zip(self._keys + self._values, keys + values) if self._length else ():
             new[:, :, : old.shape[2]] = old
         self._keys, self._values = keys, values
