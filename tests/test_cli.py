@@ -287,7 +287,7 @@ def test_chess_calibration_reaches_its_sparsity_on_held_out_text(tmp_path, capsy
 
     out = tmp_path / "chess.safetensors"
     assert main(["calibrate", "--model", "smollm2-135m", "--ffn", "chess", "--sparsity", "0.3", "0.5", "--tokens",
-                 "4096", "--seqlen", "512", "--out", str(out)]) == 0
+                 "2048", "--seqlen", "512", "--out", str(out)]) == 0
     artefact = Calibration.load(out)
     assert sorted(artefact.meta["sections"]) == ["chess-0.3", "chess-0.5"] and artefact.meta["text"]["name"] == "lee"
     model, tokenizer = load_model("smollm2-135m")

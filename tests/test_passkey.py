@@ -155,17 +155,16 @@ def test_heatmap_png(tmp_path):
 
 @pytest.mark.slow
 def test_real_model_finds_key_dense_compiled_equal(smollm2):
-    """Dense SmolLM2-135M finds the key at ~512 and ~1024 tokens; kvpass-compiled output = HF output. (Two prompts:
-    each new length compiles again under aot_eager, about 20 s per prompt on two CPU cores.)"""
+    """Dense SmolLM2-135M finds the key in a ~512-token prompt; kvpass-compiled output = HF output. (One prompt:
+    each length compiles again under aot_eager, and a second one took CI another minute.)"""
     model, tokenizer = smollm2
-    kwargs = dict(lengths=[512, 1024], depths=[0.5], trials=1, haystack=None, seed=0, max_new_tokens=6,
-                  progress=False)
+    kwargs = dict(lengths=[512], depths=[0.5], trials=1, haystack=None, seed=0, max_new_tokens=6, progress=False)
     expected_log, got_log = [], []
     start = time.perf_counter()
     expected = run_passkey(model, tokenizer, outputs=expected_log, **kwargs)
     eager_s = time.perf_counter() - start
     success = sum(r["success"] for r in expected) / len(expected)
-    assert success >= 0.5, expected_log
+    assert success == 1.0, expected_log
     kvpass.compile(model, kvpass.Config(), inner="aot_eager", strict=True)
     try:
         start = time.perf_counter()

@@ -408,9 +408,9 @@ def test_triton_kernels_match_reference_semantics(monkeypatch):
     (on the CPU it has neither, and test_offload_equals_device_path_bit_for_bit covers its buffer)."""
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    k, v = _tokens(2, 2, 75, seed=9)
+    k, v = _tokens(2, 2, 68, seed=9)
     k, v = k.to(device), v.to(device)
-    mask = _padding_mask(2, 75, (0, 6)).to(device)
+    mask = _padding_mask(2, 68, (0, 6)).to(device)
     outs = {}
     for kernels in ("reference", "triton"):
         monkeypatch.setenv("KVPASS_KERNELS", kernels)
