@@ -21,6 +21,7 @@ import torch
 
 from .backend import Backend, _unwrap, backend_of
 from .config import Config
+from .weight_layout import relayout_for_sparse_kernels
 
 __all__ = ["attach", "backend", "backend_of", "compile", "detach", "install_engine", "reset", "resolve_calibrations_with",
            "sequence"]
@@ -124,6 +125,8 @@ def compile(model: torch.nn.Module, config: Config, *, inner: str = "inductor", 
         detach(model)  # the model stays as it was: a corrected config can be compiled next
         raise
     model = _unwrap(model)
+    # Before the first trace, which guards the weights' strides: the sparse CHESS kernels then read no copies.
+    relayout_for_sparse_kernels(model, backend.runtime.chess_plan())
     model.compile(backend=backend, **compile_kwargs)
     model._compiled_call_impl._kvpass_backend = backend  # lets detach() undo exactly this compile
     install_engine(model, backend, capture=capture and not cudagraphs)

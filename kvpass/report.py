@@ -71,7 +71,7 @@ def report(model) -> Report:
     plan = backend.runtime.chess_plan()
     if plan is not None:
         base["chess"] = {"sparse_ffn_sites": last.sparse_ffn_sites, "sparse_projections": last.sparse_projections,
-                         "weight_copy_bytes": plan.nbytes()}
+                         "weight_copy_bytes": plan.nbytes(), "weights_relaid_out": plan.relaid_out()}
     base.update(_runtime_part(backend.runtime))
     return Report(base)
 

@@ -54,6 +54,8 @@ class Runtime:
         The runtime asks it once per method, at first use, and never makes a calibration itself."""
         self._resolve = resolve
         self._calibrations = {}
+        if self._chess_plan is not None:
+            self._chess_plan.restore_layouts()  # the weights go back to the model as it had them
         self._chess_plan = None
 
     def calibration(self, method=None):

@@ -314,3 +314,30 @@ def test_decode_kernels_match_the_dense_path(tmp_path, monkeypatch):
 
     assert_kernel_paths_agree(model, compile_for, _windows(1, 20, seed=4), monkeypatch)
     assert calls["sparse_ffn"] > 0 and calls["sparse_linear"] > 0
+
+
+def test_kernel_weights_are_laid_out_in_place_before_the_first_trace_and_restored_by_detach(tmp_path, monkeypatch):
+    """Where the sparse kernels run (KVPASS_KERNELS=triton: the interpreter on CPU), kvpass.compile stores the down,
+    query and output projections input-major in place (strides (1, out)) before Dynamo first traces the model, so
+    the rewrite copies no weight and no guard on their strides fails later; detach gives the model its row-major
+    weights back, unchanged."""
+    monkeypatch.setenv("KVPASS_KERNELS", "triton")
+    model = FAMILIES["llama"].build()
+    path = _artefact(model, tmp_path / "c.safetensors")
+    relaid = {name: p.detach().clone() for name, p in model.named_parameters()
+              if name.endswith(("down_proj.weight", "q_proj.weight", "o_proj.weight"))}
+    kept = {name: p.stride() for name, p in model.named_parameters() if name not in relaid}
+    kvpass.compile(model, kvpass.Config(ffn=Chess(sparsity=0.5, selective=True), calibration=path),
+                   inner="eager", strict=True)
+    parameters = dict(model.named_parameters())
+    assert all(parameters[name].stride() == (1, value.shape[0]) for name, value in relaid.items())
+    assert all(parameters[name].stride() == stride for name, stride in kept.items())
+    with torch.no_grad():
+        model.generate(_windows(2, 9, seed=3), max_new_tokens=3, do_sample=False)
+    report = kvpass.report(model)["chess"]
+    assert report["weight_copy_bytes"] == 0 and report["weights_relaid_out"] == len(relaid) == 3 * 2, report
+    assert len(backend_of(model).records) <= 3   # prefill and decode graphs: no recompile for a changed stride
+    kvpass.detach(model)
+    parameters = dict(model.named_parameters())
+    assert all(parameters[name].is_contiguous() and torch.equal(parameters[name], value)
+               for name, value in relaid.items())

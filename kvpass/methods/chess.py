@@ -1,8 +1,11 @@
-"""CHESS as applied by the rewrite: which thresholds each FFN site and projection gets, and the input-major weight
-copies the sparse decode kernels read (docs/chess.md).
+"""CHESS as applied by the rewrite: which thresholds each FFN site and projection gets, and the input-major weights
+the sparse decode kernels read (docs/chess.md).
 
 The plan is built once per backend from the calibration section and shared by every graph it compiles, so the
-weight copies and device thresholds exist once per model, however many graphs (prefill, decode) use them.
+device thresholds (and any weight copies) exist once per model, however many graphs (prefill, decode) use them.
+The weights are input-major without a copy where `kvpass.compile` re-laid them out in place before the first trace
+(`relayout`, kvpass/weight_layout.py); a copy is made only for a weight that was not (a model met by
+`model.compile(backend=...)` at its first compile, or one the discovery trace could not see).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ class ChessPlan:
         self.tensors = tensors
         self._on_device: dict[tuple, torch.Tensor] = {}
         self._copies: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # layout key -> (source, copy)
+        self._relaid: list[torch.nn.Parameter] = []   # parameters stored input-major in place (relayout)
 
     @classmethod
     def from_calibration(cls, method: Chess, calibration) -> ChessPlan:
@@ -63,6 +67,36 @@ class ChessPlan:
             # The source is kept alive with its copy: its address cannot be reused by another tensor.
             self._copies[key] = (weight, weight.detach().t().contiguous())
         return self._copies[key][1]
+
+    def wants_ffn(self, layer: int | None, down_weight: torch.Tensor, transposed: bool) -> bool:
+        """Whether the sparse kernels will read this FFN's down weight (as stored: Linear (Ho, I), Conv1D (I, Ho))
+        input-major: its layer has thresholds and the kernels run where the weight lives."""
+        weight = down_weight.t() if transposed else down_weight
+        return use_triton(weight) and self.ffn_thresholds(layer, weight.shape[1], weight.device) is not None
+
+    def wants_projection(self, kind: str, layer: int | None, weight: torch.Tensor) -> bool:
+        """Whether the sparse kernels will read this query ("q") or output ("o") projection's weight input-major."""
+        return self.selective and use_triton(weight) and self.projection_threshold(kind, layer) is not None
+
+    def relayout(self, parameters) -> None:
+        """Store each (out, in) parameter input-major in place: its `.data` becomes the transpose of a contiguous
+        (in, out) tensor, the same shape with strides (1, out), so `input_major` finds a view and copies nothing.
+        One parameter at a time (the transient is one weight). Dynamo guards strides: do it before the first trace.
+        `restore_layouts` undoes it."""
+        for parameter in parameters:
+            if parameter.dim() == 2 and parameter.is_contiguous() and not parameter.t().is_contiguous():
+                parameter.data = parameter.data.t().contiguous().t()
+                self._relaid.append(parameter)
+
+    def restore_layouts(self) -> None:
+        """The re-laid-out parameters row-major again (as the model had them)."""
+        for parameter in self._relaid:
+            parameter.data = parameter.data.contiguous()
+        self._relaid.clear()
+
+    def relaid_out(self) -> int:
+        """How many parameters are stored input-major in place."""
+        return len(self._relaid)
 
     def ffn_tensors(self, layer: int | None, down_weight: torch.Tensor, transposed: bool):
         """At rewrite time, what the layer's `kvpass::ffn` reads: (thresholds (I,) fp32, the input-major copy (I, Ho)
