@@ -25,6 +25,7 @@ from . import kernels_dispatch
 from . import runtime as _runtime
 from .config import KIVI
 from .methods.base import AttentionSpec
+from .methods.kivi import BUFFER_NAMES as KIVI_BUFFER_NAMES
 from .methods.kivi import KIVIStore
 
 # How the attention op finds its past: decided by the graph rewrite (kvpass.patterns.matchers), baked into each
@@ -130,10 +131,7 @@ def _(q, k, v, k_store, v_store, valid, cache_position, scale, softcap, window):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-_KIVI_BUFFERS = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero", "ring_k", "ring_v")
-
-
-@torch.library.custom_op("kvpass::static_kivi_attention", mutates_args=_KIVI_BUFFERS)
+@torch.library.custom_op("kvpass::static_kivi_attention", mutates_args=KIVI_BUFFER_NAMES)
 def static_kivi_attention(q: Tensor, k: Tensor, v: Tensor, key_codes: Tensor, key_scale: Tensor, key_zero: Tensor,
                           value_codes: Tensor, value_scale: Tensor, value_zero: Tensor, ring_k: Tensor, ring_v: Tensor,
                           valid: Tensor, cache_position: Tensor, bits: int, group: int, residual: int, scale: float,

@@ -134,8 +134,7 @@ def store_buffers(method: Dense | KIVI, batch: int, heads: int, slots: int, key_
         keys, values = kivi.quantized_buffers(batch, heads, kivi.capacity_for(method, slots), key_dim, value_dim,
                                               dtype, device, method.group)
         rings = kivi.exact_rings(method, batch, heads, key_dim, value_dim, dtype, device)
-        return dict(zip(("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero", "ring_k",
-                         "ring_v"), (*keys, *values, *rings)))
+        return dict(zip(kivi.BUFFER_NAMES, (*keys, *values, *rings)))
     return {name: torch.zeros(batch, heads, slots, dim, dtype=dtype, device=device)
             for name, dim in (("keys", key_dim), ("values", value_dim))}
 

@@ -99,6 +99,12 @@ def _with_exact(dense: torch.Tensor, ring: torch.Tensor, quantized, end) -> torc
     return dense.index_copy_(2, slots, torch.where(exact, ring[:, :, tokens % size], dense[:, :, slots]))
 
 
+# The names of a KIVI store's buffers, in the order quantized_buffers (keys, then values) and exact_rings give them:
+# the arguments an op over a caller-owned store takes (kvpass::static_kivi_attention) and an exported program's
+# buffer names (kvpass.portable).
+BUFFER_NAMES = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero", "ring_k", "ring_v")
+
+
 def quantized_buffers(batch: int, heads: int, capacity: int, key_dim: int, value_dim: int, dtype: torch.dtype,
                       device, group: int):
     """Zeroed quantized parts of `capacity` slots (a multiple of `group`): (key codes (B, H, C, D) uint8, key scale,
