@@ -124,13 +124,19 @@ def test_kivi_engine_decode_equals_its_uncaptured_semantics_for_a_left_padded_ba
     assert sum(record.captured_decode_sites > 0 for record in backend_of(model).records) == 1
 
 
-def test_peer_step_equals_the_model_when_its_cache_is_exactly_full():
+@pytest.mark.parametrize("input_major", [False, True])
+def test_peer_step_equals_the_model_when_its_cache_is_exactly_full(input_major):
+    """Also over down projections stored input-major in place (as kvpass lays them out for CHESS): the peer then
+    reads row-major copies, the layout a user's own model has."""
     model = FAMILIES["llama"].build()
     ids, _ = _padded(batch=2, length=8)
     with torch.no_grad():
         out = model(ids[:, :-1], use_cache=True)
         want = model(ids[:, -1:], use_cache=True, **{cache_argument(model): out.past_key_values}).logits[:, -1]
+        for layer in model.model.layers if input_major else ():
+            layer.mlp.down_proj.weight.data = layer.mlp.down_proj.weight.data.t().contiguous().t()
         peer = PeerDecoder(model, batch=2, capacity=8)
+        assert len(peer._row_major) == (len(model.model.layers) if input_major else 0)
         for layer, (k, v) in enumerate(zip(peer.keys, peer.values)):
             k[:, :, :7] = out.past_key_values.layers[layer].keys[:, :, :7]  # the cache now holds 8
             v[:, :, :7] = out.past_key_values.layers[layer].values[:, :, :7]

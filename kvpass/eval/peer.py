@@ -4,7 +4,8 @@ Static K/V buffers of (batch, kv heads, capacity, head dim) per layer, written i
 over the whole static cache (unmasked, as the peer of DESIGN.md §6-7 was measured: its bytes are what a correct
 fp16 step at that context must read, plus the few slots not yet written); the step compiled by Inductor and
 replayed from one CUDA graph. It reuses the model's own modules (embedding, norms, projections, MLP, rotary
-embedding, LM head), so it runs Llama-style decoders (q/k/v/o projections, pre-norm residual blocks, RoPE).
+embedding, LM head), so it runs Llama-style decoders (q/k/v/o projections, a gated gate/up/down MLP, pre-norm
+residual blocks, RoPE). Weights a kvpass method stores input-major in place (CHESS) are read from row-major copies.
 Its logits equal the model's own only when the cache is exactly full (no unwritten slot); the benchmark uses it
 for time, and tests/test_engine.py checks it at that point.
 """
@@ -31,6 +32,10 @@ class PeerDecoder:
         shape = (batch, self.kv_heads, capacity, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in model.model.layers]
         self.values = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in model.model.layers]
+        # Row-major copies of weights kvpass laid out input-major (CHESS's sparse kernels read them so; the peer is
+        # what a user would otherwise run, over the weights as the model stores them). Empty for other configs.
+        self._row_major = {id(m): m.weight.contiguous() for m in model.modules()
+                           if isinstance(m, torch.nn.Linear) and not m.weight.is_contiguous()}
         self.slot = torch.zeros(1, dtype=torch.long, device=param.device)
         self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=param.device)
         self._compiled = torch.compile(self._step, fullgraph=True)
@@ -56,21 +61,26 @@ class PeerDecoder:
         for layer, k_cache, v_cache in zip(inner.layers, self.keys, self.values):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(B, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = self._linear(attn.q_proj, x).view(B, 1, self.heads, self.head_dim).transpose(1, 2)
+            k = self._linear(attn.k_proj, x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = self._linear(attn.v_proj, x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
             k_cache.index_copy_(2, slot, k)
             v_cache.index_copy_(2, slot, v)
             o = F.scaled_dot_product_attention(q, k_cache, v_cache, scale=attn.scaling, enable_gqa=True)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._linear(attn.o_proj, o.transpose(1, 2).reshape(B, 1, -1))
+            x = layer.post_attention_layernorm(h)
+            mlp = layer.mlp
+            h = h + self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
         return self.model.lm_head(inner.norm(h))[:, -1]
+
+    def _linear(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._row_major.get(id(module), module.weight), module.bias)
 
     def release(self) -> None:
         """Free the cache and the recorded graph now: the peer, its compiled step and the bound method that step
         wraps form a reference cycle, which would hold the whole cache until Python's garbage collector runs."""
-        self.keys, self.values = [], []
+        self.keys, self.values, self._row_major = [], [], {}
         self._graph = self._logits = None
 
     @torch.no_grad()
