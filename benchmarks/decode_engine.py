@@ -6,7 +6,9 @@ batch = each row alone, are tests/test_cuda.py.)
   SDPA, the whole step in one CUDA graph) over the same weights, their steps interleaved (A B A B ...) over a
   random-filled cache; B1 at 4K, 32K, 128K and B8 at 32K (sequential where both caches do not fit together).
   `--chess S [--selective]`: kvpass runs CHESS at sparsity S on its FFNs (thresholds calibrated by kvpass.compile
-  on random token ids) beside dense attention; the peer stays the dense fp16 step over the same weights.
+  on random token ids) beside dense attention; `--wave`: the wave index as its attention (the random fill is
+  clustered after the first step, which then records anew); the peer stays the dense fp16 step over the same
+  weights.
   Beside tok/s: the GPU time of one replayed step (the recorded graph replayed back to back) over the wall time of
   a step (GPU-busy fraction), peak GiB, the runtime's KV bytes by part, recordings and compiles.
 --part e2e: what a user runs: a real prefill of a random prompt and HF `generate` through kvpass.compile, against
@@ -172,9 +174,12 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--chess", type=float, default=None, metavar="S", help="--part speed: CHESS FFNs at sparsity S")
     parser.add_argument("--selective", action="store_true", help="with --chess: CHESS+ (selective projections)")
+    parser.add_argument("--wave", action="store_true", help="--part speed: the wave index (device mode, its defaults) "
+                        "as kvpass's attention; the filled context is indexed after the first step")
     args = parser.parse_args(argv)
-    config = DENSE if args.chess is None else kvpass.Config(
-        attention=kvpass.Dense(), ffn=kvpass.Chess(sparsity=args.chess, selective=args.selective))
+    config = kvpass.Config(attention=kvpass.WaveIndex() if args.wave else kvpass.Dense(),
+                           ffn=None if args.chess is None else kvpass.Chess(sparsity=args.chess,
+                                                                            selective=args.selective))
     if args.part == "speed":
         points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
         result = speed(points, args.steps, args.warmup, config)

@@ -46,16 +46,16 @@ def _padded_batch(batch=4, length=14):
     return ids, mask
 
 
-def _recorded_and_unrecorded(config, dtype):
+def _recorded_and_unrecorded(config, dtype, new_tokens=20):
     """Two tiny Llamas compiled with `config`, one with the decode engine recording its steps and one without,
-    greedy-generate 20 tokens for a left-padded batch of 4; asserts every step's logits are equal, exactly.
+    greedy-generate `new_tokens` tokens for a left-padded batch of 4; asserts every step's logits are equal, exactly.
     Returns the two models (for their reports)."""
     captured, uncaptured = (FAMILIES["llama"].build(dtype=dtype).cuda() for _ in range(2))
     kvpass.compile(captured, config, strict=True)
     kvpass.compile(uncaptured, config, strict=True, capture=False)
     ids, mask = _padded_batch()
     with torch.no_grad():
-        runs = [model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, output_logits=True,
+        runs = [model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
                                return_dict_in_generate=True) for model in (captured, uncaptured)]
     differing = {step: (a - b).abs().max().item() for step, (a, b) in enumerate(zip(runs[0].logits, runs[1].logits))
                  if not torch.equal(a, b)}
@@ -77,6 +77,19 @@ def test_kivi_recorded_decode_steps_equal_unrecorded_ones():
     captured, _ = _recorded_and_unrecorded(config, torch.bfloat16)
     engine = kvpass.report(captured)["decode_engine"]
     assert engine["records"] == 1 and engine["replays"] == 17, engine
+
+
+def test_wave_recorded_decode_steps_equal_unrecorded_ones_across_index_runs():
+    """The wave index's captured step (steady zone up to the device slot, cluster scoring, selection, retrieval,
+    estimation, merge) replayed from CUDA graphs gives the eager steps' logits, exactly, through the index's build
+    and its runs, each of which makes the engine drop its recording and record the step anew."""
+    method = kvpass.WaveIndex(sinks=2, recent=4, segment=64, cluster_size=2, iterations=4, update_every=8,
+                              min_context=16)
+    captured, _ = _recorded_and_unrecorded(kvpass.Config(attention=method), torch.bfloat16, new_tokens=40)
+    engine = kvpass.report(captured)["decode_engine"]
+    stats = kvpass.report(captured)["layer_stats"][0]
+    assert engine["captured"] and engine["records"] >= 3 and engine["stale_recordings_dropped"] >= 2, engine
+    assert stats["clusters"] > 0 and stats["decode_steps"] > 20, stats
 
 
 def test_left_padded_batch_under_capture_equals_each_row_alone():

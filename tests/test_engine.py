@@ -95,13 +95,53 @@ def test_methods_without_the_contract_keep_the_uncaptured_op():
     from test_wave import SMALL
 
     model = FAMILIES["llama"].build()
-    kvpass.compile(model, kvpass.Config(attention=kvpass.WaveIndex(**SMALL)), inner="eager")
+    kvpass.compile(model, kvpass.Config(attention=kvpass.WaveIndex(**SMALL, search="graph")), inner="eager")
     ids, _ = _padded(batch=1, length=6)
     with torch.no_grad():
         model.generate(ids, max_new_tokens=3, do_sample=False)
     engine = kvpass.report(model)["decode_engine"]
-    assert not engine["captured"] and "wave does not meet the captured-decode contract yet" in engine["not_captured"]
+    assert not engine["captured"] and "wave does not meet the captured-decode contract" in engine["not_captured"]
     assert all(record.captured_decode_sites == 0 for record in backend_of(model).records)
+
+
+@pytest.mark.parametrize("scoring", ["centroid", "pre-rope"])
+def test_wave_engine_decode_equals_its_uncaptured_steps_across_index_runs(scoring, tmp_path, monkeypatch):
+    """The wave index in device mode meets the contract: the engine's steps (kvpass::decode_attention: the steady
+    zone up to the device slot, then the clusters) give the tokens and logits of the same store's uncaptured steps
+    (kvpass::attention: append, attend) for a left-padded batch, through the index's build and three index runs,
+    each of which makes the next reserve report the recordings stale; the keys-read counters agree."""
+    from test_wave import SMALL
+
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path))   # pre-RoPE codes calibrate once, into a private cache
+    method = kvpass.WaveIndex(**SMALL, scoring=scoring, rope_window=24)
+    models = {}
+    for captured in (False, True):
+        model = FAMILIES["llama"].build()
+        with monkeypatch.context() as patch:
+            if not captured:   # the store as the uncaptured op drives it (no decode engine is installed)
+                from kvpass.methods.wave import WaveStore
+
+                patch.setattr(WaveStore, "supports_captured_decode", classmethod(lambda cls, method: False))
+            models[captured] = kvpass.compile(model, kvpass.Config(attention=method), inner=INNER, strict=True)
+    ids, mask = _padded(batch=3, length=30)
+    with torch.no_grad():
+        runs = {captured: model.generate(ids, attention_mask=mask, max_new_tokens=60, do_sample=False,
+                                         output_logits=True, return_dict_in_generate=True)
+                for captured, model in models.items()}
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for got, want in zip(runs[True].logits, runs[False].logits):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    reports = {captured: kvpass.report(model) for captured, model in models.items()}
+    engine = reports[True]["decode_engine"]
+    assert reports[False]["decode_engine"]["captured"] is False
+    assert reports[True]["attention_calls"]["decode-engine/decode"] == 59 * reports[True]["layers"]
+    stats = [{key: row[key] for key in ("decode_steps", "indexed_tokens", "clusters", "keys_exact", "keys_estimated")}
+             for row in reports[True]["layer_stats"]]
+    assert stats == [{key: row[key] for key in stats[0]} for row in reports[False]["layer_stats"]]
+    # Built when the sequence reached 40 tokens: 40 - (4 padding + 2 sinks) - 8 recent = 26 tokens, then 3 runs of
+    # 16; every step from the 41st token on read the index.
+    assert stats[0]["indexed_tokens"] == 26 + 3 * 16 and stats[0]["decode_steps"] == 90 - 41, stats
+    assert engine["eager_steps"] == 59, engine
 
 
 def test_kivi_engine_decode_equals_its_uncaptured_semantics_for_a_left_padded_batch():

@@ -63,7 +63,7 @@ class AttentionSpec:
 class LayerStore:
     """One layer's KV cache in a method's representation. Subclasses implement the four methods."""
 
-    # True for stores that meet the captured-decode contract (see the module docstring).
+    # True for stores that meet the captured-decode contract (see the module docstring) whatever their options.
     captured_decode = False
     # True for methods whose representation depends on the queries (AnTKV's anchors): they must see attend()
     # calls, so the unfused cache path (store + materialize, HF attends) cannot give their semantics.
@@ -75,6 +75,11 @@ class LayerStore:
         self.capacity_hint = capacity  # tokens the sequence is expected to reach (None: unknown)
         # False for a one-shot store (dropped after one call): methods skip work that only serves later steps.
         self.persistent = True
+
+    @classmethod
+    def supports_captured_decode(cls, method: AttentionMethod) -> bool:
+        """Whether this store, configured by `method`, meets the captured-decode contract."""
+        return cls.captured_decode
 
     @property
     def length(self) -> int:

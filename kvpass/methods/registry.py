@@ -31,7 +31,7 @@ def make_store(method: AttentionMethod, layer: int, capacity: int | None = None,
 
 def captured_decode_supported(method: AttentionMethod) -> bool:
     """Whether `method`'s store meets the captured-decode contract (the decode engine can drive it)."""
-    return _store_class(method).captured_decode
+    return _store_class(method).supports_captured_decode(method)
 
 
 class OneShot:

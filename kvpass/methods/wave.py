@@ -51,8 +51,18 @@ def budgets(method: WaveIndex, clusters: int) -> tuple[int, int]:
 
 
 class WaveStore(LayerStore):
+    """Captured decode (the decode engine's contract, kvpass/methods/base.py) in device mode with the scan search:
+    the steady zone is a fixed buffer attended up to the device slot, and the index (cluster count, budgets, the
+    tokens it holds) is constant between index runs, which happen on the host after a step (`advance`) and make the
+    next `reserve` report the recordings stale, so the engine records the step anew once per `update_every` tokens.
+    Offload (host page bookkeeping, a sync per step) and the graph search stay uncaptured."""
+
     method: WaveIndex
     needs_queries = True   # what a step reads depends on its query: the unfused cache path cannot serve it
+
+    @classmethod
+    def supports_captured_decode(cls, method: WaveIndex) -> bool:
+        return not method.offload and method.search == "scan"
 
     def __init__(self, method: WaveIndex, layer: int, capacity: int | None = None, calibration=None):
         super().__init__(method, layer, capacity)
@@ -79,6 +89,7 @@ class WaveStore(LayerStore):
         # sizes accumulate on the device in _selected: (retrieved, estimated) int64).
         self._padding = 0           # padding slots of the batch (prefix), summed over rows
         self._selected = None
+        self._changed = True        # buffers or the index changed since the last reserve (recordings are stale)
         self.reset_stats()
 
     @property
@@ -189,9 +200,12 @@ class WaveStore(LayerStore):
         return row
 
     # -- decode ----------------------------------------------------------------------------------------------
-    def tripartite(self, q: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-        """One decode step's attention over the stored state (the query's own token already appended):
-        q (B, Hq, 1, D) over the steady zone + retrieved clusters + estimated clusters; returns (B, Hq, 1, Dv)."""
+    def tripartite(self, q: torch.Tensor, spec: AttentionSpec, new=None) -> torch.Tensor:
+        """One decode step's attention over the stored state: q (B, Hq, 1, D) over the steady zone + retrieved
+        clusters + estimated clusters; returns (B, Hq, 1, Dv). new: None (the query's own token already appended;
+        the steady zone is its first `_steady` slots) or, in a captured step, (slot, k, v): the token's slot in the
+        sequence as a (1,) device tensor and its k, v (B, H, 1, D|Dv), which the steady zone's attention writes at
+        its steady slot and attends up to it."""
         index = self._index
         C = index.clusters
         scoring = dict(scale=spec.scale, softcap=spec.softcap)
@@ -201,11 +215,8 @@ class WaveStore(LayerStore):
         # eagerly the step is bound by the host (about 1 ms), where GPU concurrency cannot help and the switches
         # only add host work (benchmarks/probes/wave_streams.py).
         side = _side_stream(q.device.index) if q.is_cuda and torch.cuda.is_current_stream_capturing() else None
-        n = self._steady
         with _forked(side):
-            steady_out, steady_lse = kernels_dispatch.attention(
-                q, self._k[:, :, :n], self._v[:, :, :n], mask=None, is_causal=False, window=0,
-                valid=self._valid[:, :n], return_lse=True, **scoring)
+            steady_out, steady_lse = self._steady_attention(q, spec, new, return_lse=True)
         # The scan's selection has its first histogram level counted by the kernel that computes its scores.
         scan_sizes = index.sizes if self.method.search == "scan" else None
         logits, scores, top_level = kernels_dispatch.score_clusters(
@@ -213,10 +224,11 @@ class WaveStore(LayerStore):
         if self._codes is not None:
             # Pre-RoPE codes choose the clusters, scored by the query rotated to the window distance (wave_codes);
             # estimation keeps the exact logits of the clusters' mean post-RoPE keys.
-            _, scores, top_level = kernels_dispatch.score_clusters(self._codes.query(q, self._length - 1), index.codes,
+            position = self._length - 1 if new is None else new[0]
+            _, scores, top_level = kernels_dispatch.score_clusters(self._codes.query(q, position), index.codes,
                                                                    C, select_sizes=scan_sizes, **scoring)
         retrieved, estimated = budgets(self.method, C)
-        if self._selected is None:
+        if self._selected is None:   # (captured steps have it from reserve: made here, a replay would zero it)
             self._selected = torch.zeros(2, dtype=torch.int64, device=q.device)
         if self.method.search == "graph":
             top = self._graph_search(q, spec, retrieved + estimated)
@@ -253,8 +265,83 @@ class WaveStore(LayerStore):
         _join(side, steady_out, steady_lse, est_out, est_lse)
         out = kernels_dispatch.merge_partials([steady_out.permute(2, 0, 1, 3), ret_out, est_out],
                                               [steady_lse.permute(2, 0, 1), ret_lse, est_lse], q.dtype)
-        self._count(top.shape[0], top.shape[1], n)
+        if new is None:   # a captured step is counted by advance(), on the host, for every replay
+            self._count()
         return out
+
+    def _steady_attention(self, q, spec: AttentionSpec, new, return_lse: bool):
+        """Exact attention of q (B, Hq, 1, D) over the steady zone. new: None (its first `_steady` slots, the
+        query's token among them) or (slot, k, v) (see tripartite): then over the whole buffer up to the token's
+        steady slot, which the kernel writes k, v into: fixed shapes, the slot read on the device."""
+        scoring = dict(scale=spec.scale, softcap=spec.softcap, window=0 if self._index is not None else spec.window)
+        if new is None:
+            n = self._steady
+            return kernels_dispatch.attention(q, self._k[:, :, :n], self._v[:, :, :n], mask=None, is_causal=False,
+                                              valid=self._valid[:, :n], return_lse=return_lse, **scoring)
+        slot, k, v = new
+        # Slots of the sequence past the steady prefix sit `index.tokens` lower in the buffer: the index holds the
+        # tokens between. Constant between index runs, each of which makes the engine record the step anew.
+        indexed = 0 if self._index is None else self._index.tokens
+        return kernels_dispatch.attention(q, self._k, self._v, mask=None, is_causal=True, valid=self._valid,
+                                          q_start=slot - indexed if indexed else slot, new_k=k, new_v=v,
+                                          return_lse=return_lse, **scoring)
+
+    # -- captured decode (the decode engine) ------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self._k.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Sequence slots the store holds without reallocating: the indexed tokens plus the steady buffer."""
+        return (0 if self._index is None else self._index.tokens) + self._k.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self._k.device
+
+    def reserve(self, length: int) -> bool:
+        """Room in the steady buffer for the sequence's slots up to `length`; True if anything a recorded step reads
+        was reallocated or changed shape since the last reserve (a new store, growth, an index run). Maintains the
+        index first: tokens stored without attending (a benchmark's random fill) are indexed before the step, as a
+        prompt's are after its attention."""
+        self._maintain_noting_changes()
+        needed = self._steady + length - self._length
+        if needed > self._k.shape[2]:
+            self._k, self._v = grow(self._k, 2, needed), grow(self._v, 2, needed)
+            self._valid = grow(self._valid, 1, needed, fill=True)
+            self._changed = True
+        if self._selected is None:
+            self._selected = torch.zeros(2, dtype=torch.int64, device=self._k.device)
+        changed, self._changed = self._changed, False
+        return changed
+
+    def decode(self, q, k, v, spec: AttentionSpec, slot, valid):
+        """Steady-zone attention alone until the index exists (and in layers never indexed), then tripartite; the
+        validity of the steady slots is the store's own (its prefix holds the left padding)."""
+        if self._index is None:
+            return self._steady_attention(q, spec, (slot, k, v), return_lse=False)
+        return self.tripartite(q, spec, (slot, k, v))
+
+    def advance(self, count: int) -> None:
+        """After `count` captured steps: the tokens are held, counted, and the index maintained (an index run
+        changes what the next step reads: the next reserve says so)."""
+        for _ in range(count):
+            self._length += 1
+            self._steady += 1
+            if self._index is not None:
+                self._count()
+            self._maintain_noting_changes()
+
+    def _maintain_noting_changes(self) -> None:
+        """maintain(), noting whether the index changed (built or grown by a run): recorded steps then go stale."""
+        before = None if self._index is None else self._index.tokens
+        self.maintain()
+        if self._index is not None and self._index.tokens != before:
+            self._changed = True
+
+    def reset(self) -> bool:
+        return False   # a new sequence gets new stores (the index is the sequence's); reserve reports them
 
     def _graph_search(self, q: torch.Tensor, spec: AttentionSpec, want: int) -> torch.Tensor:
         """The `want` best clusters (B, H, want) int32 by a search of the cluster graph (wave_graph), rebuilt from
@@ -275,10 +362,11 @@ class WaveStore(LayerStore):
         self._scored = self._scored + scored.sum()   # a device tensor once a search ran: no sync per step
         return ids.masked_fill(ids < 0, C).to(torch.int32)
 
-    def _count(self, B: int, H: int, steady: int) -> None:
+    def _count(self) -> None:
         """Accumulate the keys this step read exactly / estimated / held. The steady zone's and the index's
         token counts are host numbers; the selected clusters' sizes were added to _selected on the device."""
-        steady_keys = H * (B * steady - self._padding)
+        B, H = self._k.shape[:2]
+        steady_keys = H * (B * self._steady - self._padding)
         self._steady_read += steady_keys
         self._total_read += steady_keys + B * H * self._index.tokens
         self._scorable += B * H * self._index.clusters
