@@ -1,26 +1,32 @@
-"""A dense kvpass model as an ONNX model that onnxruntime runs without kvpass: the decoder with its KV cache as
-inputs and outputs of every call (ONNX programs hold no state), and kvpass's attention op translated to the
-standard opset-23 `Attention` operator.
+"""A kvpass model (dense or KIVI attention) as an ONNX model that onnxruntime runs without kvpass: the decoder with
+its KV cache as inputs and outputs of every call (ONNX programs hold no state), in standard opset-23 operators.
 
     kvpass.portable_onnx.export(model, "model.onnx")                 # torch.onnx.export(dynamo=True) underneath
     tokens = kvpass.portable_onnx.generate("model.onnx", input_ids, attention_mask, max_new_tokens=32,
                                            cache_len=1024)          # onnxruntime
 
 The model's inputs: input_ids, attention_mask, position_ids (B, L) int64, cache_position (L,) int64, `valid` (B, S)
-bool and per layer `keys_<i>`, `values_<i>` (B, kv heads, S, head dim): S is the cache's length, the caller's choice
-(zeros and all-False start a sequence). Outputs: the last token's `logits` (B, V), then `valid` and the stores with
-the new tokens written, to pass to the next call. Dense attention only: the other methods' state and kernels have
-no ONNX form yet (KIVI exports to a .pt2 through kvpass.export; AnTKV, the wave index and CHESS to neither).
+bool and per layer its store, `<part>_<i>`: S is the cache's length, the caller's choice (zeros and all-False start
+a sequence). Dense: `keys_<i>`, `values_<i>` (B, kv heads, S, head dim). KIVI (S a multiple of its group): the parts
+of kvpass.portable.store_buffers, uint8 codes, scales and zeros, and the exact rings, written as the runtime's KIVI
+store writes its own (kvpass.methods.kivi.write_tokens, in tensor operations). Outputs: the last token's `logits`
+(B, V), then `valid` and the stores with the new tokens written, to pass to the next call. The model's metadata
+`kvpass.attention` names the method (`generate` reads it).
+
+kvpass's attention op becomes the standard `Attention` operator (over the dequantized store for KIVI). The other
+methods' state and kernels have no ONNX form yet (AnTKV, the wave index and CHESS).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .config import Config, Dense
-from .portable import attention_implementation, check_method, serving, store_shapes
+from .config import KIVI, Config, Dense
+from .methods import kivi
+from .portable import attention_implementation, check_method, serving, store_buffers, store_shapes
 
 __all__ = ["export", "generate", "OnnxDecoder"]
 
@@ -29,19 +35,30 @@ OPSET = 23   # the first opset with the Attention operator (GQA, boolean masks, 
 
 class OnnxDecoder(torch.nn.Module):
     """What the ONNX exporter traces: forward(input_ids, attention_mask, position_ids, cache_position, valid,
-    *stores) -> (logits, valid, *stores), the stores ordered keys_0, values_0, keys_1, ... (see the module doc)."""
+    *stores) -> (logits, valid, *stores), the stores ordered layer by layer, each its `parts` (see the module doc)."""
 
-    def __init__(self, model):
+    def __init__(self, model, method: Dense | KIVI | None = None):
         super().__init__()
-        self.model = model
-        self.layers = len(store_shapes(model))
+        self.model, self.method = model, method or Dense()
+        self.parts = _parts(self.method)
 
     def attend(self, layer: int, query, key, value, scale: float, softcap: float, window: int) -> Tensor:
-        """The layer's new tokens written into (new copies of) its stores and attended
-        (kvpass::static_attention_functional)."""
-        out, self.written[2 * layer], self.written[2 * layer + 1] = torch.ops.kvpass.static_attention_functional(
-            query, key, value, self.written[2 * layer], self.written[2 * layer + 1], self.valid, self.cache_position,
-            scale, softcap, window)
+        """The layer's new tokens written into (new copies of) its store and attended
+        (kvpass::static_attention_functional, over the dequantized store for KIVI)."""
+        at = slice(len(self.parts) * layer, len(self.parts) * (layer + 1))
+        if isinstance(self.method, KIVI):
+            store = kivi.write_tokens(self.method, self.written[at], key, value, self.cache_position[0])
+            end = self.cache_position[-1:] + 1
+            held = (end - self.method.residual).clamp(min=0)
+            keys, values = kivi.dequantized_view(self.method, store, held - held % self.method.group, held, end)
+            # The view holds the new tokens as the store does (quantized or exact): the op writes them unchanged.
+            key, value = keys.index_select(2, self.cache_position), values.index_select(2, self.cache_position)
+            out, _, _ = torch.ops.kvpass.static_attention_functional(query, key, value, keys, values, self.valid,
+                                                                     self.cache_position, scale, softcap, window)
+        else:
+            out, *store = torch.ops.kvpass.static_attention_functional(
+                query, key, value, *self.written[at], self.valid, self.cache_position, scale, softcap, window)
+        self.written[at] = store
         return out
 
     def forward(self, input_ids, attention_mask, position_ids, cache_position, valid, *stores):
@@ -85,33 +102,55 @@ def _attention_in_onnx(q, k, v, k_store, v_store, valid, cache_position, scale: 
     return out, k_all, v_all
 
 
-def _names(layers: int) -> list[str]:
-    return [f"{part}_{layer}" for layer in range(layers) for part in ("keys", "values")]
+def _parts(method: Dense | KIVI) -> list[str]:
+    """The names of one layer's store parts, in the order the program takes them."""
+    return list(store_buffers(method, 1, 1, kivi.capacity_for(method, 1) if isinstance(method, KIVI) else 1, 1, 1,
+                              torch.float32, "meta"))
+
+
+def _slot_dims(method: Dense | KIVI, slots, groups) -> dict[str, object]:
+    """Each store part's dynamic slot dimension (dim 2): the cache's slots, or its key groups; None: static (the
+    KIVI rings)."""
+    if isinstance(method, KIVI):
+        return {"key_codes": slots, "key_scale": groups, "key_zero": groups, "value_codes": slots,
+                "value_scale": slots, "value_zero": slots, "ring_k": None, "ring_v": None}
+    return {"keys": slots, "values": slots}
 
 
 def export(model, path, config: Config | None = None) -> Path:
-    """Write `model` (an HF decoder, dense kvpass attention) as an ONNX model to `path`; see the module doc."""
+    """Write `model` (an HF decoder, dense or KIVI kvpass attention) as an ONNX model to `path`; see the module
+    doc."""
     config = config or Config()
-    check_method(config, attention=(Dense,), to="kvpass.portable_onnx.export")
-    module = OnnxDecoder(model).eval()
+    check_method(config, attention=(Dense, KIVI), to="kvpass.portable_onnx.export")
+    method = config.attention
+    module = OnnxDecoder(model, method).eval()
     shapes = store_shapes(model)
     device = next(model.parameters()).device
-    batch, tokens, cache = 2, 2, 4       # example sizes; all three are dynamic in the program
-    slots = torch.arange(tokens, device=device)
-    stores = [torch.zeros(batch, heads, cache, dim, dtype=dtype, device=device)
-              for heads, key_dim, value_dim, dtype in shapes.values() for dim in (key_dim, value_dim)]
+    batch, tokens = 2, 2                 # example sizes; they and the cache's are dynamic in the program
+    groups = torch.export.Dim("groups", min=1)
+    if isinstance(method, KIVI):        # the cache's slots: whole key groups, at least r + g
+        cache = kivi.capacity_for(method, 2 * tokens)
+        slots = method.group * groups
+    else:
+        cache, slots = 4, torch.export.Dim("cache", min=1)
+    stores = [buffer for heads, key_dim, value_dim, dtype in shapes.values()
+              for buffer in store_buffers(method, batch, heads, cache, key_dim, value_dim, dtype, device).values()]
+    positions = torch.arange(tokens, device=device)
     args = (torch.ones(batch, tokens, dtype=torch.long, device=device), torch.ones(batch, tokens, dtype=torch.long,
-            device=device), slots.repeat(batch, 1), slots, torch.zeros(batch, cache, dtype=torch.bool, device=device),
-            *stores)
-    b, t, s = (torch.export.Dim(name, min=1) for name in ("batch", "tokens", "cache"))
-    dynamic = ({0: b, 1: t}, {0: b, 1: t}, {0: b, 1: t}, {0: t}, {0: b, 1: s}, tuple({0: b, 2: s} for _ in stores))
-    names = _names(len(shapes))
+            device=device), positions.repeat(batch, 1), positions,
+            torch.zeros(batch, cache, dtype=torch.bool, device=device), *stores)
+    b, t = torch.export.Dim("batch", min=1), torch.export.Dim("tokens", min=1)
+    dims = _slot_dims(method, slots, groups)
+    part_dims = [{0: b} if dims[part] is None else {0: b, 2: dims[part]} for _ in shapes for part in module.parts]
+    dynamic = ({0: b, 1: t}, {0: b, 1: t}, {0: b, 1: t}, {0: t}, {0: b, 1: slots}, tuple(part_dims))
+    names = [f"{part}_{layer}" for layer in shapes for part in module.parts]
     with attention_implementation(model), torch.no_grad():
         program = torch.onnx.export(
             module, args, dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, verbose=False,
             input_names=["input_ids", "attention_mask", "position_ids", "cache_position", "valid", *names],
             output_names=["logits", "valid_out", *(f"{name}_out" for name in names)],
             custom_translation_table={torch.ops.kvpass.static_attention_functional.default: _attention_in_onnx})
+    program.model.metadata_props["kvpass.attention"] = json.dumps(config.to_dict()["attention"])
     path = Path(path)
     program.save(path)
     return path
@@ -120,7 +159,8 @@ def export(model, path, config: Config | None = None) -> Path:
 def generate(model_path, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int,
              cache_len: int) -> Tensor:
     """Greedy decoding of an exported ONNX model in onnxruntime (CPU): input_ids (B, L) with left padding marked 0
-    in attention_mask, a cache of cache_len slots per row; returns (B, L + max_new_tokens) ids."""
+    in attention_mask, a cache of cache_len slots per row (KIVI: rounded up to whole key groups); returns
+    (B, L + max_new_tokens) ids."""
     import numpy as np
     import onnxruntime
 
@@ -128,20 +168,26 @@ def generate(model_path, input_ids: Tensor, attention_mask: Tensor | None = None
     if length + max_new_tokens - 1 > cache_len:
         raise ValueError(f"cache_len={cache_len} holds fewer than the {length} + {max_new_tokens} tokens asked for")
     session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-    state = {"valid": np.zeros((batch, cache_len), dtype=bool)}
+    method = Config.from_dict({"version": Config.VERSION, "ffn": None, "calibration": None, "attention": json.loads(
+        session.get_modelmeta().custom_metadata_map["kvpass.attention"])}).attention
+    slots = kivi.capacity_for(method, cache_len) if isinstance(method, KIVI) else cache_len
+    groups = slots // method.group if isinstance(method, KIVI) else None
+    kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(uint8)": np.uint8}
+    state = {"valid": np.zeros((batch, slots), dtype=bool)}
     for spec in session.get_inputs()[5:]:
-        state[spec.name] = np.zeros((batch, spec.shape[1], cache_len, spec.shape[3]), dtype=kinds[spec.type])
+        rows = _slot_dims(method, slots, groups)[spec.name.rsplit("_", 1)[0]] or spec.shape[2]
+        state[spec.name] = np.zeros((batch, spec.shape[1], rows, spec.shape[3]), dtype=kinds[spec.type])
     ids = input_ids.numpy()
     mask = np.ones_like(ids) if attention_mask is None else attention_mask.numpy().astype(np.int64)
     positions = np.maximum(mask.cumsum(-1) - 1, 0)
-    slots = np.arange(length, dtype=np.int64)
+    at = np.arange(length, dtype=np.int64)
     new = []
     for _ in range(max_new_tokens):
         logits, *written = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                                              "cache_position": slots, **state})
+                                              "cache_position": at, **state})
         state = dict(zip(state, written))
         new.append(logits.argmax(-1))
         ids, mask = new[-1][:, None], np.ones((batch, 1), dtype=np.int64)
-        positions, slots = positions[:, -1:] + 1, slots[-1:] + 1
+        positions, at = positions[:, -1:] + 1, at[-1:] + 1
     return torch.cat([input_ids, torch.from_numpy(np.stack(new, 1))], dim=1)

@@ -187,24 +187,29 @@ def test_onnx_translation_of_the_attention_op_matches_the_op_in_onnxruntime(tmp_
         torch.testing.assert_close(torch.from_numpy(g_), w, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gemma3"])   # a sliding window beside a global layer; llama adds nothing here
-def test_onnx_model_in_onnxruntime_generates_the_compiled_models_tokens(name, tmp_path):
+# gemma3: a sliding window beside a global layer; KIVI on llama: quantization across several group and residual
+# boundaries, in the prompt (9 tokens, groups of 4, 4 exact) and while decoding
+@pytest.mark.parametrize("name, config", [("gemma3", None), ("llama", KIVI_SMALL)], ids=["dense", "kivi"])
+def test_onnx_model_in_onnxruntime_generates_the_compiled_models_tokens(name, config, tmp_path):
     pytest.importorskip("onnxruntime")
     from kvpass import portable_onnx
 
     ids, mask = _padded()
-    path = portable_onnx.export(FAMILIES[name].build(), tmp_path / f"{name}.onnx")
+    path = portable_onnx.export(FAMILIES[name].build(), tmp_path / f"{name}.onnx", config)
     import onnx
 
     graph = onnx.load(path).graph
     assert sum(node.op_type == "Attention" for node in graph.node) == FAMILIES[name].build().config.num_hidden_layers
     assert not any(node.domain not in ("", "ai.onnx") for node in graph.node)   # standard operators only
-    got = portable_onnx.generate(path, ids, mask, max_new_tokens=8, cache_len=20)
-    assert torch.equal(got, _compiled_tokens(name, ids, mask, 8))
+    got = portable_onnx.generate(path, ids, mask, max_new_tokens=10, cache_len=20)
+    assert torch.equal(got, _compiled_tokens(name, ids, mask, 10, config))
+    if config is not None:
+        assert not torch.equal(got, _compiled_tokens(name, ids, mask, 10))
 
 
 def test_onnx_export_refuses_what_it_cannot_carry(tmp_path):
     from kvpass import portable_onnx
 
-    with pytest.raises(ValueError, match="attention=Dense"):
-        portable_onnx.export(FAMILIES["llama"].build(), tmp_path / "x.onnx", kvpass.Config(attention=kvpass.KIVI()))
+    with pytest.raises(ValueError, match=r"attention=Dense\(\) or KIVI\(\)"):
+        portable_onnx.export(FAMILIES["llama"].build(), tmp_path / "x.onnx",
+                             kvpass.Config(attention=kvpass.WaveIndex()))

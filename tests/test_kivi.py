@@ -332,3 +332,29 @@ def test_captured_decode_grows_past_its_capacity():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert captured.capacity == 512 and all(a != b for a, b in zip(_buffers(captured)[:6], before[:6]))
     assert _buffers(captured)[6:] == before[6:]  # the rings never grow
+
+
+@pytest.mark.parametrize("residual, group", [(0, 1), (5, 4), (4, 4), (3, 8)])
+@pytest.mark.parametrize("pieces", [[1] * 30, [17, 1, 1, 11], [2, 28], [30]])
+def test_write_tokens_in_tensor_operations_equals_append(residual, group, pieces):
+    """kivi.write_tokens (the stateless form an ONNX program traces: buffers in, buffers out, the first slot a
+    tensor) gives, after each piece, the store's materialized view and its quantized parts (codes, scales, zeros)."""
+    from kvpass.methods import kivi
+
+    method = KIVI(bits=2, group=group, residual=residual)
+    k, v = _kv(30, dtype=torch.bfloat16)
+    store = KIVIStore(method, layer=0)
+    keys, values = kivi.quantized_buffers(2, 2, kivi.capacity_for(method, 30), k.shape[3], v.shape[3], k.dtype,
+                                          "cpu", group)
+    buffers = (*keys, *values, *kivi.exact_rings(method, 2, 2, k.shape[3], v.shape[3], k.dtype, "cpu"))
+    start = 0
+    for piece in pieces:
+        new_k, new_v = k[:, :, start : start + piece], v[:, :, start : start + piece]
+        store.append(new_k, new_v)
+        buffers = kivi.write_tokens(method, buffers, new_k, new_v, torch.tensor(start))
+        start += piece
+        view = kivi.dequantized_view(method, buffers, store.quantized_keys, store.quantized_values, start)
+        for got, want in zip(view, store.materialize()):
+            assert torch.equal(got[:, :, :start], want)
+        for got, want in zip(buffers[:6], store._keys + store._values):   # zeros past the quantized tokens too
+            assert torch.equal(got, want[:, :, : got.shape[2]])

@@ -94,7 +94,8 @@ def _with_exact(dense: torch.Tensor, ring: torch.Tensor, quantized, end) -> torc
     own contents otherwise; a slot before 0 wraps to one at or past `end`, outside the tokens held."""
     size = ring.shape[2]
     tokens = end - size + torch.arange(size, device=dense.device)
-    slots = tokens % dense.shape[2]
+    # The capacity as a tensor: an exported program's is a symbolic size, which ONNX's remainder cannot divide by.
+    slots = tokens % tokens.new_full((1,), dense.shape[2])
     exact = (tokens >= quantized)[:, None]
     return dense.index_copy_(2, slots, torch.where(exact, ring[:, :, tokens % size], dense[:, :, slots]))
 
@@ -103,6 +104,72 @@ def _with_exact(dense: torch.Tensor, ring: torch.Tensor, quantized, end) -> torc
 # the arguments an op over a caller-owned store takes (kvpass::static_kivi_attention) and an exported program's
 # buffer names (kvpass.portable).
 BUFFER_NAMES = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero", "ring_k", "ring_v")
+
+
+def dequantized_view(method: KIVI, buffers, quantized_keys, quantized_values, end):
+    """Keys (B, H, S, D) and values (B, H, S, Dv) of a KIVI store's buffers (BUFFER_NAMES order; S slots, a multiple
+    of g, at least r + g) in the model dtype: the dequantized codes, with the exact tokens before `end` over them.
+    quantized_keys, quantized_values, end: ints (the host's view) or (1,) / 0-dim int64 device tensors."""
+    key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, ring_k, ring_v = buffers
+    keys = dequantize_per_channel(key_codes, key_scale, key_zero, method.group)
+    values = dequantize_per_token(value_codes, value_scale, value_zero)
+    return _with_exact(keys, ring_k, quantized_keys, end), _with_exact(values, ring_v, quantized_values, end)
+
+
+def write_tokens(method: KIVI, buffers, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor):
+    """A KIVI store's buffers (BUFFER_NAMES order) after the tokens k (B, H, L, D), v (B, H, L, Dv) joined a
+    sequence of `first` tokens (a 0-dim int64 tensor), as new tensors, in tensor operations alone: no host value
+    depends on the data, so a program that holds no state (ONNX: the cache in, the cache out) traces it for any L
+    and any first. The state is the convention of KIVIStore's class doc, equal to KIVIStore.append's: the tokens
+    leaving the exact part are quantized from the rings' exact copies and the new tokens.
+
+    Fixed shapes: every token of the rings and of k, v is quantized, and each row is written only where its token
+    leaves the exact part (per token for values, per whole group of g for keys); the rest goes to a spare row."""
+    r, g, bits = method.residual, method.group, method.bits
+    key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, ring_k, ring_v = buffers
+    end = first + k.shape[2]
+
+    def exact_tokens(ring, new):
+        """The ring's tokens before `first` then the new ones, (B, H, R + L, W), and their slots first - R ..."""
+        size = ring.shape[2]
+        slots = first - size + torch.arange(size + new.shape[2], device=new.device)
+        return torch.cat([ring.index_select(2, slots[:size] % size), new.to(ring.dtype)], dim=2), slots
+
+    exact_v, value_slots = exact_tokens(ring_v, v)
+    leaving = (value_slots >= (first - r).clamp(min=0)) & (value_slots < end - r)
+    value_codes, value_scale, value_zero = (_write_rows(buffer, value_slots, leaving, part) for buffer, part in
+                                            zip((value_codes, value_scale, value_zero), quantize_per_token(exact_v, bits)))
+
+    exact_k, key_slots = exact_tokens(ring_k, k)
+    # Keys are quantized in whole groups: a window of slots starting on a group boundary that covers the exact
+    # tokens, each slot holding its exact token (slots outside them hold a neighbour's: their groups never leave).
+    start = torch.div(key_slots[0], g, rounding_mode="floor") * g
+    slots = start + torch.arange((-(-exact_k.shape[2] // g) + 1) * g, device=k.device)
+    window = exact_k.index_select(2, (slots - key_slots[0]).clamp(0, exact_k.shape[2] - 1))
+    codes, scale, zero = quantize_per_channel(window, bits, g)
+    quantized_from = torch.div((first - r).clamp(min=0), g, rounding_mode="floor") * g
+    quantized_to = torch.div((end - r).clamp(min=0), g, rounding_mode="floor") * g
+    groups = slots[::g]
+    key_codes = _write_rows(key_codes, slots, (slots >= quantized_from) & (slots < quantized_to), codes)
+    group_leaves = (groups >= quantized_from) & (groups < quantized_to)
+    key_scale, key_zero = (_write_rows(buffer, groups // g, group_leaves, part)
+                           for buffer, part in ((key_scale, scale), (key_zero, zero)))
+
+    # The rings keep the last R tokens, token t at t mod R.
+    ring_k, ring_v = (_write_rows(ring, at[-ring.shape[2]:] % ring.shape[2], None, tokens[:, :, -ring.shape[2]:])
+                      for ring, at, tokens in ((ring_k, key_slots, exact_k), (ring_v, value_slots, exact_v)))
+    return key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, ring_k, ring_v
+
+
+def _write_rows(buffer: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor | None, values: torch.Tensor):
+    """A copy of buffer (B, H, C, W) with values[:, :, i] at row rows[i] where keep[i] (None: everywhere, rows
+    distinct): one scatter; rows not kept go to a spare row past the end, which is dropped."""
+    C = buffer.shape[2]
+    if keep is not None:
+        buffer = torch.cat([buffer, buffer[:, :, :1]], dim=2)
+        rows = torch.where(keep, rows, C)
+    index = rows[None, None, :, None].expand(values.shape[0], values.shape[1], -1, values.shape[3])
+    return buffer.scatter(2, index, values.to(buffer.dtype))[:, :, :C]
 
 
 def quantized_buffers(batch: int, heads: int, capacity: int, key_dim: int, value_dim: int, dtype: torch.dtype,
@@ -282,10 +349,10 @@ class KIVIStore(StaticStore):
         quantized_keys, quantized_values, end: ints (the host's view) or (1,) device tensors (a decode step)."""
         g = self.method.group
         codes, scale, zero = self._keys
-        keys = dequantize_per_channel(codes[:, :, :slots], scale[:, :, : slots // g], zero[:, :, : slots // g], g)
-        values = dequantize_per_token(*(part[:, :, :slots] for part in self._values))
-        return (_with_exact(keys, self._ring_k, quantized_keys, end),
-                _with_exact(values, self._ring_v, quantized_values, end))
+        keys = codes[:, :, :slots], scale[:, :, : slots // g], zero[:, :, : slots // g]
+        values = tuple(part[:, :, :slots] for part in self._values)
+        return dequantized_view(self.method, (*keys, *values, self._ring_k, self._ring_v), quantized_keys,
+                                quantized_values, end)
 
     def materialize(self):
         """Dense (B, Hkv, length, D|Dv) keys and values in the model dtype: the dequantized tokens, then the exact
