@@ -110,10 +110,9 @@ def test_wave_engine_decode_equals_its_uncaptured_steps_across_index_runs(scorin
     zone up to the device slot, then the clusters) give the tokens and logits of the same store's uncaptured steps
     (kvpass::attention: append, attend) for a left-padded batch, through the index's build and three index runs,
     each of which makes the next reserve report the recordings stale; the keys-read counters agree."""
-    from test_wave import SMALL
-
     monkeypatch.setenv("KVPASS_CACHE", str(tmp_path))   # pre-RoPE codes calibrate once, into a private cache
-    method = kvpass.WaveIndex(**SMALL, scoring=scoring, rope_window=24)
+    method = kvpass.WaveIndex(sinks=2, recent=4, segment=64, cluster_size=4, iterations=4, update_every=8,
+                              min_context=24, scoring=scoring, rope_window=24)
     models = {}
     for captured in (False, True):
         model = FAMILIES["llama"].build()
@@ -123,9 +122,9 @@ def test_wave_engine_decode_equals_its_uncaptured_steps_across_index_runs(scorin
 
                 patch.setattr(WaveStore, "supports_captured_decode", classmethod(lambda cls, method: False))
             models[captured] = kvpass.compile(model, kvpass.Config(attention=method), inner=INNER, strict=True)
-    ids, mask = _padded(batch=3, length=30)
+    ids, mask = _padded(batch=3, length=20)
     with torch.no_grad():
-        runs = {captured: model.generate(ids, attention_mask=mask, max_new_tokens=60, do_sample=False,
+        runs = {captured: model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
                                          output_logits=True, return_dict_in_generate=True)
                 for captured, model in models.items()}
     assert torch.equal(runs[True].sequences, runs[False].sequences)
@@ -134,14 +133,14 @@ def test_wave_engine_decode_equals_its_uncaptured_steps_across_index_runs(scorin
     reports = {captured: kvpass.report(model) for captured, model in models.items()}
     engine = reports[True]["decode_engine"]
     assert reports[False]["decode_engine"]["captured"] is False
-    assert reports[True]["attention_calls"]["decode-engine/decode"] == 59 * reports[True]["layers"]
+    assert reports[True]["attention_calls"]["decode-engine/decode"] == 31 * reports[True]["layers"]
     stats = [{key: row[key] for key in ("decode_steps", "indexed_tokens", "clusters", "keys_exact", "keys_estimated")}
              for row in reports[True]["layer_stats"]]
     assert stats == [{key: row[key] for key in stats[0]} for row in reports[False]["layer_stats"]]
-    # Built when the sequence reached 40 tokens: 40 - (4 padding + 2 sinks) - 8 recent = 26 tokens, then 3 runs of
-    # 16; every step from the 41st token on read the index.
-    assert stats[0]["indexed_tokens"] == 26 + 3 * 16 and stats[0]["decode_steps"] == 90 - 41, stats
-    assert engine["eager_steps"] == 59, engine
+    # Built when the sequence reached 24 tokens: 24 - (4 padding + 2 sinks) - 4 recent = 14 tokens, then 3 runs of
+    # 8; every step from the 25th token on read the index (the 32nd token is generated, not stored: 51 held).
+    assert stats[0]["indexed_tokens"] == 14 + 3 * 8 and stats[0]["decode_steps"] == 51 - 24, stats
+    assert engine["eager_steps"] == 31, engine
 
 
 def test_kivi_engine_decode_equals_its_uncaptured_semantics_for_a_left_padded_batch():
