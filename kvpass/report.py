@@ -64,7 +64,7 @@ def report(model) -> Report:
         base["decode_engine"] = backend.engine.report()
     else:  # a method without the captured-decode contract (or a model bound by attach alone): said, not hidden
         base["decode_engine"] = {"captured": False, "not_captured": (
-            f"{backend.config.attention.method} does not meet the captured-decode contract yet: its decode steps run "
+            f"{backend.config.attention!r} does not meet the captured-decode contract yet: its decode steps run "
             f"uncaptured, one kvpass::attention call per layer" if not captured_decode_supported(
                 backend.config.attention) else "no decode engine: the model was not compiled in place "
             "(kvpass.compile(model, config) or model.compile(backend=...))")}
