@@ -142,8 +142,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                                                                   "0.375; default 1); kivi: 2, 4 or 8 (default 2)")
     parser.add_argument("--value-bits", type=float, default=None, help="antkv: the values' rate when it differs from "
                                                                        "--bits (then the keys' rate)")
-    parser.add_argument("--key-metric", choices=ANTKV_KEY_METRICS, default="euclidean",
-                        help="antkv: key codebooks minimize |error|^2 (euclidean) or the expected score error (query)")
+    parser.add_argument("--key-metric", choices=ANTKV_KEY_METRICS, default="query",
+                        help="antkv: key codebooks minimize the expected score error (query) or |error|^2 (euclidean)")
     parser.add_argument("--anchor-ratio", type=float, default=0.01, help="antkv: fraction of tokens kept exact")
     parser.add_argument("--window", type=int, default=32, help="antkv/kivi: newest tokens kept exact")
     parser.add_argument("--score", choices=ANCHOR_SCORES, default="bound", help="antkv: Anchor Score candidate")

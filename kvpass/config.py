@@ -78,7 +78,8 @@ class AnTKV(AttentionMethod):
     window: the newest tokens stay exact until `window` later queries have scored them (then they are encoded
         or become anchors); score: the Anchor Score candidate (ANCHOR_SCORES);
     keys: "pre-rope" or "post-rope" key codebooks (ANTKV_KEYS);
-    key_metric: "euclidean" or "query" (ANTKV_KEY_METRICS): what the key codebooks minimize and encoding uses.
+    key_metric: "query" or "euclidean" (ANTKV_KEY_METRICS): what the key codebooks minimize and encoding uses;
+        "query" (the expected score error under the calibration queries) won at 1 and 2 bit (docs/antkv.md §6).
     """
 
     method: ClassVar[str] = "antkv"
@@ -88,7 +89,7 @@ class AnTKV(AttentionMethod):
     score: str = "bound"
     keys: str = "pre-rope"
     value_bits: float | None = None
-    key_metric: str = "euclidean"
+    key_metric: str = "query"
 
     def __post_init__(self):
         for name in ("bits", "value_bits"):

@@ -27,10 +27,10 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KVPASS_CACHE", str(tmp_path / "cache"))
 
 
-def _calibrate(model, bits=1.0):
+def _calibrate(model, bits=1.0, **method):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return calibration.calibrate(model, AnTKV(bits=bits), tokens=1024, seqlen=128, progress=False)
+        return calibration.calibrate(model, AnTKV(bits=bits, **method), tokens=1024, seqlen=128, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +47,11 @@ def test_artefact_round_trip_and_metadata(llama, tmp_path):
     assert loaded.meta == cal.meta == json.loads(path.with_suffix(".json").read_text())
     assert loaded.tensors.keys() == cal.tensors.keys()
     assert all(torch.equal(loaded.tensors[k], cal.tensors[k]) for k in cal.tensors)
-    book = loaded.section("antkv-1bit")["layers.0.keys"]
+    book = loaded.section("antkv-1bit-query-metric")["layers.0.keys"]   # the default key metric is "query"
     cfg = model.config
     assert tuple(book.shape) == (cfg.num_key_value_heads, 16 // 8, 256, 8)  # head dim 16, 8-d sub-vectors
     assert loaded.meta["text"]["name"] == "random-token-ids" and loaded.meta["text"]["tokens"] == 1024
-    loaded.check(model, "antkv-1bit", calibration.antkv.section_params(AnTKV(bits=1)))
+    loaded.check(model, "antkv-1bit-query-metric", calibration.antkv.section_params(AnTKV(bits=1)))
 
 
 def test_unequal_key_and_value_rates_calibrate_their_own_codebooks_and_decode(tmp_path):
@@ -62,7 +62,7 @@ def test_unequal_key_and_value_rates_calibrate_their_own_codebooks_and_decode(tm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cal = calibration.calibrate(model, method, tokens=1024, seqlen=128, progress=False)
-    section = cal.section("antkv-1.5bit-values-0.5bit")
+    section = cal.section("antkv-1.5bit-values-0.5bit-query-metric")
     heads = model.config.num_key_value_heads
     assert tuple(section["layers.0.keys"].shape) == (heads, 4, 64, 4)
     assert tuple(section["layers.0.values"].shape) == (heads, 1, 256, 16)
@@ -76,14 +76,13 @@ def test_unequal_key_and_value_rates_calibrate_their_own_codebooks_and_decode(tm
 
 
 def test_query_metric_key_codebooks_cut_the_score_error_they_are_learned_for(llama, tmp_path):
-    """key_metric="query": k-means in the space whitened by the calibration queries' moment, whose Cholesky factors
-    the section stores; encoding in that metric gives keys a lower expected squared score error e^T E[q q^T] e than
-    the Euclidean codebooks do on the same keys (the objective each minimizes), and a compiled model decodes."""
-    model, euclidean = llama
-    method = AnTKV(bits=1, key_metric="query")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        query = calibration.calibrate(model, method, tokens=1024, seqlen=128, progress=False)
+    """key_metric="query" (the default): k-means in the space whitened by the calibration queries' moment, whose
+    Cholesky factors the section stores; encoding in that metric gives keys a lower expected squared score error
+    e^T E[q q^T] e than the Euclidean codebooks do on the same keys (the objective each minimizes), and a compiled
+    model decodes."""
+    model, query = llama
+    method = AnTKV(bits=1)
+    euclidean = _calibrate(model, 1.0, key_metric="euclidean")
     section = query.section("antkv-1bit-query-metric")
     white = section["layers.0.key_whitening"]                    # (Hkv, M, 8, 8) lower-triangular factors
     assert white.shape == (model.config.num_key_value_heads, 2, 8, 8) and torch.equal(white, white.tril())
@@ -111,7 +110,7 @@ def test_artefact_for_another_model_or_setting_is_refused(llama, tmp_path):
     path = cal.save(tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="another model.*kv_heads: artefact 2, model 4"):
         kvpass.compile(FAMILIES["gpt2"].build(), kvpass.Config(attention=AnTKV(bits=1), calibration=str(path)))
-    with pytest.raises(ValueError, match="no section 'antkv-2bit'"):
+    with pytest.raises(ValueError, match="no section 'antkv-2bit-query-metric'"):
         kvpass.compile(FAMILIES["llama"].build(), kvpass.Config(attention=AnTKV(bits=2), calibration=str(path)))
     other = FAMILIES["llama"].build(seed=1)  # same architecture, other weights: allowed, with a warning
     with pytest.warns(UserWarning, match="other weights"):
@@ -126,15 +125,15 @@ def test_artefact_for_another_model_or_setting_is_refused(llama, tmp_path):
 
 
 def test_codebooks_beat_random_codebooks(llama):
-    """The learned codebooks reconstruct the model's own keys better than codebooks of random calibration
-    points, and the reconstruction SQNR grows with the rate."""
+    """The learned (Euclidean) codebooks reconstruct the model's own keys better than codebooks of random
+    calibration points, and the reconstruction SQNR grows with the rate."""
     model, _ = llama
     calls = []
     windows = torch.randint(3, 120, (2, 64), generator=torch.Generator().manual_seed(5))
     calibration.collect.run_windows(model, windows, calls.append, progress=False)
     sqnr = {}
     for bits in (0.375, 1.0, 4.0):
-        section = _calibrate(model, bits).section(f"antkv-{bits:g}bit")
+        section = _calibrate(model, bits, key_metric="euclidean").section(f"antkv-{bits:g}bit")
         # Layer 1: layer 0's pre-RoPE keys depend on the token alone, and the test vocabulary fits a codebook.
         book, (inv_freq, scaling) = section["layers.1.keys"], stored_rotation(section, 1)
         positions = torch.arange(64)[None]      # the codebooks hold keys before RoPE: rotate them back

@@ -269,8 +269,9 @@ def test_calibrate_writes_an_artefact_the_eval_reads(tmp_path, capsys):
     assert main(["calibrate", "--model", "smollm2-135m", "--bits", "1", "0.375", "--tokens", "512", "--seqlen",
                  "256", "--out", str(out)]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert sorted(meta["sections"]) == ["antkv-0.375bit", "antkv-1bit"] and meta["text"]["name"] == "lee"
-    assert Calibration.load(out).section("antkv-1bit")["layers.29.values"].shape == (3, 8, 256, 8)
+    assert sorted(meta["sections"]) == ["antkv-0.375bit-query-metric", "antkv-1bit-query-metric"]
+    assert meta["text"]["name"] == "lee"
+    assert Calibration.load(out).section("antkv-1bit-query-metric")["layers.29.values"].shape == (3, 8, 256, 8)
     capsys.readouterr()   # the calibration's progress bars
     _refused(capsys, ["eval", "ppl", "--text", "lee", "--attention", "antkv", "--calibration", str(out)],
              "calibration text 'lee' is the evaluation text")
