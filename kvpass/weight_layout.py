@@ -17,6 +17,7 @@ import inspect
 import torch
 
 from ._logging import logger
+from .kernels_dispatch import use_triton
 from .patterns.matchers import find_attention, find_ffn, find_projections, real_values
 
 
@@ -58,7 +59,7 @@ def _sparse_kernel_weights(model: torch.nn.Module, plan) -> set[tuple[int, tuple
         return gm.forward
 
     parameter = next(model.parameters(), None)
-    if parameter is None:
+    if parameter is None or not use_triton(parameter):   # the dense path reads the weights as they are
         return found
     ids = torch.zeros((1, 2), dtype=torch.long, device=parameter.device)
     kwargs = {"use_cache": False} if "use_cache" in inspect.signature(type(model).forward).parameters else {}
