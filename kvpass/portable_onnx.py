@@ -49,8 +49,7 @@ class OnnxDecoder(torch.nn.Module):
         if isinstance(self.method, KIVI):
             store = kivi.write_tokens(self.method, self.written[at], key, value, self.cache_position[0])
             end = self.cache_position[-1:] + 1
-            held = (end - self.method.residual).clamp(min=0)
-            keys, values = kivi.dequantized_view(self.method, store, held - held % self.method.group, held, end)
+            keys, values = kivi.dequantized_view(self.method, store, *kivi.quantized_after(self.method, end), end)
             # The view holds the new tokens as the store does (quantized or exact): the op writes them unchanged.
             key, value = keys.index_select(2, self.cache_position), values.index_select(2, self.cache_position)
             out, _, _ = torch.ops.kvpass.static_attention_functional(query, key, value, keys, values, self.valid,
@@ -102,19 +101,17 @@ def _attention_in_onnx(q, k, v, k_store, v_store, valid, cache_position, scale: 
     return out, k_all, v_all
 
 
+def _slot_dims(method: Dense | KIVI, slots, groups) -> dict[str, object]:
+    """Each store part, in the order the program takes them (kvpass.portable.store_buffers), with its dynamic slot
+    dimension (dim 2): the cache's slots, or its key groups; None: static (the KIVI rings)."""
+    if isinstance(method, KIVI):
+        return dict(zip(kivi.BUFFER_NAMES, (slots, groups, groups, slots, slots, slots, None, None)))
+    return {"keys": slots, "values": slots}
+
+
 def _parts(method: Dense | KIVI) -> list[str]:
     """The names of one layer's store parts, in the order the program takes them."""
-    return list(store_buffers(method, 1, 1, kivi.capacity_for(method, 1) if isinstance(method, KIVI) else 1, 1, 1,
-                              torch.float32, "meta"))
-
-
-def _slot_dims(method: Dense | KIVI, slots, groups) -> dict[str, object]:
-    """Each store part's dynamic slot dimension (dim 2): the cache's slots, or its key groups; None: static (the
-    KIVI rings)."""
-    if isinstance(method, KIVI):
-        return {"key_codes": slots, "key_scale": groups, "key_zero": groups, "value_codes": slots,
-                "value_scale": slots, "value_zero": slots, "ring_k": None, "ring_v": None}
-    return {"keys": slots, "values": slots}
+    return list(_slot_dims(method, None, None))
 
 
 def export(model, path, config: Config | None = None) -> Path:

@@ -94,8 +94,10 @@ def _with_exact(dense: torch.Tensor, ring: torch.Tensor, quantized, end) -> torc
     own contents otherwise; a slot before 0 wraps to one at or past `end`, outside the tokens held."""
     size = ring.shape[2]
     tokens = end - size + torch.arange(size, device=dense.device)
-    # The capacity as a tensor: an exported program's is a symbolic size, which ONNX's remainder cannot divide by.
-    slots = tokens % tokens.new_full((1,), dense.shape[2])
+    capacity = dense.shape[2]
+    # An exported program's capacity is a symbolic size, which ONNX's remainder cannot divide by: make it a tensor
+    # there (only there: a decode step would launch one more kernel for it).
+    slots = tokens % (tokens.new_full((1,), capacity) if isinstance(capacity, torch.SymInt) else capacity)
     exact = (tokens >= quantized)[:, None]
     return dense.index_copy_(2, slots, torch.where(exact, ring[:, :, tokens % size], dense[:, :, slots]))
 
@@ -104,6 +106,13 @@ def _with_exact(dense: torch.Tensor, ring: torch.Tensor, quantized, end) -> torc
 # the arguments an op over a caller-owned store takes (kvpass::static_kivi_attention) and an exported program's
 # buffer names (kvpass.portable).
 BUFFER_NAMES = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero", "ring_k", "ring_v")
+
+
+def quantized_after(method: KIVI, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(quantized keys, quantized values) of a sequence of `end` tokens, a device tensor: the convention of
+    KIVIStore's class doc (KIVIStore._targets on the host)."""
+    values = (end - method.residual).clamp(min=0)
+    return values - values % method.group, values
 
 
 def dequantized_view(method: KIVI, buffers, quantized_keys, quantized_values, end):
@@ -381,15 +390,14 @@ class KIVIStore(StaticStore):
         token = (slot - r).clamp(min=0)  # the value leaving the exact part, if slot >= r
         for buffer, part in zip(self._values, quantize_per_token(self._ring_v[:, :, token % (r + 1)], bits)):
             _put(buffer, token, part, slot >= r)
-        quantized_values = (slot + 1 - r).clamp(min=0)  # after this step
+        quantized_keys, quantized_values = quantized_after(self.method, slot + 1)  # after this step
         group = (quantized_values // g - 1).clamp(min=0)  # the group this step completes, if it completes one
         tokens = group * g + torch.arange(g, device=slot.device)
         completes = (quantized_values > 0) & (quantized_values % g == 0)
         for buffer, part, rows in zip(self._keys, quantize_per_channel(self._ring_k[:, :, tokens % (r + g)], bits, g),
                                       (tokens, group, group)):
             _put(buffer, rows, part, completes)
-        keys, values = self._dequantized(self.capacity, quantized_values - quantized_values % g, quantized_values,
-                                         slot + 1)
+        keys, values = self._dequantized(self.capacity, quantized_keys, quantized_values, slot + 1)
         return kernels_dispatch.attention(q, keys, values, mask=None, is_causal=True, scale=spec.scale,
                                           softcap=spec.softcap, window=spec.window, valid=valid[:, : self.capacity],
                                           q_start=slot)
