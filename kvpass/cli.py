@@ -401,6 +401,9 @@ def cmd_bench_decode(args) -> int:
     _positive("--batch", args.batch)
     _positive("--context", args.context)
     _positive("--steps", args.steps)
+    if args.generate < 0 or args.generate == 1:
+        raise ValueError(f"--generate {args.generate}: decode speed needs at least 2 new tokens (the first comes from the prefill); "
+                         "use --generate 2 or more, or 0 to skip")
     config = _config(args)
     model, _ = _load(args)
     check_length(model, max(args.context) + args.steps + 8, "--context + steps")

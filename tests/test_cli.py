@@ -163,6 +163,12 @@ def test_empty_prompt_is_refused_before_the_model_loads(capsys, no_model):
     _refused(capsys, ["generate", "--raw", "--prompt", ""], "--prompt is empty")
 
 
+@pytest.mark.parametrize("tokens", ["1", "-3"])
+def test_bench_decode_refuses_a_generate_too_short_to_time_decode(capsys, no_model, tokens):
+    _refused(capsys, ["bench", "decode", "--model", "random:llama:1b", "--generate", tokens],
+             f"--generate {tokens}", "--generate 2 or more")
+
+
 def test_debug_logs_show_the_traceback_and_bugs_keep_theirs(monkeypatch):
     import logging
 
