@@ -29,13 +29,16 @@ def attention(q, k, v, *, mask, is_causal, scale, softcap, window, valid=None, r
               return_lse=return_lse, new_k=new_k, new_v=new_v)
 
 
-def coded_attention(q, kv, *, mask, is_causal, scale, softcap, window, return_lse=False):
-    """Attention of q (B, Hq, Lq, D), the last Lq stored slots, over a product-quantized store
-    (kvpass.kernels.coded_attention.CodedKV); with return_lse also the (B, Hq, Lq) fp32 log-sum-exp."""
+def coded_attention(q, kv, *, mask, is_causal, scale, softcap, window, return_lse=False, valid=None, q_start=None):
+    """Attention of q (B, Hq, Lq, D), the last Lq stored slots or those from q_start (an int, or a (1,) int64
+    device tensor read by the kernel), over a product-quantized store (kvpass.kernels.coded_attention.CodedKV);
+    valid: None or (B, S) bool (False: a slot not to read); with return_lse also the (B, Hq, Lq) fp32
+    log-sum-exp."""
     from .kernels import coded_attention as family
 
     fn = family.attention_over_codes if use_triton(q) else family.attention_over_codes_reference
-    return fn(q, kv, scale=scale, causal=is_causal, window=window, softcap=softcap, mask=mask, return_lse=return_lse)
+    return fn(q, kv, valid, q_start, scale=scale, causal=is_causal, window=window, softcap=softcap, mask=mask,
+              return_lse=return_lse)
 
 
 def anchor_scores(q, k, v, lse, o, *, q_start, key_start, mask, is_causal, scale, softcap, window):

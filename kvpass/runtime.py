@@ -157,6 +157,14 @@ class Runtime:
         if self.static_decode:
             self._mark_valid(store, mask, start, k.shape[2])
 
+    def load(self, layer: int, k, v, chunk: int = 8192) -> None:
+        """Bulk-load real tokens without attention (benchmark fills): k, v (B, Hkv, L, D|Dv) appended `chunk` tokens
+        at a time, each settled (LayerStore.settle), so a compressing method never holds more than a chunk of them
+        uncompressed."""
+        for start in range(0, k.shape[2], chunk):
+            self.append(layer, k[:, :, start : start + chunk], v[:, :, start : start + chunk])
+            self.store(layer).settle()
+
     # -- the decode engine's step (kvpass/engine.py) --------------------------------------------------
     def decode(self, q, k, v, spec: AttentionSpec, layer: int):
         """kvpass::decode_attention: store the new token at the device-held slot and attend over every valid

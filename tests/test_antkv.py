@@ -208,6 +208,35 @@ def test_decode_finalizes_one_token_per_step_within_budget(llama):
     assert set(parts) == {"codes", "anchors", "codebooks", "window"} and all(b > 0 for b in parts.values())
 
 
+def test_a_bulk_load_is_encoded_chunk_by_chunk_and_its_decode_steps_equal_the_host_path(llama):
+    """A benchmark's fill (tokens stored without attention, settled after each chunk) keeps only window - 1 tokens
+    exact in a ring of window + 1 rows, encodes the rest (no Anchor Score: no anchors), and the captured-form
+    decode step (reserve, decode at a device slot, advance) then gives the host path's steps (append, attend)."""
+    _, cal = llama
+    q, k, v = _kv(B=2, L=330, seed=5)
+    stores = [_store(cal, ratio=0.05, window=4) for _ in range(2)]
+    for store in stores:
+        for start, stop in ((0, 64), (64, 128), (128, 250), (250, 300)):
+            store.append(k[:, :, start:stop], v[:, :, start:stop])
+            store.settle()
+            assert store.length - store._finalized == 3 and store._ring_k.shape[2] == 5
+        assert (store._anchor_count == 0).all() and store.nbytes()["window"] == stores[0].nbytes()["window"]
+    captured, host = stores
+    spec = AttentionSpec(scale=0.25)
+    slot = torch.zeros(1, dtype=torch.int64)
+    valid = torch.ones(2, 1024, dtype=torch.bool)
+    for t in range(300, 330):
+        captured.reserve(t + 1)
+        slot.fill_(t)
+        got = captured.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], spec, slot, valid)
+        captured.advance(1)
+        host.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        want = host.attend(q[:, :, t : t + 1], None, True, spec)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert (captured.length, captured._finalized) == (host.length, host._finalized) == (t + 1, t + 1 - 4)
+    assert torch.equal(captured._anchor_slot, host._anchor_slot) and (host._anchor_count > 0).all()
+
+
 def test_anchor_ratio_zero_and_full_window(llama):
     _, cal = llama
     q, k, v = _kv(B=1, L=10)
@@ -246,7 +275,7 @@ def test_compiled_generate_padding_and_4bit_accuracy(llama, tmp_path):
         alone = model.generate(short, max_new_tokens=6, do_sample=False)
         assert torch.equal(out[1, -6:], alone[0, -6:])
         rep = kvpass.report(model)
-        assert rep["attention_calls"]["kvpass-cache/decode"] > 0
+        assert rep["attention_calls"]["decode-engine/decode"] > 0 and rep["decode_engine"]["eager_steps"] == 10
         assert set(rep["kv_bytes_by_part"]) == {"codes", "anchors", "codebooks", "window"}
     finally:
         kvpass.detach(model)

@@ -310,6 +310,22 @@ def test_rows_without_visible_key_are_zero_with_lse_neg_inf(num_splits, dtype):
         assert (out[none] == 0).all() and (out[~none].float().abs().sum(-1) > 0).all()
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_a_query_slot_held_on_the_device_gives_the_host_slots_result(num_splits):
+    """A captured decode step passes q_start as a (1,) int64 device tensor (the launch is planned for the whole
+    store): kernel and reference give what the same slot as a python int gives, lse too; the query need not be
+    the store's last slot (q_back)."""
+    c = Case(91, D=80, sub=16, Lq=1, length=70, exact=12, group=4, pads=(0, 9, 40), window=30, softcap=15.0,
+             q_back=5)
+    (q, kv, valid, q_start), kw = make_inputs(c)
+    on_device = torch.tensor([q_start], device=DEVICE)
+    for fn in (attention_over_codes, attention_over_codes_reference):
+        extra = {"num_splits": num_splits}
+        want, want_lse = fn(q, kv, valid, q_start, **kw, **extra, return_lse=True)
+        got, got_lse = fn(q, kv, valid, on_device, **kw, **extra, return_lse=True)
+        assert rel_err(got, want) <= 1e-6 and (got_lse - want_lse).abs().max().item() <= 1e-5
+
+
 def test_all_exact_store_matches_dense_kernel():
     """exact_start = 0: the coded kernel is the dense kernel over exact_k / exact_v (lse too), up to
     the summation order (the two kernels' launch parameters differ)."""

@@ -92,6 +92,17 @@ def test_wave_recorded_decode_steps_equal_unrecorded_ones_across_index_runs():
     assert stats["clusters"] > 0 and stats["decode_steps"] > 20, stats
 
 
+def test_antkv_recorded_decode_steps_equal_unrecorded_ones(tmp_path, monkeypatch):
+    """AnTKV's captured step (the window ring written at the device slot, the leaving token encoded or anchored
+    there, coded attention below the device-held finalized count merged with the ring's) replayed from a CUDA
+    graph gives the eager steps' logits, exactly, for a padded batch: one recording serves every step."""
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path))   # the codebooks calibrate on the GPU, into a private cache
+    config = kvpass.Config(attention=kvpass.AnTKV(bits=2, anchor_ratio=0.2, window=4))
+    captured, _ = _recorded_and_unrecorded(config, torch.bfloat16)
+    engine = kvpass.report(captured)["decode_engine"]
+    assert engine["captured"] and engine["records"] == 1 and engine["replays"] == 17, engine
+
+
 def test_left_padded_batch_under_capture_equals_each_row_alone():
     model = FAMILIES["llama"].build().cuda()
     kvpass.compile(model, kvpass.Config(), strict=True)

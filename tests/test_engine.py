@@ -145,6 +145,55 @@ def test_wave_engine_decode_equals_its_uncaptured_steps_across_index_runs(tmp_pa
     assert engine["eager_steps"] == 31, engine
 
 
+@pytest.mark.parametrize("keys", ["pre-rope", "post-rope"])
+def test_antkv_engine_decode_equals_its_uncaptured_steps(tmp_path, monkeypatch, keys):
+    """AnTKV meets the contract: the engine's steps (the new token into the window ring at the device slot, the
+    token `window` slots back finalized there: encoded, or kept as an anchor by its score; then attention over
+    codes + anchors merged with the ring's) give the tokens and logits of the same store's uncaptured steps
+    (append, attend) for a left-padded batch whose prompt is shorter than the window (so decode steps finalize
+    every token and choose every anchor); the stores end with the same codes, anchors and scores."""
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path))   # the codebooks calibrate once, into a private cache
+    from kvpass.methods.antkv import AnTKVStore
+
+    method = kvpass.AnTKV(bits=2, anchor_ratio=0.3, window=6, keys=keys)
+    models = {}
+    for captured in (False, True):
+        model = FAMILIES["llama"].build()
+        with monkeypatch.context() as patch:
+            if not captured:   # the store as the uncaptured op drives it (no decode engine is installed)
+                patch.setattr(AnTKVStore, "supports_captured_decode", classmethod(lambda cls, method: False))
+            models[captured] = kvpass.compile(model, kvpass.Config(attention=method), inner=INNER, strict=True)
+    ids, mask = _padded(batch=3, length=5)
+    with torch.no_grad():
+        runs = {captured: model.generate(ids, attention_mask=mask, max_new_tokens=28, do_sample=False,
+                                         output_logits=True, return_dict_in_generate=True)
+                for captured, model in models.items()}
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for got, want in zip(runs[True].logits, runs[False].logits):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    report = kvpass.report(models[True])
+    assert report["decode_engine"]["eager_steps"] == 27
+    assert report["attention_calls"]["decode-engine/decode"] == 27 * report["layers"]
+    assert kvpass.report(models[False])["decode_engine"]["captured"] is False
+    stores = {captured: backend_of(model).runtime._stores for captured, model in models.items()}
+    for layer, store in stores[True].items():
+        other = stores[False][layer]
+        assert (store.length, store._finalized) == (other.length, other._finalized) == (32, 32 - 6)
+        assert int(store._exact_start) == store._finalized
+        assert torch.equal(store._anchor_slot[..., :32], other._anchor_slot[..., :32])
+        assert torch.equal(store._anchor_count, other._anchor_count)
+        torch.testing.assert_close(store._weakest, other._weakest)
+        held = store._anchor_slot[..., :32] < 0
+        assert torch.equal(store._codes_k[..., :32, :][held], other._codes_k[..., :32, :][held])
+        assert torch.equal(store._codes_v[..., :32, :][held], other._codes_v[..., :32, :][held])
+        (k, v, rows), (other_k, other_v, other_rows) = store._window(), other._window()
+        torch.testing.assert_close((k, v), (other_k, other_v))
+        torch.testing.assert_close(store._ring_stats.index_select(3, rows),
+                                   other._ring_stats.index_select(3, other_rows), rtol=1e-5, atol=1e-6)
+    # The prompt (5 slots) is shorter than the window: decode steps finalized every token, anchors included.
+    assert all(int(store._anchor_count.sum()) > 0 for store in stores[True].values())
+
+
 def test_kivi_engine_decode_equals_its_uncaptured_semantics_for_a_left_padded_batch():
     """KIVI meets the contract: the engine's decode steps (kvpass::decode_attention over the static KIVI store)
     give the tokens of the unfused kvpass cache path, where HF attends with its own mask over the same store's

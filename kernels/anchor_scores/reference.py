@@ -28,7 +28,7 @@ import torch
 
 from ..attention.reference import check_attention_inputs, visibility_mask
 
-__all__ = ["anchor_scores_reference", "attention_scores", "check_anchor_inputs"]
+__all__ = ["anchor_scores_reference", "attention_scores", "check_anchor_inputs", "column_statistics"]
 
 NUM_STATS = 4
 
@@ -115,15 +115,24 @@ def anchor_scores_reference(q, k, v, lse, o=None, valid=None, *, q_start, key_st
     s = attention_scores(q, k, scale=scale, softcap=softcap)
     # exp(-inf) = 0 where hidden: there s may be NaN (garbage keys) and s - lse = +inf (rows with lse = -inf).
     a = torch.exp(torch.where(vis, s - lse[..., None], float("-inf")))        # (B, Hq, Lq, Lk), 0 where hidden
-    group = (B, Hkv, Hq // Hkv, Lq, Lk)
-    stats = a.new_zeros(NUM_STATS, B, Hkv, Lk)
+    return column_statistics(a, vis, q, v, o, Hkv)
+
+
+def column_statistics(a, vis, q, v, o, kv_heads: int):
+    """The statistics (see the module doc) from the probabilities: a (B, Hq, Lq, Lk) fp32, 0 where hidden;
+    vis (B, Hq, Lq, Lk) bool, the visible pairs; q (B, Hq, Lq, D); v (B, Hkv, Lk, Dv) the scored values (anything,
+    even NaN, where hidden: those pairs are zeroed); o None or (B, Hq, Lq, Dv) the outputs.
+    Returns (4, B, Hkv, Lk) float32."""
+    B, Hq, Lq, Lk = a.shape
+    group = (B, kv_heads, Hq // kv_heads, Lq, Lk)
+    stats = a.new_zeros(NUM_STATS, B, kv_heads, Lk)
     stats[0] = a.view(group).sum(dim=(2, 3))
     stats[1] = stats[0] - a.square().view(group).sum(dim=(2, 3))
     if o is not None:
         # ||v_j - o_i||^2 = ||o||^2 - 2 o.v + ||v||^2 as the kernel computes it, but in float64, where the
         # cancellation of near-equal v and o that fp32 suffers is negligible; hidden pairs are zeroed, as
         # garbage (NaN) V may sit there.
-        v_rows = v.double().repeat_interleave(Hq // Hkv, dim=1)
+        v_rows = v.double().repeat_interleave(Hq // kv_heads, dim=1)
         o64 = o.double()
         square = (o64.square().sum(-1)[..., None] - 2 * torch.matmul(o64, v_rows.transpose(-1, -2))
                   + v_rows.square().sum(-1)[..., None, :])

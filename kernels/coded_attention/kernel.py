@@ -35,11 +35,13 @@ centroid gathers bound it, not the bytes read: decode over 32K keys took ~0.24 m
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from ..attention.dense import _launch_config as _dense_launch_config
 from ..attention.dense import (
+    check_device_q_start,
     finish_rows,
     key_range,
     keys_ok,
@@ -232,7 +234,9 @@ def attention_over_codes(q, kv: CodedKV, valid=None, q_start=None, *, scale, cau
        capacity S; Hq % Hkv == 0 (GQA).
     valid: (B, S) bool, whether each slot holds a real token; None: all slots are valid.
     q_start: python int, or None for kv.length - Lq; kv_len = q_start + Lq <= kv.length keys are
-       attended. mask: (1|B, 1|Hq, Lq, kv_len) bool, replaces causal and window.
+       attended. Or a (1,) int64 tensor on q's device, read by the kernel (a captured decode step: its
+       position moves between replays of one launch); then mask must be None and the launch is planned for
+       the whole store. mask: (1|B, 1|Hq, Lq, kv_len) bool, replaces causal and window.
     scale, causal, window, softcap, num_splits: as in
        :func:`kvpass.kernels.attention.attention_over_store`.
     return_lse: also return lse (B, Hq, Lq) fp32, natural-log logsumexp of each row's visible
@@ -241,8 +245,11 @@ def attention_over_codes(q, kv: CodedKV, valid=None, q_start=None, *, scale, cau
     Returns a new contiguous (B, Hq, Lq, Dv) tensor of q's dtype (and lse if return_lse); rows
     with no visible key are 0.
     """
-    dims = check_coded_inputs(q, kv, valid, q_start, scale=scale, window=window, softcap=softcap,
-                              mask=mask)
+    on_device = q_start if isinstance(q_start, torch.Tensor) else None
+    if on_device is not None:
+        check_device_q_start(on_device, q, mask)
+    dims = check_coded_inputs(q, kv, valid, None if on_device is not None else q_start, scale=scale,
+                              window=window, softcap=softcap, mask=mask)
     store_args = (
         kv.anchor_slot, *kv.anchor_slot.stride(), kv.exact_start,
         *_side_args(kv.codes_k, kv.codebook_k, kv.anchor_k, kv.exact_k),
@@ -259,4 +266,5 @@ def attention_over_codes(q, kv: CodedKV, valid=None, q_start=None, *, scale, cau
         _coded_fwd_kernel, store_args, meta, kv.tensors(), q, valid, mask, dims,
         scale=scale, causal=causal, window=window, softcap=softcap, num_splits=num_splits,
         return_lse=return_lse, caller="attention_over_codes", launch_config=_launch_config,
+        q_start_on_device=on_device,
     )

@@ -71,7 +71,10 @@ class KeyRotation:
 
     def positions(self, start: int, stop: int) -> torch.Tensor:
         """(B, stop - start) int64 positions of slots start .. stop - 1."""
-        slots = torch.arange(start, stop, device=self.position_offset.device)
+        return self.positions_of(torch.arange(start, stop, device=self.position_offset.device))
+
+    def positions_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """(B, n) int64 positions of the slots (n,) int64 (a device tensor: no host sync)."""
         return slots[None, :] - self.position_offset.long()[:, None]
 
     def validate(self, B: int, D: int, device) -> None:

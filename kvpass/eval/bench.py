@@ -92,9 +92,10 @@ def _fill_hf_cache(cache, model, batch, context, generator) -> None:
 
 
 def _fill_kvpass_cache(cache, model, batch, context, generator) -> None:
-    """Put random K/V straight into the runtime stores and advance HF's counters to match."""
+    """Put random K/V straight into the runtime stores (in the form decode reads: AnTKV encodes them) and advance
+    HF's counters to match."""
     for layer, (k, v) in enumerate(_random_kv(model, batch, context, generator)):
-        cache.runtime.append(layer, k, v)
+        cache.runtime.load(layer, k, v)
         cache.layers[layer].seen = context
 
 

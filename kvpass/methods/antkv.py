@@ -15,6 +15,11 @@ over the still-exact prompt (for the log-sum-exp the scores need), the score pas
 the prompt's attention over its own stored representation, which is what perplexity measures. A decode step
 finalizes what the earlier queries have scored first, then runs one attention pass and scores the window
 with its query.
+
+The store meets the decode engine's captured-decode contract (kvpass/engine.py): in a decode step exactly one
+token leaves the window, `window` slots behind the new one, so `decode` runs the same rule with fixed shapes at
+the device-held slot (the window is a ring, the finalized count is held on the device too), and `advance` keeps
+the host's counts.
 """
 from __future__ import annotations
 
@@ -55,7 +60,14 @@ def anchor_score(method: AnTKV, stats: torch.Tensor, key_error: torch.Tensor, va
 
 
 class AnTKVStore(LayerStore):
+    """Codes, anchors and the exact window of one layer. The window lives in a ring: slot j (exact while
+    `_finalized` <= j < `length`) sits at row j % R of `_ring_k` / `_ring_v` / `_ring_stats` (its accumulated
+    statistics), so a decode step writes, finalizes and reads at device-held slots with fixed shapes, and the
+    store meets the captured-decode contract. A prompt longer than the ring grows it; after the prompt's
+    finalization it shrinks back to window + 1 rows, what decode needs."""
+
     method: AnTKV
+    captured_decode = True
     needs_queries = True  # anchors are chosen from attention scores: the unfused cache path cannot serve it
 
     def __init__(self, method: AnTKV, layer: int, capacity: int | None = None, calibration=None):
@@ -71,6 +83,8 @@ class AnTKVStore(LayerStore):
         self._rope = stored_rotation(tensors, layer)     # None: keys are encoded as attention sees them
         self._length = 0
         self._finalized = 0       # slots < _finalized are codes or anchors; the rest are exact (the window)
+        self._changed = True      # something a recorded decode step reads was (re)allocated since the last reserve
+        self._scale = 1.0         # the site's softmax scale, once an attend has told it (unscored tokens ignore it)
 
     @property
     def length(self) -> int:
@@ -78,8 +92,8 @@ class AnTKVStore(LayerStore):
 
     # -- storage ---------------------------------------------------------------------------------------
     def _allocate(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """First append: codebooks on the device in the model's dtype, empty window and anchor state."""
-        B, H, _, D = k.shape
+        """First append: codebooks on the device in the model's dtype, an empty ring and anchor state."""
+        B, H, L, D = k.shape
         books = [book.to(k.device, k.dtype if k.dtype in (torch.float16, torch.bfloat16) else torch.float32)
                  for book in self._books_cpu]
         for book, x, name in zip(books, (k, v), ("keys", "values")):
@@ -88,9 +102,12 @@ class AnTKVStore(LayerStore):
                                  f"fit {name} of shape {tuple(x.shape)} (kv heads, head dim); recalibrate this model")
         self._book_k, self._book_v = books
         self._whitening = None if self._whitening_cpu is None else self._whitening_cpu.to(k.device, torch.float32)
-        self._window_k = k.new_empty(B, H, 0, D)
-        self._window_v = v.new_empty(B, H, 0, v.shape[-1])
-        self._stats = k.new_zeros(_STATS, B, H, 0, dtype=torch.float32)
+        # Zeros, not garbage: a decode step multiplies every ring row's value by its (maybe zero) probability.
+        size = max(L, self.method.window + 1)
+        self._ring_k = k.new_zeros(B, H, size, D)
+        self._ring_v = v.new_zeros(B, H, size, v.shape[-1])
+        self._ring_stats = k.new_zeros(_STATS, B, H, size, dtype=torch.float32)
+        self._exact_start = torch.zeros(1, dtype=torch.int64, device=k.device)   # _finalized, for decode steps
         self._anchor_count = torch.zeros(B, H, dtype=torch.int64, device=k.device)
         self._finalized_seen = torch.zeros(B, H, dtype=torch.int64, device=k.device)  # finalized, not padding
         self._weakest = torch.full((B, H), float("inf"), device=k.device)   # lowest score among the anchors so far
@@ -98,7 +115,7 @@ class AnTKVStore(LayerStore):
         self._rotation = None     # KeyRotation once the first attend has told the rows' padding
 
     def _reserve(self, needed: int) -> None:
-        """Codes and anchor rows for `needed` finalized slots, grown geometrically (O(log n) copies)."""
+        """Codes and anchor rows for `needed` slots, grown geometrically (O(log n) copies)."""
         if self._codes_k is not None and needed <= self._codes_k.shape[2]:
             return
         old = 0 if self._codes_k is None else self._codes_k.shape[2]
@@ -106,8 +123,8 @@ class AnTKVStore(LayerStore):
         # The budget never exceeds ceil(ratio * capacity) anchors; one more row takes the writes of tokens that
         # were not chosen, so choosing anchors needs no data-dependent indexing (no host sync in decode).
         anchors = math.ceil(self.method.anchor_ratio * capacity) + 1
-        B, H, _, D = self._window_k.shape
-        dev = self._window_k.device
+        B, H, _, D = self._ring_k.shape
+        dev = self._ring_k.device
 
         def grow(current, shape, dtype, fill=None):
             new = torch.empty(shape, dtype=dtype, device=dev) if fill is None else torch.full(shape, fill, dtype=dtype,
@@ -116,73 +133,110 @@ class AnTKVStore(LayerStore):
                 new[:, :, : current.shape[2]] = current
             return new
 
-        self._codes_k = grow(self._codes_k, (B, H, capacity, self._book_k.shape[1]), torch.uint8)
-        self._codes_v = grow(self._codes_v, (B, H, capacity, self._book_v.shape[1]), torch.uint8)
+        # Codes start at 0, a real centroid: a decode step classes every slot as coded (the ring's and the
+        # unused ones are masked invalid), and the fp32 reference decodes masked slots before masking them.
+        self._codes_k = grow(self._codes_k, (B, H, capacity, self._book_k.shape[1]), torch.uint8, fill=0)
+        self._codes_v = grow(self._codes_v, (B, H, capacity, self._book_v.shape[1]), torch.uint8, fill=0)
         self._anchor_slot = grow(self._anchor_slot, (B, H, capacity), torch.int32, fill=-1)
-        self._anchor_k = grow(self._anchor_k, (B, H, anchors, D), self._window_k.dtype)
-        self._anchor_v = grow(self._anchor_v, (B, H, anchors, self._window_v.shape[-1]), self._window_v.dtype)
+        self._anchor_k = grow(self._anchor_k, (B, H, anchors, D), self._ring_k.dtype)
+        self._anchor_v = grow(self._anchor_v, (B, H, anchors, self._ring_v.shape[-1]), self._ring_v.dtype)
+        self._changed = True
+
+    def _ring_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Ring rows (stop - start,) of slots start .. stop - 1."""
+        return torch.arange(start, stop, device=self._ring_k.device) % self._ring_k.shape[2]
+
+    def _resize_ring(self, size: int) -> None:
+        """A ring of `size` rows (>= the exact tokens held) holding the same exact tokens and statistics."""
+        held = torch.arange(self._finalized, self._length, device=self._ring_k.device)
+        old_rows, new_rows = held % self._ring_k.shape[2], held % size
+        for name, dim in (("_ring_k", 2), ("_ring_v", 2), ("_ring_stats", 3)):
+            old = getattr(self, name)
+            shape = list(old.shape)
+            shape[dim] = size
+            new = old.new_zeros(shape)
+            new.index_copy_(dim, new_rows, old.index_select(dim, old_rows))
+            setattr(self, name, new)
+        self._changed = True
+
+    def _window(self):
+        """The exact tokens' keys (B, H, P, D) and values (B, H, P, Dv), in slot order (copies), and their rows."""
+        rows = self._ring_rows(self._finalized, self._length)
+        return self._ring_k.index_select(2, rows), self._ring_v.index_select(2, rows), rows
 
     def coded(self):
         """The stored representation as the coded-attention kernels read it (kvpass.kernels.coded_attention)."""
         from ..kernels.coded_attention import CodedKV
 
         self._reserve(max(self._length, 1))   # the layout wants capacity for every slot, window included
+        exact_k, exact_v, _ = self._window()
         return CodedKV(codes_k=self._codes_k, codes_v=self._codes_v, codebook_k=self._book_k,
                        codebook_v=self._book_v, anchor_slot=self._anchor_slot, anchor_k=self._anchor_k,
-                       anchor_v=self._anchor_v, exact_k=self._window_k, exact_v=self._window_v,
-                       exact_start=self._finalized, rotation=self._rotation)
+                       anchor_v=self._anchor_v, exact_k=exact_k, exact_v=exact_v, exact_start=self._finalized,
+                       rotation=self._rotation)
 
     # -- the LayerStore interface ------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         if self._length == 0:
             self._allocate(k, v)
-        elif (k.shape[0], k.shape[1], k.shape[3]) != (self._window_k.shape[0], self._window_k.shape[1],
-                                                      self._window_k.shape[3]):
+        elif (k.shape[0], k.shape[1], k.shape[3]) != (self._ring_k.shape[0], self._ring_k.shape[1],
+                                                      self._ring_k.shape[3]):
             raise ValueError(f"layer {self.layer}: new keys of shape {tuple(k.shape)} do not fit the stored (batch, "
                              f"kv heads, head dim); start a new sequence (kvpass.reset(model) or a new kvpass cache)")
-        # torch.cat copies: the caller's tensors may be buffers reused by the next step.
-        self._window_k = torch.cat([self._window_k, k.to(self._window_k.dtype)], dim=2)
-        self._window_v = torch.cat([self._window_v, v.to(self._window_v.dtype)], dim=2)
-        self._stats = torch.cat([self._stats, self._stats.new_zeros(_STATS, *k.shape[:3])], dim=3)
-        self._length += k.shape[2]
+        L = k.shape[2]
+        exact = self._length + L - self._finalized
+        if exact > self._ring_k.shape[2]:
+            self._resize_ring(max(exact, self.method.window + 1))
+        rows = self._ring_rows(self._length, self._length + L)
+        # index_copy_ copies: the caller's tensors may be buffers reused by the next step.
+        self._ring_k.index_copy_(2, rows, k.to(self._ring_k.dtype))
+        self._ring_v.index_copy_(2, rows, v.to(self._ring_v.dtype))
+        self._ring_stats.index_fill_(3, rows, 0.0)
+        self._length += L
+        self._reserve(self._length)   # codes for every slot held: the capacity the decode engine's validity spans
 
     def attend(self, q, mask, is_causal, spec: AttentionSpec):
         Lq = q.shape[2]
+        self._scale = spec.scale
         if self._rope is not None and self._rotation is None:
             self._rotation = self._key_rotation(mask, Lq)
         window = self.method.window
         # Tokens the earlier queries have already scored `window` times are finalized before this call reads them.
         self._finalize(self._length - Lq - window + 1, spec.scale)
         kwargs = dict(mask=mask, is_causal=is_causal, scale=spec.scale, softcap=spec.softcap, window=spec.window)
-        out, lse = kernels_dispatch.coded_attention(q, self.coded(), return_lse=True, **kwargs)
+        kv = self.coded()
+        out, lse = kernels_dispatch.coded_attention(q, kv, return_lse=True, **kwargs)
         o = out if self.method.score == "bound" else None
-        self._stats += kernels_dispatch.anchor_scores(q, self._window_k, self._window_v, lse, o,
-                                                      q_start=self._length - Lq, key_start=self._finalized, **kwargs)
+        stats = kernels_dispatch.anchor_scores(q, kv.exact_k, kv.exact_v, lse, o, q_start=self._length - Lq,
+                                               key_start=self._finalized, **kwargs)
+        self._ring_stats.index_add_(3, self._ring_rows(self._finalized, self._length), stats)
         if Lq > 1 and self._finalize(self._length - window + 1, spec.scale):
             # A prompt's queries all scored it in one pass: it attends over its own stored representation.
             out = kernels_dispatch.coded_attention(q, self.coded(), **kwargs)
+            if self.persistent and self._ring_k.shape[2] > window + 1:
+                self._resize_ring(window + 1)   # what decode needs; a long prompt's ring is dropped
         return out
 
     def materialize(self):
         from ..kernels.coded_attention import dequantize
 
         k, v = dequantize(self.coded())
-        return k.to(self._window_k.dtype), v.to(self._window_v.dtype)
+        return k.to(self._ring_k.dtype), v.to(self._ring_v.dtype)
 
     def nbytes(self):
         if self._length == 0:
             return {"codes": 0, "anchors": 0, "codebooks": 0, "window": 0}
         parts = {"codes": (self._codes_k, self._codes_v, self._anchor_slot), "anchors": (self._anchor_k, self._anchor_v),
-                 "codebooks": (self._book_k, self._book_v), "window": (self._window_k, self._window_v, self._stats)}
+                 "codebooks": (self._book_k, self._book_v), "window": (self._ring_k, self._ring_v, self._ring_stats)}
         return {name: sum(t.nbytes for t in tensors if t is not None) for name, tensors in parts.items()}
 
     def _key_rotation(self, mask, Lq: int):
         """The KeyRotation of this sequence, from its first call (queries at slots 0 .. Lq - 1): a slot is
         padding when its own query does not see it, and a row's positions start after its (left) padding, as
-        Hugging Face numbers them."""
+        Hugging Face numbers them. No mask (or no call before the first decode step): no padding."""
         from ..kernels.coded_attention import KeyRotation
 
-        B, device = self._window_k.shape[0], self._window_k.device
+        B, device = self._ring_k.shape[0], self._ring_k.device
         if mask is None:
             padding = torch.zeros(B, dtype=torch.int32, device=device)
         else:
@@ -190,6 +244,98 @@ class AnTKVStore(LayerStore):
             padding = (~mask[:, 0, slots, slots]).sum(-1).to(torch.int32).expand(B).contiguous()
         inv_freq, scaling = self._rope
         return KeyRotation(inv_freq.to(device, torch.float32), scaling, padding)
+
+    # -- captured decode (the decode engine) ------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self._ring_k.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self._codes_k.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self._ring_k.device
+
+    def settle(self) -> None:
+        """Tokens stored without attention (a benchmark's random fill) are finalized as a prompt's would be,
+        all but the newest window - 1: a decode step finalizes one token, so it must find no more than that
+        exact. Unscored tokens have no Anchor Score: they are all encoded."""
+        if self._length == 0:
+            return
+        if self._rope is not None and self._rotation is None:   # no attention call has told the padding: none
+            self._rotation = self._key_rotation(None, 0)
+            self._changed = True
+        self._finalize(self._length - self.method.window + 1, self._scale)
+        if self._ring_k.shape[2] > self.method.window + 1:
+            self._resize_ring(self.method.window + 1)
+
+    def reserve(self, length: int) -> bool:
+        """Codes for `length` slots and a ring for the exact ones, after `settle`; True if anything a recorded
+        step reads was (re)allocated since the last reserve (growth, a prompt's ring, a new store)."""
+        if self._length - self._finalized > self.method.window:
+            self.settle()
+        self._reserve(length)
+        exact = length - self._finalized
+        if exact > self._ring_k.shape[2]:
+            self._resize_ring(max(exact, self.method.window + 1))
+        changed, self._changed = self._changed, False
+        return changed
+
+    def decode(self, q, k, v, spec: AttentionSpec, slot, valid):
+        """The decode step of `attend` with fixed shapes: the new token enters the ring at `slot`, the token
+        `window` slots back is finalized (if the prompt has not), then attention over the codes and anchors
+        (the coded kernel, its slots below the device-held finalized count) and over the ring (every row whose
+        slot is exact and valid), merged by log-sum-exp; the ring's statistics take the query's column
+        statistics."""
+        from ..kernels.anchor_scores.reference import attention_scores, column_statistics
+        from ..kernels.coded_attention import CodedKV
+
+        ring = self._ring_k.shape[2]
+        new = slot % ring
+        self._ring_k.index_copy_(2, new, k.to(self._ring_k.dtype))
+        self._ring_v.index_copy_(2, new, v.to(self._ring_v.dtype))
+        self._ring_stats.index_fill_(3, new, 0.0)
+        self._finalize_on_device(slot - self.method.window, spec.scale)
+
+        capacity = self.capacity
+        valid = valid[:, :capacity]
+        coded_valid = valid & (torch.arange(capacity, device=valid.device) < self._exact_start)
+        # Every slot is classed coded or anchor (exact_start = capacity): the ring's slots are invalid here.
+        kv = CodedKV(codes_k=self._codes_k, codes_v=self._codes_v, codebook_k=self._book_k,
+                     codebook_v=self._book_v, anchor_slot=self._anchor_slot, anchor_k=self._anchor_k,
+                     anchor_v=self._anchor_v, exact_k=self._ring_k[:, :, :0], exact_v=self._ring_v[:, :, :0],
+                     exact_start=capacity, rotation=self._rotation)
+        out_coded, lse_coded = kernels_dispatch.coded_attention(
+            q, kv, mask=None, is_causal=True, scale=spec.scale, softcap=spec.softcap, window=spec.window,
+            return_lse=True, valid=coded_valid, q_start=slot)
+
+        held = slot - (slot - torch.arange(ring, device=slot.device)) % ring            # (R,) each row's slot
+        seen = (held >= self._exact_start) & valid.index_select(1, held.clamp_min(0))    # (B, R)
+        if spec.window:
+            seen &= held > slot - spec.window
+        scores = attention_scores(q, self._ring_k, scale=spec.scale, softcap=spec.softcap)   # (B, Hq, 1, R)
+        visible = seen[:, None, None, :].expand_as(scores)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        lse = torch.logaddexp(lse_coded, torch.logsumexp(scores, dim=-1))     # the token itself is always seen
+        probs = torch.exp(scores - lse[..., None])                             # (B, Hq, 1, R), 0 where hidden
+        group = q.shape[1] // self._ring_v.shape[1]
+        out = (out_coded.float() * torch.exp(lse_coded - lse)[..., None]
+               + probs @ self._ring_v.float().repeat_interleave(group, dim=1)).to(q.dtype)
+        o = out if self.method.score == "bound" else None
+        self._ring_stats += column_statistics(probs, visible, q, self._ring_v, o, self._ring_v.shape[1])
+        return out
+
+    def advance(self, count: int) -> None:
+        """The host's counts after `count` decode steps: each stored a token and finalized the one `window`
+        slots back unless the prompt had."""
+        for _ in range(count):
+            self._finalized = max(self._finalized, self._length - self.method.window + 1)
+            self._length += 1
+
+    def reset(self) -> bool:
+        return False   # anchors, counts and padding are the sequence's: a new sequence gets new stores
 
     # -- finalization ---------------------------------------------------------------------------------------
     def _finalize(self, upto: int, scale: float) -> int:
@@ -199,31 +345,52 @@ class AnTKVStore(LayerStore):
             return 0
         start = self._finalized
         self._reserve(start + n)
-        k, v, stats = self._window_k[:, :, :n], self._window_v[:, :, :n], self._stats[:, :, :, :n]
-        rotation = self._rotation
-        if rotation is not None:
-            positions = rotation.positions(start, start + n)
-            codes_k = pq.encode(rope_rotate(k, positions, rotation.inv_freq, rotation.scaling, inverse=True),
-                                self._book_k, self._whitening)
-            decoded_k = rope_rotate(pq.decode(codes_k, self._book_k), positions, rotation.inv_freq,
-                                    rotation.scaling)
+        rows = self._ring_rows(start, start + n)
+        k, v = self._ring_k.index_select(2, rows), self._ring_v.index_select(2, rows)
+        positions = None if self._rotation is None else self._rotation.positions(start, start + n)
+        codes_k, codes_v, score = self._encode(k, v, self._ring_stats.index_select(3, rows), positions, scale)
+        self._codes_k[:, :, start : start + n] = codes_k
+        self._codes_v[:, :, start : start + n] = codes_v
+        chosen, index = self._choose_anchors(score, k, v)
+        self._anchor_slot[:, :, start : start + n] = torch.where(chosen, index, -1).to(torch.int32)
+        self._finalized += n
+        self._exact_start.fill_(self._finalized)
+        return n
+
+    def _finalize_on_device(self, slot: torch.Tensor, scale: float) -> None:
+        """`_finalize` of the one token at `slot` ((1,) int64 on the device; below 0 before the window fills),
+        with fixed shapes and no host sync; nothing changes where it is finalized already (the prompt's)."""
+        fresh = slot >= self._exact_start                                           # (1,) bool
+        at = slot.clamp_min(0)
+        rows = at % self._ring_k.shape[2]
+        k, v = self._ring_k.index_select(2, rows), self._ring_v.index_select(2, rows)
+        positions = None if self._rotation is None else self._rotation.positions_of(at)
+        codes_k, codes_v, score = self._encode(k, v, self._ring_stats.index_select(3, rows), positions, scale)
+        chosen, index = self._choose_anchors(score.masked_fill(~fresh, float("-inf")), k, v)
+        entry = torch.where(chosen, index, -1).to(torch.int32)
+        for held, new in ((self._codes_k, codes_k), (self._codes_v, codes_v), (self._anchor_slot, entry)):
+            held.index_copy_(2, at, torch.where(fresh.view(-1, *[1] * (new.dim() - 1)), new, held.index_select(2, at)))
+        self._exact_start.copy_(torch.where(fresh, slot + 1, self._exact_start))
+
+    def _encode(self, k, v, stats, positions, scale: float):
+        """Codes of n window tokens k (B, H, n, D), v (B, H, n, Dv), with their statistics stats (4, B, H, n)
+        and, for pre-RoPE codebooks, positions (B, n): (codes_k, codes_v, Anchor Score (B, H, n))."""
+        if positions is not None:
+            inv_freq, scaling = self._rotation.inv_freq, self._rotation.scaling
+            codes_k = pq.encode(rope_rotate(k, positions, inv_freq, scaling, inverse=True), self._book_k,
+                                self._whitening)
+            decoded_k = rope_rotate(pq.decode(codes_k, self._book_k), positions, inv_freq, scaling)
         else:
             codes_k = pq.encode(k, self._book_k, self._whitening)
             decoded_k = pq.decode(codes_k, self._book_k)
         codes_v = pq.encode(v, self._book_v)
-        self._codes_k[:, :, start : start + n] = codes_k
-        self._codes_v[:, :, start : start + n] = codes_v
         key_error = (k.float() - decoded_k.float()).norm(dim=-1)
         value_error = (v.float() - pq.decode(codes_v, self._book_v).float()).norm(dim=-1)
-        score = anchor_score(self.method, stats, key_error, value_error, scale)          # (B, H, n)
-        self._choose_anchors(score, k, v, start, n)
-        self._window_k, self._window_v = self._window_k[:, :, n:], self._window_v[:, :, n:]
-        self._stats = self._stats[:, :, :, n:]
-        self._finalized += n
-        return n
+        return codes_k, codes_v, anchor_score(self.method, stats, key_error, value_error, scale)
 
-    def _choose_anchors(self, score, k, v, start: int, n: int) -> None:
-        """Keep the highest-scoring of the n tokens exact, within each (row, head)'s budget; no host sync."""
+    def _choose_anchors(self, score, k, v):
+        """Keep the highest-scoring of n tokens (score (B, H, n)) exact, within each (row, head)'s budget; no
+        host sync. Returns (chosen (B, H, n) bool, each token's anchor row where chosen)."""
         # Padding (never seen by a query) does not count: a padded row keeps the anchors it would have alone.
         self._finalized_seen += torch.isfinite(score).sum(-1)
         budget = (torch.ceil(self.method.anchor_ratio * self._finalized_seen.double()).long()
@@ -236,6 +403,6 @@ class AnTKVStore(LayerStore):
         rows = torch.where(chosen, index, self._anchor_k.shape[2] - 1)          # the last row is the spare one
         self._anchor_k.scatter_(2, rows[..., None].expand(*rows.shape, k.shape[-1]), k)
         self._anchor_v.scatter_(2, rows[..., None].expand(*rows.shape, v.shape[-1]), v)
-        self._anchor_slot[:, :, start : start + n] = torch.where(chosen, index, -1).to(torch.int32)
         self._anchor_count += chosen.sum(-1)
         self._weakest = torch.minimum(self._weakest, torch.where(chosen, score, float("inf")).amin(-1))
+        return chosen, index

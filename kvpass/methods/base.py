@@ -114,6 +114,10 @@ class LayerStore:
         """Per-layer counters for kvpass.report (empty for methods without any)."""
         return {}
 
+    def settle(self) -> None:
+        """Host: put tokens stored without attention (a benchmark's random fill) in the form a decode step expects
+        (e.g. compressed); called between the chunks of a bulk load. Nothing to do for most methods."""
+
     def reset(self) -> bool:
         """Empty the store for a new sequence, keeping its buffers (their addresses are what a recorded decode
         graph reads). Returns False if this store is not reusable: the runtime then drops it."""
