@@ -145,13 +145,16 @@ def test_wave_engine_decode_equals_its_uncaptured_steps_across_index_runs(tmp_pa
     assert engine["eager_steps"] == 31, engine
 
 
-@pytest.mark.parametrize("keys", ["pre-rope", "post-rope"])
-def test_antkv_engine_decode_equals_its_uncaptured_steps(tmp_path, monkeypatch, keys):
+@pytest.mark.parametrize("keys,ffn", [("pre-rope", None), ("post-rope", None),
+                                      ("pre-rope", kvpass.Chess(sparsity=0.5, selective=True))],
+                         ids=["pre-rope", "post-rope", "with-chess"])
+def test_antkv_engine_decode_equals_its_uncaptured_steps(tmp_path, monkeypatch, keys, ffn):
     """AnTKV meets the contract: the engine's steps (the new token into the window ring at the device slot, the
     token `window` slots back finalized there: encoded, or kept as an anchor by its score; then attention over
     codes + anchors merged with the ring's) give the tokens and logits of the same store's uncaptured steps
     (append, attend) for a left-padded batch whose prompt is shorter than the window (so decode steps finalize
-    every token and choose every anchor); the stores end with the same codes, anchors and scores."""
+    every token and choose every anchor); the stores end with the same codes, anchors and scores. With CHESS+ in the
+    same compile (sparse FFNs and projections around the captured attention) too."""
     monkeypatch.setenv("KVPASS_CACHE", str(tmp_path))   # the codebooks calibrate once, into a private cache
     from kvpass.methods.antkv import AnTKVStore
 
@@ -162,7 +165,8 @@ def test_antkv_engine_decode_equals_its_uncaptured_steps(tmp_path, monkeypatch, 
         with monkeypatch.context() as patch:
             if not captured:   # the store as the uncaptured op drives it (no decode engine is installed)
                 patch.setattr(AnTKVStore, "supports_captured_decode", classmethod(lambda cls, method: False))
-            models[captured] = kvpass.compile(model, kvpass.Config(attention=method), inner=INNER, strict=True)
+            models[captured] = kvpass.compile(model, kvpass.Config(attention=method, ffn=ffn), inner=INNER,
+                                              strict=True)
     ids, mask = _padded(batch=3, length=5)
     with torch.no_grad():
         runs = {captured: model.generate(ids, attention_mask=mask, max_new_tokens=28, do_sample=False,
@@ -175,6 +179,8 @@ def test_antkv_engine_decode_equals_its_uncaptured_steps(tmp_path, monkeypatch, 
     assert report["decode_engine"]["eager_steps"] == 27
     assert report["attention_calls"]["decode-engine/decode"] == 27 * report["layers"]
     assert kvpass.report(models[False])["decode_engine"]["captured"] is False
+    if ffn is not None:
+        assert report["chess"]["sparse_ffn_sites"] > 0 and report["chess"]["sparse_projections"] > 0
     stores = {captured: backend_of(model).runtime._stores for captured, model in models.items()}
     for layer, store in stores[True].items():
         other = stores[False][layer]
