@@ -7,16 +7,19 @@ batch = each row alone, are tests/test_cuda.py.)
   random-filled cache; B1 at 4K, 32K, 128K and B8 at 32K (sequential where both caches do not fit together).
   `--chess S [--selective]`: kvpass runs CHESS at sparsity S on its FFNs (thresholds calibrated by kvpass.compile
   on random token ids) beside dense attention; `--wave`: the wave index as its attention (the random fill is
-  clustered after the first step, which then records anew); the peer stays the dense fp16 step over the same
-  weights.
+  clustered after the first step, which then records anew); `--antkv BITS`: AnTKV at BITS (codebooks calibrated
+  by kvpass.compile on random token ids; the random fill is encoded as it is loaded); the peer stays the dense fp16
+  step over the same weights.
   Beside tok/s: the GPU time of one replayed step (the recorded graph replayed back to back) over the wall time of
   a step (GPU-busy fraction), peak GiB, the runtime's KV bytes by part, recordings and compiles.
 --part e2e: what a user runs: a real prefill of a random prompt and HF `generate` through kvpass.compile, against
-  HF's own SDPA prefill of the same prompt; prefill time, decode tok/s, peak GiB, KV bytes by part.
+  HF's own SDPA prefill of the same prompt; prefill time, decode tok/s, peak GiB, KV bytes by part (the method
+  flags above choose kvpass's configuration here too).
 --part compile: the seconds of the kvpass pass against Inductor's over the graphs one generate compiles.
 
     python benchmarks/decode_engine.py --part speed --out benchmarks/results
     python benchmarks/decode_engine.py --part speed --chess 0.5 --points 1x4096,1x32768 --out benchmarks/results
+    python benchmarks/decode_engine.py --part speed --antkv 1 --points 1x32768,1x131072 --out benchmarks/results
     python benchmarks/decode_engine.py --part e2e --out benchmarks/results
     python benchmarks/decode_engine.py --part compile --out benchmarks/results [--model M --device cpu]
 """
@@ -120,9 +123,9 @@ def _speed_point(model, backend, bandwidth, batch: int, context: int, steps: int
     return row
 
 
-def e2e(contexts, new_tokens: int) -> list[dict]:
+def e2e(contexts, new_tokens: int, config: kvpass.Config = DENSE) -> list[dict]:
     model = load_model("random:llama:8b", dtype=torch.bfloat16, device="cuda")[0]
-    kvpass.compile(model, DENSE)
+    kvpass.compile(model, config)
     rows = []
     for context in contexts:
         row = bench.generate_against_sdpa(model, context=context, new_tokens=new_tokens)
@@ -176,15 +179,21 @@ def main(argv=None):
     parser.add_argument("--selective", action="store_true", help="with --chess: CHESS+ (selective projections)")
     parser.add_argument("--wave", action="store_true", help="--part speed: the wave index (device mode, its defaults) "
                         "as kvpass's attention; the filled context is indexed after the first step")
+    parser.add_argument("--antkv", type=float, default=None, metavar="BITS",
+                        help="AnTKV at BITS as kvpass's attention (codebooks calibrated on random token ids)")
     args = parser.parse_args(argv)
-    config = kvpass.Config(attention=kvpass.WaveIndex() if args.wave else kvpass.Dense(),
+    if args.wave and args.antkv is not None:
+        parser.error("--wave and --antkv each choose kvpass's attention: give one")
+    attention = (kvpass.WaveIndex() if args.wave else kvpass.AnTKV(bits=args.antkv) if args.antkv is not None
+                 else kvpass.Dense())
+    config = kvpass.Config(attention=attention,
                            ffn=None if args.chess is None else kvpass.Chess(sparsity=args.chess,
                                                                             selective=args.selective))
     if args.part == "speed":
         points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
         result = speed(points, args.steps, args.warmup, config)
     elif args.part == "e2e":
-        result = e2e([int(c) for c in args.contexts.split(",")], args.new_tokens)
+        result = e2e([int(c) for c in args.contexts.split(",")], args.new_tokens, config)
     else:
         result = compile_overhead(args.model, args.device, prompt=128, new_tokens=8)
     if args.out:
