@@ -226,6 +226,9 @@ CASES = {
                                           rope_scaling=1.2, dtype=BF16),
     "rope-d96-sub2-long": Case(25, D=96, sub=2, centroids=256, Lq=1, length=1000, exact=32, Hkv=1, group=8,
                                rope=96, pads=(7,)),
+    # rotation pairs 20 apart, sub-vectors of 16: the element-wise centroid gather (whole_sub_vectors is False)
+    "rope-d64-partial40-sub16-elementwise": Case(26, D=64, sub=16, Lq=3, length=90, exact=9, group=2, rope=40,
+                                                 dtype=F16),
 }
 
 
@@ -324,6 +327,13 @@ def test_a_query_slot_held_on_the_device_gives_the_host_slots_result(num_splits)
         want, want_lse = fn(q, kv, valid, q_start, **kw, **extra, return_lse=True)
         got, got_lse = fn(q, kv, valid, on_device, **kw, **extra, return_lse=True)
         assert rel_err(got, want) <= 1e-6 and (got_lse - want_lse).abs().max().item() <= 1e-5
+
+
+def test_centroids_are_read_a_sub_vector_at_a_time_where_rope_pairs_allow():
+    from kvpass.kernels.coded_attention.kernel import whole_sub_vectors
+
+    assert whole_sub_vectors(8, 0) and whole_sub_vectors(16, 64) and whole_sub_vectors(16, 16)
+    assert not whole_sub_vectors(16, 20) and not whole_sub_vectors(8, 20) and whole_sub_vectors(4, 20)
 
 
 def test_all_exact_store_matches_dense_kernel():

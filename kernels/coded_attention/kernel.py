@@ -14,24 +14,33 @@ It never materializes the dequantized store: per key tile of ``BLOCK_N`` slots i
 * loads ``anchor_slot`` of the tile once and classifies each slot as *coded*, *anchored* (an exact
   anchor row) or *exact* (``j >= exact_start``, the exact tail); slots that must not be read
   (invalid, past the key range) get no class;
-* builds the (BLOCK_N, BLOCK_D) K tile (then the V tile) element-wise: element ``d`` of a coded
-  slot loads the code of sub-vector ``d // SUB`` (each uint8 code is read SUB times, from cache),
-  then the centroid element ``CB[h, d // SUB, code, d % SUB]``; anchored / exact slots load their
+* builds the (BLOCK_N, BLOCK_D) K tile (then the V tile) a sub-vector at a time: a coded slot loads
+  the code of each sub-space once, then the centroid ``CB[h, m, code, :]`` as SUB contiguous
+  elements (a (BLOCK_N, BLOCK_D // SUB, SUB) load, reshaped); anchored / exact slots load their
   rows; all three are masked loads with ``other=0`` and merged with ``tl.where``, so codes of
   anchor or exact slots (maybe out of the codebook), unused anchor rows and NaN in invalid slots
   are never read (a code is only loaded, and used as an index, for a coded slot);
 * with a :class:`KeyRotation` (pre-RoPE key codes), rotates the coded part of the K tile: each
-  rotated element also gathers its RoPE partner (``d +- R/2``) and computes cos / sin of
-  ``position * inv_freq`` in fp32, the rotation the reference applies with ``rope_rotate``.
+  rotated element also needs its RoPE partner (``d +- R/2``), the same element of the sub-space
+  ``R / 2 / SUB`` away (a second sub-vector load), and cos / sin of ``position * inv_freq`` in
+  fp32, the rotation the reference applies with ``rope_rotate``. Where the pairs do not fall on
+  sub-vector boundaries (``R / 2`` not a multiple of SUB: :func:`whole_sub_vectors`), the tile is
+  gathered element by element instead (the code and the centroid element per element).
+
+A lookup table of query . centroid products (PQ search's trick) cannot replace the key gathers
+here: with pre-RoPE codes (the default) a key's score is the query rotated back by that key's
+position against its centroids, a different table per position.
 
 Precision: 16-bit ``tl.dot`` operands when q and every codebook / anchor / exact tensor share one
 16-bit dtype, fp32 "ieee" dots otherwise (each source is then upcast to fp32 before merging, so a
 bf16 codebook is not rounded through fp16).
 
-Speed (one H100, D = 128, 8 kv heads x 4, sub-vector 8, 256 centroids, fp16): the per-element
-centroid gathers bound it, not the bytes read: decode over 32K keys took ~0.24 ms against
-~0.07 ms for the dense kernel over the dequantized fp16 store (which reads ~14x more bytes), a
-512-query prefill over 4K keys ~0.85 ms against ~0.18 ms. Launch parameters: :func:`_launch_config`.
+Speed (one H100, D = 128, 8 kv heads x 4, sub-vector 8, 256 centroids, fp16), measured with the
+element-wise gather before the sub-vector loads: the per-element centroid gathers bound it, not the
+bytes read: decode over 32K keys took ~0.24 ms against ~0.07 ms for the dense kernel over the
+dequantized fp16 store (which reads ~14x more bytes), a 512-query prefill over 4K keys ~0.85 ms
+against ~0.18 ms. The sub-vector loads are not measured on a GPU yet
+(``python benchmarks/antkv_kernels.py``). Launch parameters: :func:`_launch_config`.
 """
 from __future__ import annotations
 
@@ -84,6 +93,20 @@ def _centroid_elements(code_row, CB, hkv, offs_t, dims, sel, scs, scm, sbh, sbm,
 
 
 @triton.jit
+def _centroid_vectors(code_row, CB, hkv, offs_t, sub_spaces, sel, scs, scm, sbh, sbm, sbc, sbd,
+                      SUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_N, BLOCK_D): each slot's centroids of the sub-spaces sub_spaces (BLOCK_D // SUB,) side by side, 0
+    where sel (BLOCK_N, BLOCK_D // SUB) is False. One code load per sub-vector, and each centroid read as SUB
+    contiguous elements (a vector load), where the element-wise gather reads the code and the centroid per
+    element."""
+    code = tl.load(code_row + (offs_t[:, None] * scs + sub_spaces[None, :] * scm), mask=sel, other=0).to(tl.int32)
+    offs_s = tl.arange(0, SUB)
+    offs = (sub_spaces * sbm)[None, :, None] + code[:, :, None] * sbc + (offs_s * sbd)[None, None, :]
+    x = tl.load(CB + hkv * sbh + offs, mask=sel[:, :, None], other=0.0)       # (BLOCK_N, BLOCK_D // SUB, SUB)
+    return tl.reshape(x, (BLOCK_N, BLOCK_D))
+
+
+@triton.jit
 def _coded_tile(CODES, CB, ANCHORS, EXACT, b, hkv, start, exact_start,
                 anchor_row, coded, anchored, exact,
                 scb, sch, scs, scm,     # codes (B, Hkv, S, M)
@@ -92,14 +115,16 @@ def _coded_tile(CODES, CB, ANCHORS, EXACT, b, hkv, start, exact_start,
                 seb, seh, ses, sed,     # exact tokens (B, Hkv, P, d)
                 d, INV_FREQ, rot_half, rope_scaling, position_offset,
                 SUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_FP32: tl.constexpr, ROPE: tl.constexpr, INTERPRETED: tl.constexpr):
+                DOT_FP32: tl.constexpr, ROPE: tl.constexpr, INTERPRETED: tl.constexpr, VECTOR: tl.constexpr):
     """(BLOCK_N, BLOCK_D) keys (or values) of slots [start, start + BLOCK_N) of (b, hkv): the
     centroids of coded slots, the rows of anchored / exact ones, 0 elsewhere and past d.
 
     anchor_row, coded, anchored, exact: (BLOCK_N,) as returned by :func:`_slot_sources`.
     With ROPE, coded slots hold pre-RoPE keys: their centroids are rotated at position
     slot - position_offset (the layout's KeyRotation; rot_half = len(INV_FREQ)); each rotated
-    element also gathers its partner element d +- rot_half.
+    element also gathers its partner element d +- rot_half. VECTOR: centroids are read a sub-vector at a
+    time (:func:`_centroid_vectors`; the host checks that rotation pairs fall in sub-spaces rot_half // SUB
+    apart), else element by element (:func:`_centroid_elements`).
     Slot offsets are an int64 scalar (start) plus int32 offsets within the tile, as in dense.py.
     """
     offs_t = tl.arange(0, BLOCK_N)
@@ -108,13 +133,26 @@ def _coded_tile(CODES, CB, ANCHORS, EXACT, b, hkv, start, exact_start,
     start64 = tl.cast(start, tl.int64)     # not start.to(): a python int under the interpreter
     coded2 = coded[:, None] & d_ok
     code_row = CODES + b * scb + hkv * sch + start64 * scs
-    x = _centroid_elements(code_row, CB, hkv, offs_t, offs_d, coded2, scs, scm, sbh, sbm, sbc, sbd, SUB)
+    if VECTOR:
+        spaces = tl.arange(0, BLOCK_D // SUB)
+        coded_spaces = coded[:, None] & (spaces < d // SUB)[None, :]
+        x = _centroid_vectors(code_row, CB, hkv, offs_t, spaces, coded_spaces, scs, scm, sbh, sbm, sbc, sbd,
+                              SUB, BLOCK_N, BLOCK_D)
+    else:
+        x = _centroid_elements(code_row, CB, hkv, offs_t, offs_d, coded2, scs, scm, sbh, sbm, sbc, sbd, SUB)
     if ROPE:
         low = offs_d < rot_half
         rotated = offs_d < 2 * rot_half
-        partner = tl.where(low, offs_d + rot_half, offs_d - rot_half)
-        xp = _centroid_elements(code_row, CB, hkv, offs_t, partner, coded2 & rotated[None, :],
-                                scs, scm, sbh, sbm, sbc, sbd, SUB)
+        if VECTOR:   # element d's partner d +- rot_half is the same element of the sub-space rot_half // SUB away
+            rotated_spaces = 2 * rot_half // SUB
+            partner_spaces = tl.where(spaces < rotated_spaces, (spaces + rot_half // SUB) % rotated_spaces, spaces)
+            xp = _centroid_vectors(code_row, CB, hkv, offs_t, partner_spaces,
+                                   coded_spaces & (spaces < rotated_spaces)[None, :],
+                                   scs, scm, sbh, sbm, sbc, sbd, SUB, BLOCK_N, BLOCK_D)
+        else:
+            partner = tl.where(low, offs_d + rot_half, offs_d - rot_half)
+            xp = _centroid_elements(code_row, CB, hkv, offs_t, partner, coded2 & rotated[None, :],
+                                    scs, scm, sbh, sbm, sbc, sbd, SUB)
         freq = tl.load(INV_FREQ + tl.where(low, offs_d, offs_d - rot_half), mask=rotated, other=0.0)
         angle = (start64 + offs_t - position_offset).to(tl.float32)[:, None] * freq[None, :]
         sign = tl.where(low, -1.0, 1.0)[None, :]
@@ -156,13 +194,14 @@ def _coded_fwd_kernel(
     UPCAST_DOT: tl.constexpr, Q_START_ON_DEVICE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SUB_K: tl.constexpr, SUB_V: tl.constexpr, ROPE: tl.constexpr, INTERPRETED: tl.constexpr,
+    VECTOR_K: tl.constexpr, VECTOR_V: tl.constexpr,
 ):
     """One program of attention over a coded store; grid, common parameters and outputs as
     ``_attn_fwd_kernel`` in dense.py. The store: ANCHOR_SLOT (B, Hkv, S) int32 and exact_start,
     then for keys (K) and values (V) the codes, codebook, anchors and exact tokens of
     :class:`CodedKV` with their strides; SUB_K = D // Mk, SUB_V = Dv // Mv; with ROPE, the
     KeyRotation's inv_freq (rot_half,) fp32, position_offset (B,) int32 and scaling; INTERPRETED:
-    running under Triton's CPU interpreter.
+    running under Triton's CPU interpreter; VECTOR_K / VECTOR_V: centroids read a sub-vector at a time.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -189,7 +228,7 @@ def _coded_fwd_kernel(
                         anchor_row, coded, anchored, exact,
                         sckb, sckh, scks, sckm, sbkh, sbkm, sbkc, sbkd, sakb, sakh, saks, sakd,
                         sekb, sekh, seks, sekd, D, INV_FREQ, rot_half, rope_scaling, position_offset,
-                        SUB_K, BLOCK_N, BLOCK_D, DOT_FP32, ROPE, INTERPRETED)
+                        SUB_K, BLOCK_N, BLOCK_D, DOT_FP32, ROPE, INTERPRETED, VECTOR_K)
         s = scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP, UPCAST_DOT)
         vis = visible(MASK, mask_rows, smj, row_ok, key_ok, offs_n, q_pos, window,
                       CAUSAL, HAS_WINDOW, HAS_MASK)
@@ -197,12 +236,19 @@ def _coded_fwd_kernel(
                         anchor_row, coded, anchored, exact,
                         scvb, scvh, scvs, scvm, sbvh, sbvm, sbvc, sbvd, savb, savh, savs, savd,
                         sevb, sevh, sevs, sevd, DV, INV_FREQ, rot_half, rope_scaling, position_offset,
-                        SUB_V, BLOCK_N, BLOCK_DV, DOT_FP32, False, INTERPRETED)
+                        SUB_V, BLOCK_N, BLOCK_DV, DOT_FP32, False, INTERPRETED, VECTOR_V)
         m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, vis, v, DOT_FP32, UPCAST_DOT)
 
     finish_rows(OUT, M_PART, L_PART, LSE, acc, m_i, l_i, pid_bh, pid_s, num_splits,
                 b, head, qi, rows, row_ok, R, DV, sob, soh, sol, sod, slb, slh, sll,
                 HAS_LSE, IS_SPLIT, BLOCK_DV)
+
+
+def whole_sub_vectors(sub: int, rot_half: int) -> bool:
+    """Whether the kernel may read centroids a sub-vector at a time: the sub-vector length is a power of two (so it
+    divides the tile's power-of-two width) and RoPE's pairs (d, d + rot_half) are the same element of sub-spaces
+    rot_half // sub apart (rot_half = 0: no rotation)."""
+    return sub & (sub - 1) == 0 and rot_half % sub == 0
 
 
 def _launch_config(rows: int, block_d: int, fp32_dots: bool):
@@ -260,8 +306,10 @@ def attention_over_codes(q, kv: CodedKV, valid=None, q_start=None, *, scale, cau
         store_args += (None, None, 0, 1.0)
     else:
         store_args += (rotation.inv_freq, rotation.position_offset, rotation.inv_freq.numel(), rotation.scaling)
-    meta = {"SUB_K": kv.codebook_k.shape[3], "SUB_V": kv.codebook_v.shape[3], "ROPE": rotation is not None,
-            "INTERPRETED": not q.is_cuda}
+    sub_k, sub_v = kv.codebook_k.shape[3], kv.codebook_v.shape[3]
+    rot_half = 0 if rotation is None else rotation.inv_freq.numel()
+    meta = {"SUB_K": sub_k, "SUB_V": sub_v, "ROPE": rotation is not None, "INTERPRETED": not q.is_cuda,
+            "VECTOR_K": whole_sub_vectors(sub_k, rot_half), "VECTOR_V": whole_sub_vectors(sub_v, 0)}
     return launch_attention(
         _coded_fwd_kernel, store_args, meta, kv.tensors(), q, valid, mask, dims,
         scale=scale, causal=causal, window=window, softcap=softcap, num_splits=num_splits,
