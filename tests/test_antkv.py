@@ -100,7 +100,7 @@ def test_query_metric_key_codebooks_cut_the_score_error_they_are_learned_for(lla
         with torch.no_grad():
             model.generate(torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0)),
                            max_new_tokens=4, do_sample=False)
-        assert backend_of(model).runtime.store(0)._whitening is not None
+        assert backend_of(model).runtime.store(0)._books[2] is not None   # (key book, value book, whitening)
     finally:
         kvpass.detach(model)
 
@@ -235,6 +235,32 @@ def test_a_bulk_load_is_encoded_chunk_by_chunk_and_its_decode_steps_equal_the_ho
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert (captured.length, captured._finalized) == (host.length, host._finalized) == (t + 1, t + 1 - 4)
     assert torch.equal(captured._anchor_slot, host._anchor_slot) and (host._anchor_count > 0).all()
+
+
+def test_the_decode_steps_pure_parts_trace_as_whole_graphs(llama):
+    """What a CUDA decode step compiles with Inductor (kvpass.methods.antkv_step.fused): finalizing the leaving
+    token and attending the ring trace without a graph break (fullgraph) and give the plain functions' results."""
+    from kvpass.methods import antkv_step
+
+    _, cal = llama
+    q, k, v = _kv(B=2, L=40, seed=6)
+    store = _store(cal, ratio=0.1, window=4)
+    store.append(k, v)
+    store.attend(q, None, True, AttentionSpec(scale=0.25))
+    calls = []
+    for slot in (store._exact_start.clone(), store._exact_start - 1):   # a token leaving, and one finalized already
+        at = slot % store._ring_k.shape[2]
+        calls.append((antkv_step.finalize_tokens, (
+            store._ring_k.index_select(2, at), store._ring_v.index_select(2, at), store._ring_stats.index_select(3, at),
+            store._rotation.positions_of(slot), store._books, store._rope_args(), store.method, 0.25,
+            store._counters(), slot >= store._exact_start)))
+    seen = torch.ones(2, store._ring_k.shape[2], dtype=torch.bool)
+    calls.append((antkv_step.ring_attention, (q[:, :, -1:], store._ring_k, store._ring_v, seen,
+                                              torch.zeros(2, 4, 1, 16), torch.zeros(2, 4, 1), 0.25, 0.0, True)))
+    for fn, inputs in calls:
+        traced = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+        torch.testing.assert_close(traced(*inputs), fn(*inputs), rtol=0, atol=0)
+    assert calls[0][1][-1].item() and not calls[1][1][-1].item()
 
 
 def test_anchor_ratio_zero_and_full_window(llama):

@@ -29,8 +29,7 @@ import torch
 
 from .. import kernels_dispatch
 from ..config import AnTKV
-from ..kernels.coded_attention import rope_rotate
-from . import pq
+from .antkv_step import finalize_tokens, fused_finalize_tokens, fused_ring_attention
 from .base import AttentionSpec, LayerStore
 
 _MIN_CAPACITY = 256
@@ -42,21 +41,6 @@ def section_name(method: AnTKV) -> str:
     return (f"antkv-{method.bits:g}bit" + ("" if method.value_bits is None else f"-values-{method.value_bits:g}bit")
             + ("" if method.keys == "pre-rope" else f"-{method.keys}-keys")
             + ("" if method.key_metric == "euclidean" else f"-{method.key_metric}-metric"))
-
-
-def anchor_score(method: AnTKV, stats: torch.Tensor, key_error: torch.Tensor, value_error: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    """Per-token Anchor Score (B, H, n) from the accumulated statistics (4, B, H, n) and the token's own
-    quantization errors |k - k^|, |v - v^| (B, H, n). Means over the (query, head) pairs that saw the token;
-    tokens nobody saw (padding) get -inf. docs/antkv.md derives the candidates and compares them."""
-    seen = stats[3]
-    if method.score == "attention":
-        total = stats[0]
-    elif method.score == "attention_variance":
-        total = stats[1]
-    else:  # "bound": first-order output error from this token's key and value errors
-        total = scale * stats[2] * key_error + stats[0] * value_error
-    return torch.where(seen > 0, total / seen.clamp_min(1), float("-inf"))
 
 
 class AnTKVStore(LayerStore):
@@ -100,8 +84,9 @@ class AnTKVStore(LayerStore):
             if book.shape[0] != H or book.shape[1] * book.shape[3] != x.shape[-1]:
                 raise ValueError(f"layer {self.layer}: the calibration's {name} codebook {tuple(book.shape)} does not "
                                  f"fit {name} of shape {tuple(x.shape)} (kv heads, head dim); recalibrate this model")
+        whitening = None if self._whitening_cpu is None else self._whitening_cpu.to(k.device, torch.float32)
+        self._books = (*books, whitening)      # what encode_tokens takes
         self._book_k, self._book_v = books
-        self._whitening = None if self._whitening_cpu is None else self._whitening_cpu.to(k.device, torch.float32)
         # Zeros, not garbage: a decode step multiplies every ring row's value by its (maybe zero) probability.
         size = max(L, self.method.window + 1)
         self._ring_k = k.new_zeros(B, H, size, D)
@@ -289,7 +274,6 @@ class AnTKVStore(LayerStore):
         (the coded kernel, its slots below the device-held finalized count) and over the ring (every row whose
         slot is exact and valid), merged by log-sum-exp; the ring's statistics take the query's column
         statistics."""
-        from ..kernels.anchor_scores.reference import attention_scores, column_statistics
         from ..kernels.coded_attention import CodedKV
 
         ring = self._ring_k.shape[2]
@@ -315,16 +299,9 @@ class AnTKVStore(LayerStore):
         seen = (held >= self._exact_start) & valid.index_select(1, held.clamp_min(0))    # (B, R)
         if spec.window:
             seen &= held > slot - spec.window
-        scores = attention_scores(q, self._ring_k, scale=spec.scale, softcap=spec.softcap)   # (B, Hq, 1, R)
-        visible = seen[:, None, None, :].expand_as(scores)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        lse = torch.logaddexp(lse_coded, torch.logsumexp(scores, dim=-1))     # the token itself is always seen
-        probs = torch.exp(scores - lse[..., None])                             # (B, Hq, 1, R), 0 where hidden
-        group = q.shape[1] // self._ring_v.shape[1]
-        out = (out_coded.float() * torch.exp(lse_coded - lse)[..., None]
-               + probs @ self._ring_v.float().repeat_interleave(group, dim=1)).to(q.dtype)
-        o = out if self.method.score == "bound" else None
-        self._ring_stats += column_statistics(probs, visible, q, self._ring_v, o, self._ring_v.shape[1])
+        out, stats = fused_ring_attention(q, self._ring_k, self._ring_v, seen, out_coded, lse_coded, spec.scale,
+                                          spec.softcap, self.method.score == "bound")
+        self._ring_stats += stats
         return out
 
     def advance(self, count: int) -> None:
@@ -348,11 +325,12 @@ class AnTKVStore(LayerStore):
         rows = self._ring_rows(start, start + n)
         k, v = self._ring_k.index_select(2, rows), self._ring_v.index_select(2, rows)
         positions = None if self._rotation is None else self._rotation.positions(start, start + n)
-        codes_k, codes_v, score = self._encode(k, v, self._ring_stats.index_select(3, rows), positions, scale)
+        codes_k, codes_v, chosen, index, counters = finalize_tokens(
+            k, v, self._ring_stats.index_select(3, rows), positions, self._books, self._rope_args(), self.method,
+            scale, self._counters())
         self._codes_k[:, :, start : start + n] = codes_k
         self._codes_v[:, :, start : start + n] = codes_v
-        chosen, index = self._choose_anchors(score, k, v)
-        self._anchor_slot[:, :, start : start + n] = torch.where(chosen, index, -1).to(torch.int32)
+        self._anchor_slot[:, :, start : start + n] = self._keep_anchors(chosen, index, k, v, counters)
         self._finalized += n
         self._exact_start.fill_(self._finalized)
         return n
@@ -365,44 +343,29 @@ class AnTKVStore(LayerStore):
         rows = at % self._ring_k.shape[2]
         k, v = self._ring_k.index_select(2, rows), self._ring_v.index_select(2, rows)
         positions = None if self._rotation is None else self._rotation.positions_of(at)
-        codes_k, codes_v, score = self._encode(k, v, self._ring_stats.index_select(3, rows), positions, scale)
-        chosen, index = self._choose_anchors(score.masked_fill(~fresh, float("-inf")), k, v)
-        entry = torch.where(chosen, index, -1).to(torch.int32)
+        codes_k, codes_v, chosen, index, counters = fused_finalize_tokens(
+            k, v, self._ring_stats.index_select(3, rows), positions, self._books, self._rope_args(), self.method,
+            scale, self._counters(), fresh)
+        entry = self._keep_anchors(chosen, index, k, v, counters)
         for held, new in ((self._codes_k, codes_k), (self._codes_v, codes_v), (self._anchor_slot, entry)):
             held.index_copy_(2, at, torch.where(fresh.view(-1, *[1] * (new.dim() - 1)), new, held.index_select(2, at)))
         self._exact_start.copy_(torch.where(fresh, slot + 1, self._exact_start))
 
-    def _encode(self, k, v, stats, positions, scale: float):
-        """Codes of n window tokens k (B, H, n, D), v (B, H, n, Dv), with their statistics stats (4, B, H, n)
-        and, for pre-RoPE codebooks, positions (B, n): (codes_k, codes_v, Anchor Score (B, H, n))."""
-        if positions is not None:
-            inv_freq, scaling = self._rotation.inv_freq, self._rotation.scaling
-            codes_k = pq.encode(rope_rotate(k, positions, inv_freq, scaling, inverse=True), self._book_k,
-                                self._whitening)
-            decoded_k = rope_rotate(pq.decode(codes_k, self._book_k), positions, inv_freq, scaling)
-        else:
-            codes_k = pq.encode(k, self._book_k, self._whitening)
-            decoded_k = pq.decode(codes_k, self._book_k)
-        codes_v = pq.encode(v, self._book_v)
-        key_error = (k.float() - decoded_k.float()).norm(dim=-1)
-        value_error = (v.float() - pq.decode(codes_v, self._book_v).float()).norm(dim=-1)
-        return codes_k, codes_v, anchor_score(self.method, stats, key_error, value_error, scale)
+    def _rope_args(self):
+        """(inv_freq, scaling) of the sequence's KeyRotation, or None (keys are encoded as attention sees them)."""
+        return None if self._rotation is None else (self._rotation.inv_freq, self._rotation.scaling)
 
-    def _choose_anchors(self, score, k, v):
-        """Keep the highest-scoring of n tokens (score (B, H, n)) exact, within each (row, head)'s budget; no
-        host sync. Returns (chosen (B, H, n) bool, each token's anchor row where chosen)."""
-        # Padding (never seen by a query) does not count: a padded row keeps the anchors it would have alone.
-        self._finalized_seen += torch.isfinite(score).sum(-1)
-        budget = (torch.ceil(self.method.anchor_ratio * self._finalized_seen.double()).long()
-                  - self._anchor_count).clamp_min(0)                                                    # (B, H)
-        rank = score.argsort(dim=-1, descending=True).argsort(dim=-1)                               # 0 = best
-        # Before any anchor exists, any finite score qualifies; afterwards it must reach the weakest anchor.
-        floor = torch.where(self._anchor_count > 0, self._weakest, float("-inf"))
-        chosen = (rank < budget[..., None]) & (score >= floor[..., None]) & torch.isfinite(score)
-        index = self._anchor_count[..., None] + chosen.long().cumsum(-1) - 1                          # (B, H, n)
-        rows = torch.where(chosen, index, self._anchor_k.shape[2] - 1)          # the last row is the spare one
+    def _counters(self):
+        """(finalized candidates, anchors, weakest anchor score) per (row, head): what choose_anchors takes."""
+        return self._finalized_seen, self._anchor_count, self._weakest
+
+    def _keep_anchors(self, chosen, index, k, v, counters) -> torch.Tensor:
+        """Write the chosen tokens (chosen (B, H, n)) of k, v into their anchor rows (the others into the spare last
+        row: no data-dependent indexing, no host sync) and the counters after the choice, in place (a recorded step
+        reads these tensors). Returns the tokens' anchor_slot entries (B, H, n) int32 (-1: coded)."""
+        rows = torch.where(chosen, index, self._anchor_k.shape[2] - 1)
         self._anchor_k.scatter_(2, rows[..., None].expand(*rows.shape, k.shape[-1]), k)
         self._anchor_v.scatter_(2, rows[..., None].expand(*rows.shape, v.shape[-1]), v)
-        self._anchor_count += chosen.sum(-1)
-        self._weakest = torch.minimum(self._weakest, torch.where(chosen, score, float("inf")).amin(-1))
-        return chosen, index
+        for held, new in zip(self._counters(), counters):
+            held.copy_(new)
+        return torch.where(chosen, index, -1).to(torch.int32)
