@@ -7,7 +7,7 @@ weighted k-means, anchors excluded), once on the values as they are, once on R v
 orthogonal R (Haar, seed 0) and once for a randomized Hadamard (Sylvester Hadamard / sqrt(D) times random signs;
 D is a power of two). Held-out: the first 4 enwiki windows of 1024 tokens, as in antkv_error_split.py:
 value SQNR (dB) per layer, and perplexity with every token's values replaced by their reconstruction (rotated,
-encoded, decoded, rotated back) and keys exact. CPU, about 15 minutes.
+encoded, decoded, rotated back) and keys exact. CPU, about 25 minutes (2 cores).
 
     python benchmarks/probes/antkv_rotation.py
 """
