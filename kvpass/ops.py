@@ -13,7 +13,8 @@ treat them as opaque calls with known output shapes (`register_fake`).
 - `kvpass::static_attention`: attention over a KV store the caller passes and the op writes (no runtime): the
   op of an exported program (kvpass/portable.py), whose cache is the program's own buffers;
   `kvpass::static_attention_functional` returns the written stores instead (ONNX: the cache in, the cache out);
-  `kvpass::static_kivi_attention` is the same over a KIVI store (quantized parts and exact rings).
+  `kvpass::static_kivi_attention` is the same over a KIVI store (quantized parts and exact rings), and
+  `kvpass::static_antkv_attention` over an AnTKV store (codes, anchors, the window ring and the anchor counts).
 The stateless FFN ops (`kvpass::ffn`, `kvpass::sparse_linear`) are in kvpass/ffn_ops.py.
 """
 from __future__ import annotations
@@ -23,7 +24,9 @@ from torch import Tensor
 
 from . import kernels_dispatch
 from . import runtime as _runtime
-from .config import KIVI
+from .config import KIVI, AnTKV
+from .methods.antkv import STATE_NAMES as ANTKV_STATE_NAMES
+from .methods.antkv import AnTKVStore, batch_rows
 from .methods.base import AttentionSpec
 from .methods.kivi import BUFFER_NAMES as KIVI_BUFFER_NAMES
 from .methods.kivi import KIVIStore
@@ -157,6 +160,47 @@ def static_kivi_attention(q: Tensor, k: Tensor, v: Tensor, key_codes: Tensor, ke
 @static_kivi_attention.register_fake
 def _(q, k, v, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, ring_k, ring_v, valid,
       cache_position, bits, group, residual, scale, softcap, window):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("kvpass::static_antkv_attention", mutates_args=ANTKV_STATE_NAMES)
+def static_antkv_attention(q: Tensor, k: Tensor, v: Tensor, codes_k: Tensor, codes_v: Tensor, anchor_slot: Tensor,
+                           anchor_k: Tensor, anchor_v: Tensor, ring_k: Tensor, ring_v: Tensor, ring_stats: Tensor,
+                           exact_start: Tensor, finalized_seen: Tensor, anchor_count: Tensor, weakest: Tensor,
+                           position_offset: Tensor, book_k: Tensor, book_v: Tensor, whitening: Tensor | None,
+                           inv_freq: Tensor | None, rope_scaling: float, valid: Tensor, cache_position: Tensor,
+                           method: str, scale: float, softcap: float, window: int) -> Tensor:
+    """`static_attention` over an AnTKV store the caller owns (an exported program's, kvpass.portable): the state
+    buffers of `AnTKVStore.program_state` for Bmax rows (rows :B are the batch's) and its constants (codebooks, key
+    whitening, RoPE frequencies). method: the AnTKV configuration as JSON (AnTKV.to_dict()). The new tokens are
+    appended and attended as AnTKVStore.attend does (their scores choose the anchors), with the visibility of
+    `static_attention`; the store's length is cache_position[0] (read on the host: the program runs eagerly, one
+    call per prompt or token). Returns (B, Hq, L, Dv), contiguous."""
+    import json
+
+    batch, count = q.shape[0], q.shape[2]
+    buffers = (codes_k, codes_v, anchor_slot, anchor_k, anchor_v, ring_k, ring_v, ring_stats, exact_start,
+               finalized_seen, anchor_count, weakest, position_offset)
+    state = {name: batch_rows(name, buffer, batch) for name, buffer in zip(ANTKV_STATE_NAMES, buffers)}
+    settings = json.loads(method)
+    settings.pop("method", None)
+    length = int(cache_position[0])
+    store = AnTKVStore.over_buffers(AnTKV(**settings), state, (book_k, book_v, whitening, inv_freq, rope_scaling),
+                                    length)
+    store.append(k, v)
+    # HF's boolean mask for these queries (True = attend): the valid slots up to each query's own, in the window.
+    keys = torch.arange(length + count, device=q.device)
+    queries = cache_position[:, None]
+    seen = (keys <= queries) & valid[:batch, None, None, : length + count]
+    if window:
+        seen = seen & (keys > queries - window)
+    out = store.attend(q, seen, True, AttentionSpec(scale=scale, softcap=softcap, window=window))
+    store.write_back(state)
+    return out.contiguous()
+
+
+@static_antkv_attention.register_fake
+def _(q, k, v, *args):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 

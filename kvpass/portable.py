@@ -20,10 +20,12 @@ The program's one entry point serves prefill and decode (the token count is a dy
 logits (B, V). A new sequence starts at cache_position 0; attention_mask marks left padding (0) of the new tokens.
 The `.pt2` holds the weights and the zeroed cache (max_batch x max_cache_len tokens).
 
-Methods: Dense attention, and KIVI (`kvpass::static_kivi_attention`: its codes, scales and exact rings are the
-program's buffers, written as the runtime's KIVI store writes its own), each with the model's own FFN. The other
-methods keep state that a program cannot carry yet (AnTKV's online anchor choice, the wave index's clustering) or
-rewrite the FFN through the FX pass (CHESS): export refuses them with a ValueError.
+Methods: Dense attention, KIVI (`kvpass::static_kivi_attention`: its codes, scales and exact rings are the
+program's buffers, written as the runtime's KIVI store writes its own) and AnTKV (`kvpass::static_antkv_attention`:
+codes, anchors, the window ring and the anchor counts are buffers, the codebooks constants of the program, so the
+loaded program needs no calibration artefact), each with the model's own FFN. The wave index keeps state a program
+cannot carry yet (its clustering), and CHESS rewrites the FFN through the FX pass: export refuses them with a
+ValueError.
 """
 from __future__ import annotations
 
@@ -36,8 +38,10 @@ import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers kvpass::static_attention, which the traced attention calls)
-from .config import KIVI, Config, Dense, DenseFFN
+from .config import KIVI, AnTKV, Config, Dense, DenseFFN
 from .methods import kivi
+from .methods.antkv import STATE_NAMES as ANTKV_STATE_NAMES
+from .methods.antkv import AnTKVStore
 
 ATTENTION = "kvpass-static"
 __all__ = ["export", "generate", "save", "PortableDecoder"]
@@ -139,18 +143,31 @@ def store_buffers(method: Dense | KIVI, batch: int, heads: int, slots: int, key_
             for name, dim in (("keys", key_dim), ("values", value_dim))}
 
 
+_ANTKV_CONSTANTS = ("book_k", "book_v", "whitening", "inv_freq")   # AnTKV's program constants, beside its state
+
+
 class PortableDecoder(torch.nn.Module):
     """What torch.export traces: the model, and its KV cache as buffers `<part>_<layer>` (`store_buffers`: Dense
     `keys`, `values` of (max_batch, kv heads, max_cache_len, head dim) in the model's dtype; KIVI its codes,
-    scales, zeros and exact rings); `valid`: (max_batch, max_cache_len) bool."""
+    scales, zeros and exact rings; AnTKV its state (`AnTKVStore.program_state`) and codebooks); `valid`:
+    (max_batch, max_cache_len) bool. calibration: AnTKV's (the codebooks the program carries)."""
 
-    def __init__(self, model, max_batch: int, max_cache_len: int, method: Dense | KIVI | None = None):
+    def __init__(self, model, max_batch: int, max_cache_len: int, method: Dense | KIVI | AnTKV | None = None,
+                 calibration=None):
         super().__init__()
         self.model, self.method = model, method or Dense()
         device = next(model.parameters()).device
         self.parts: list[str] = []
+        self.rope_scaling = 1.0
         for layer, (heads, key_dim, value_dim, dtype) in store_shapes(model).items():
-            buffers = store_buffers(self.method, max_batch, heads, max_cache_len, key_dim, value_dim, dtype, device)
+            if isinstance(self.method, AnTKV):
+                buffers, constants = AnTKVStore.program_state(self.method, calibration, layer, max_batch,
+                                                              max_cache_len, key_dim, value_dim, heads, dtype, device)
+                *tensors, self.rope_scaling = constants
+                buffers.update((name, t) for name, t in zip(_ANTKV_CONSTANTS, tensors) if t is not None)
+            else:
+                buffers = store_buffers(self.method, max_batch, heads, max_cache_len, key_dim, value_dim, dtype,
+                                        device)
             self.parts = list(buffers)
             for part, buffer in buffers.items():
                 self.register_buffer(f"{part}_{layer}", buffer)
@@ -158,7 +175,15 @@ class PortableDecoder(torch.nn.Module):
 
     def attend(self, layer: int, query, key, value, scale: float, softcap: float, window: int) -> Tensor:
         """The layer's new tokens written into its store buffers and attended (kvpass::static_attention, or
-        kvpass::static_kivi_attention)."""
+        kvpass::static_kivi_attention, or kvpass::static_antkv_attention)."""
+        if isinstance(self.method, AnTKV):
+            import dataclasses
+
+            state = [getattr(self, f"{name}_{layer}") for name in ANTKV_STATE_NAMES]
+            constants = [getattr(self, f"{name}_{layer}", None) for name in _ANTKV_CONSTANTS]
+            return torch.ops.kvpass.static_antkv_attention(
+                query, key, value, *state, *constants, self.rope_scaling, self.valid, self.cache_position,
+                json.dumps(dataclasses.asdict(self.method)), scale, softcap, window)
         stores = [getattr(self, f"{part}_{layer}") for part in self.parts]
         if isinstance(self.method, KIVI):
             m = self.method
@@ -176,14 +201,14 @@ class PortableDecoder(torch.nn.Module):
         return out.logits[:, -1]
 
 
-def check_method(config: Config, attention: tuple[type, ...] = (Dense, KIVI), to: str = "kvpass.export") -> None:
+def check_method(config: Config, attention: tuple[type, ...] = (Dense, KIVI, AnTKV), to: str = "kvpass.export",
+                 why: str = "the wave index's clustering") -> None:
     """Refuses (ValueError) the methods an exported program cannot carry: attention other than `attention`'s
-    kinds, an FFN rewritten by the compile pass."""
+    kinds (why: what they keep that the program cannot), an FFN rewritten by the compile pass."""
     if not isinstance(config.attention, attention):
         names = " or ".join(f"{kind.__name__}()" for kind in attention)
         raise ValueError(f"{to} takes attention={names} for now, got {type(config.attention).__name__}: its store "
-                         "keeps state an exported program cannot carry yet (AnTKV's online anchor choice, the wave "
-                         "index's clustering); export with kvpass.Config()")
+                         f"keeps state an exported program cannot carry yet ({why}); export with kvpass.Config()")
     if config.ffn is not None and not isinstance(config.ffn, DenseFFN):
         raise ValueError(f"kvpass.export takes the model's own FFN (ffn=None or DenseFFN()), got "
                          f"{type(config.ffn).__name__}: it is rewritten by the torch.compile pass, which export "
@@ -200,7 +225,12 @@ def export(model, config: Config | None = None, *, max_batch: int = 1,
     for name, value, least in (("max_batch", max_batch, 1), ("max_cache_len", max_cache_len, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name}={value!r} must be an int >= {least}")
-    program = PortableDecoder(model, max_batch, max_cache_len, config.attention).eval()
+    calibration = None
+    if isinstance(config.attention, AnTKV):
+        from .calibration import resolve
+
+        calibration = resolve(model, config.attention, config.calibration)
+    program = PortableDecoder(model, max_batch, max_cache_len, config.attention, calibration).eval()
     device = program.valid.device
     # A prompt's example: transformers reads positions while tracing (packed-sequence detection), so they must
     # look like a real prompt's (all-zero positions trace a packed batch).
@@ -252,6 +282,20 @@ def _versions() -> dict:
     return found
 
 
+def _constants_digest(program: torch.export.ExportedProgram) -> str | None:
+    """sha256 of the calibrated constants a program carries (AnTKV's codebooks, whitening, RoPE frequencies), in
+    buffer order; None for a program without any (dense, KIVI)."""
+    import hashlib
+
+    digest, found = hashlib.sha256(), False
+    for name, buffer in program.named_buffers():
+        if name.rsplit("_", 1)[0] in _ANTKV_CONSTANTS:
+            digest.update(name.encode())
+            digest.update(buffer.detach().float().cpu().numpy().tobytes())
+            found = True
+    return digest.hexdigest() if found else None
+
+
 def save(program: torch.export.ExportedProgram, path, *, config: Config | None = None,
          model_name: str | None = None) -> tuple[Path, Path]:
     """Write `path` (.pt2, torch.export.save) and its metadata beside it (.json: config, model, limits, versions,
@@ -261,7 +305,7 @@ def save(program: torch.export.ExportedProgram, path, *, config: Config | None =
     max_batch, max_cache_len = _limits(program.module())
     meta = {"model": model_name, "config": (config or Config()).to_dict(), "max_batch": max_batch,
             "max_cache_len": max_cache_len, "versions": _versions(), "python": platform.python_version(),
-            "calibration_digest": None,   # dense attention needs no calibration
+            "calibration_digest": _constants_digest(program),
             "entry_point": "program(input_ids (B, L), attention_mask (B, L), position_ids (B, L), cache_position "
                            "(L,)) -> last-token logits (B, V); cache_position 0 starts a sequence",
             "needs": "import kvpass (registers kvpass::static_attention) before torch.export.load"}

@@ -118,7 +118,8 @@ def export(model, path, config: Config | None = None) -> Path:
     """Write `model` (an HF decoder, dense or KIVI kvpass attention) as an ONNX model to `path`; see the module
     doc."""
     config = config or Config()
-    check_method(config, attention=(Dense, KIVI), to="kvpass.portable_onnx.export")
+    check_method(config, attention=(Dense, KIVI), to="kvpass.portable_onnx.export",
+                 why="AnTKV's anchor choice runs in kvpass's op, which onnxruntime lacks; the wave index's clustering")
     method = config.attention
     module = OnnxDecoder(model, method).eval()
     shapes = store_shapes(model)

@@ -205,7 +205,13 @@ def test_decode_finalizes_one_token_per_step_within_budget(llama):
     assert (store._anchor_count <= math.ceil(0.05 * store._finalized)).all()
     assert (store._anchor_count >= math.ceil(0.05 * 93)).all()   # at least the prefill's anchors
     parts = store.nbytes()
-    assert set(parts) == {"codes", "anchors", "codebooks", "window"} and all(b > 0 for b in parts.values())
+    assert set(parts) == {"codes", "anchor_map", "anchors", "codebooks", "window"} and all(parts.values())
+    # Held bytes, not capacity: 1 bit is 16 + 16 one-byte codes of 8 dims, the map an int32 per slot, anchor rows
+    # 16 + 16 fp32 values each (1 row, 1 kv head here); capacity and codebooks are in allocated_nbytes.
+    heads = store._ring_k.shape[1]
+    assert parts["codes"] == 300 * heads * (16 // 8) * 2 and parts["anchor_map"] == 300 * heads * 4
+    assert parts["anchors"] == int(store._anchor_count.sum()) * (16 + 16) * 4
+    assert store.allocated_nbytes() > sum(parts.values()) - parts["window"]
 
 
 def test_a_bulk_load_is_encoded_chunk_by_chunk_and_its_decode_steps_equal_the_host_path(llama):
@@ -302,7 +308,7 @@ def test_compiled_generate_padding_and_4bit_accuracy(llama, tmp_path):
         assert torch.equal(out[1, -6:], alone[0, -6:])
         rep = kvpass.report(model)
         assert rep["attention_calls"]["decode-engine/decode"] > 0 and rep["decode_engine"]["eager_steps"] == 10
-        assert set(rep["kv_bytes_by_part"]) == {"codes", "anchors", "codebooks", "window"}
+        assert set(rep["kv_bytes_by_part"]) == {"codes", "anchor_map", "anchors", "codebooks", "window"}
     finally:
         kvpass.detach(model)
 

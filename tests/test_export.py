@@ -1,5 +1,6 @@
 """kvpass.export (kvpass/portable.py): a portable program that carries its KV cache, loaded back with
 torch.export.load, generates the tokens of the kvpass-compiled model; bad input is refused."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -117,8 +118,51 @@ def test_the_static_kivi_attention_op_passes_opcheck_and_refuses_to_outgrow_its_
         torch.ops.kvpass.static_kivi_attention(q, k, v, *keys, *values, *rings, valid, torch.arange(6, 9), *args)
 
 
+ANTKV_SMALL = kvpass.Config(attention=kvpass.AnTKV(bits=2, anchor_ratio=0.2, window=4))
+
+
+def test_antkv_program_loaded_back_generates_the_compiled_antkv_tokens(tmp_path, monkeypatch):
+    """AnTKV's codes, anchors, window ring and anchor counts are the program's buffers and its codebooks are
+    constants (kvpass::static_antkv_attention, one per layer): the loaded program, with no calibration artefact
+    anywhere, generates the kvpass-compiled AnTKV model's tokens for a padded batch (the prompt finalized in one
+    call, then one token per call), twice (a new sequence resets the counts), and its metadata names the codebooks'
+    digest."""
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path / "cache"))   # the automatic calibration, private
+    ids, mask = _padded()
+    program = kvpass.export(FAMILIES["llama"].build(), ANTKV_SMALL, max_batch=2, max_cache_len=24)
+    targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.kvpass.static_antkv_attention.default) == FAMILIES["llama"].build().config.num_hidden_layers
+    path, meta = portable.save(program, tmp_path / "antkv.pt2", config=ANTKV_SMALL, model_name="llama")
+    assert json.loads(meta.read_text())["calibration_digest"]
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path / "elsewhere"))   # no calibration where the program loads
+    loaded = torch.export.load(path)
+    got = portable.generate(loaded, ids, mask, max_new_tokens=10)
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path / "cache"))
+    assert torch.equal(got, _compiled_tokens("llama", ids, mask, 10, ANTKV_SMALL))
+    assert torch.equal(portable.generate(loaded, ids, mask, max_new_tokens=10), got)
+
+
+def test_the_static_antkv_attention_op_passes_opcheck(tmp_path, monkeypatch):
+    import dataclasses
+
+    from kvpass.calibration import resolve
+    from kvpass.methods.antkv import AnTKVStore
+
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path))
+    model, method = FAMILIES["llama"].build(), ANTKV_SMALL.attention
+    heads, dim = model.config.num_key_value_heads, model.config.head_dim
+    state, constants = AnTKVStore.program_state(method, resolve(model, method, None), 0, 3, 8, dim, dim, heads,
+                                                torch.float32, "cpu")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, model.config.num_attention_heads, 5, dim, generator=g)
+    k, v = (torch.randn(2, heads, 5, dim, generator=g) for _ in range(2))
+    torch.library.opcheck(torch.ops.kvpass.static_antkv_attention.default,
+                          (q, k, v, *state.values(), *constants, torch.ones(3, 8, dtype=torch.bool),
+                           torch.arange(5), json.dumps(dataclasses.asdict(method)), 0.25, 0.0, 0))
+
+
 @pytest.mark.parametrize("config, match", [
-    (kvpass.Config(attention=kvpass.AnTKV(bits=1)), "attention=Dense"),
+    (kvpass.Config(attention=kvpass.WaveIndex()), "attention=Dense"),
     (kvpass.Config(ffn=kvpass.Chess(sparsity=0.5)), "ffn=None or DenseFFN"),
 ])
 def test_methods_a_program_cannot_carry_are_refused(config, match):
@@ -208,6 +252,6 @@ def test_onnx_model_in_onnxruntime_generates_the_compiled_models_tokens(name, co
 def test_onnx_export_refuses_what_it_cannot_carry(tmp_path):
     from kvpass import portable_onnx
 
-    with pytest.raises(ValueError, match=r"attention=Dense\(\) or KIVI\(\)"):
-        portable_onnx.export(FAMILIES["llama"].build(), tmp_path / "x.onnx",
-                             kvpass.Config(attention=kvpass.WaveIndex()))
+    for attention in (kvpass.WaveIndex(), kvpass.AnTKV()):
+        with pytest.raises(ValueError, match=r"attention=Dense\(\) or KIVI\(\)"):
+            portable_onnx.export(FAMILIES["llama"].build(), tmp_path / "x.onnx", kvpass.Config(attention=attention))

@@ -43,6 +43,20 @@ def section_name(method: AnTKV) -> str:
             + ("" if method.key_metric == "euclidean" else f"-{method.key_metric}-metric"))
 
 
+# The state of one layer's store that an exported program holds as buffers (kvpass.portable), in the order
+# kvpass::static_antkv_attention takes them (attributes "_" + name; position_offset is the KeyRotation's); the
+# codebooks travel beside them as the program's constants.
+STATE_NAMES = ("codes_k", "codes_v", "anchor_slot", "anchor_k", "anchor_v", "ring_k", "ring_v", "ring_stats",
+               "exact_start", "finalized_seen", "anchor_count", "weakest", "position_offset")
+_BATCH_DIM = {"ring_stats": 1, "exact_start": None}   # the others: dim 0
+
+
+def batch_rows(name: str, buffer: torch.Tensor, batch: int) -> torch.Tensor:
+    """The view of a program's state buffer `name` that holds its first `batch` rows."""
+    dim = _BATCH_DIM.get(name, 0)
+    return buffer if dim is None else buffer.narrow(dim, 0, batch)
+
+
 class AnTKVStore(LayerStore):
     """Codes, anchors and the exact window of one layer. The window lives in a ring: slot j (exact while
     `_finalized` <= j < `length`) sits at row j % R of `_ring_k` / `_ring_v` / `_ring_stats` (its accumulated
@@ -69,10 +83,59 @@ class AnTKVStore(LayerStore):
         self._finalized = 0       # slots < _finalized are codes or anchors; the rest are exact (the window)
         self._changed = True      # something a recorded decode step reads was (re)allocated since the last reserve
         self._scale = 1.0         # the site's softmax scale, once an attend has told it (unscored tokens ignore it)
+        self._ring_k = None       # the buffers come with the first append (their shapes are its tokens')
 
     @property
     def length(self) -> int:
         return self._length
+
+    # -- an exported program's state (kvpass.portable) ------------------------------------------------------
+    @classmethod
+    def program_state(cls, method: AnTKV, calibration, layer: int, batch: int, slots: int, key_dim: int,
+                      value_dim: int, heads: int, dtype: torch.dtype, device) -> tuple[dict, tuple]:
+        """The buffers of an empty store for `batch` rows of `slots` tokens ({STATE_NAMES: tensor}) and its
+        constants (key codebook, value codebook, key whitening or None, RoPE inv_freq or None, RoPE scaling)."""
+        store = cls(method, layer, slots, calibration)
+        store._allocate(torch.zeros(batch, heads, 1, key_dim, dtype=dtype, device=device),
+                        torch.zeros(batch, heads, 1, value_dim, dtype=dtype, device=device))
+        store._reserve(slots)
+        store._position_offset = torch.zeros(batch, dtype=torch.int32, device=device)
+        rope = (None, 1.0) if store._rope is None else (store._rope[0].to(device, torch.float32), store._rope[1])
+        return {name: getattr(store, "_" + name) for name in STATE_NAMES}, (*store._books, *rope)
+
+    @classmethod
+    def over_buffers(cls, method: AnTKV, state: dict, constants: tuple, length: int) -> AnTKVStore:
+        """A store over a program's buffers (`program_state`'s, cut to the batch's rows by `batch_rows`) holding
+        the sequence's first `length` tokens; length 0 starts a sequence (its counts are reset). Writes go into
+        the buffers; `write_back` returns what a prompt's call reallocated (its ring)."""
+        store = cls.__new__(cls)
+        LayerStore.__init__(store, method, layer=0)
+        book_k, book_v, whitening, inv_freq, scaling = constants
+        store._books, store._book_k, store._book_v = (book_k, book_v, whitening), book_k, book_v
+        store._rope = None if inv_freq is None else (inv_freq, scaling)
+        for name in STATE_NAMES:
+            setattr(store, "_" + name, state[name])
+        if length == 0:
+            for counter, value in ((store._exact_start, 0), (store._finalized_seen, 0), (store._anchor_count, 0),
+                                   (store._weakest, float("inf"))):
+                counter.fill_(value)
+        store._length, store._finalized = length, int(store._exact_start)
+        store._changed, store._scale = False, 1.0
+        store._rotation = None
+        if inv_freq is not None and length:
+            from ..kernels.coded_attention import KeyRotation
+
+            store._rotation = KeyRotation(inv_freq, scaling, store._position_offset)
+        return store
+
+    def write_back(self, state: dict) -> None:
+        """Into a program's buffers, what this call made anew: the ring (a prompt grows it, then shrinks it back to
+        window + 1 rows) and the rows' padding (the first call's)."""
+        for name in ("ring_k", "ring_v", "ring_stats"):
+            if getattr(self, "_" + name) is not state[name]:
+                state[name].copy_(getattr(self, "_" + name))
+        if self._rotation is not None and self._rotation.position_offset is not state["position_offset"]:
+            state["position_offset"].copy_(self._rotation.position_offset)
 
     # -- storage ---------------------------------------------------------------------------------------
     def _allocate(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -162,7 +225,7 @@ class AnTKVStore(LayerStore):
 
     # -- the LayerStore interface ------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self._length == 0:
+        if self._ring_k is None:
             self._allocate(k, v)
         elif (k.shape[0], k.shape[1], k.shape[3]) != (self._ring_k.shape[0], self._ring_k.shape[1],
                                                       self._ring_k.shape[3]):
@@ -209,11 +272,24 @@ class AnTKVStore(LayerStore):
         return k.to(self._ring_k.dtype), v.to(self._ring_v.dtype)
 
     def nbytes(self):
+        """Bytes of what the store holds, by part: the codes and the anchor map of the slots held, the anchor rows
+        in use (a device sync), the codebooks (the same for every sequence) and the window ring with its
+        statistics; spare capacity is in `allocated_nbytes`."""
         if self._length == 0:
-            return {"codes": 0, "anchors": 0, "codebooks": 0, "window": 0}
-        parts = {"codes": (self._codes_k, self._codes_v, self._anchor_slot), "anchors": (self._anchor_k, self._anchor_v),
-                 "codebooks": (self._book_k, self._book_v), "window": (self._ring_k, self._ring_v, self._ring_stats)}
-        return {name: sum(t.nbytes for t in tensors if t is not None) for name, tensors in parts.items()}
+            return {"codes": 0, "anchor_map": 0, "anchors": 0, "codebooks": 0, "window": 0}
+        per_slot = {"codes": (self._codes_k, self._codes_v), "anchor_map": (self._anchor_slot,)}
+        held = {name: self._length * sum(t.nbytes // t.shape[2] for t in tensors) for name, tensors in per_slot.items()}
+        row = sum(t[:, :, 0].nbytes // (t.shape[0] * t.shape[1]) for t in (self._anchor_k, self._anchor_v))
+        return {**held, "anchors": int(self._anchor_count.sum()) * row,
+                "codebooks": sum(t.nbytes for t in self._books if t is not None),
+                "window": sum(t.nbytes for t in (self._ring_k, self._ring_v, self._ring_stats))}
+
+    def allocated_nbytes(self) -> int:
+        if self._ring_k is None:
+            return 0
+        buffers = (self._codes_k, self._codes_v, self._anchor_slot, self._anchor_k, self._anchor_v, *self._books,
+                   self._ring_k, self._ring_v, self._ring_stats)
+        return sum(t.nbytes for t in buffers if t is not None)
 
     def _key_rotation(self, mask, Lq: int):
         """The KeyRotation of this sequence, from its first call (queries at slots 0 .. Lq - 1): a slot is

@@ -99,12 +99,18 @@ def ring_attention(q, ring_k, ring_v, seen, out_coded, lse_coded, scale: float, 
 
 
 def fused(fn):
-    """fn compiled by Inductor (whole graph, static shapes) when its first argument is a CUDA tensor, else fn."""
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    """fn compiled by Inductor (whole graph, static shapes) when its first argument is a CUDA tensor, else fn. The
+    compiled form is made at the first CUDA call (torch.compile imports Dynamo, which importing kvpass does not)."""
+    compiled = None
 
     @functools.wraps(fn)
     def run(first, *args, **kwargs):
-        return (compiled if first.is_cuda else fn)(first, *args, **kwargs)
+        nonlocal compiled
+        if not first.is_cuda:
+            return fn(first, *args, **kwargs)
+        if compiled is None:
+            compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+        return compiled(first, *args, **kwargs)
 
     return run
 
