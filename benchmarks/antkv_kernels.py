@@ -26,9 +26,10 @@ def coded_store(B, Hkv, S, D, bits, anchor_ratio, window, dtype, device, pre_rop
     sub, size = ANTKV_RATES[bits]
     g = torch.Generator(device=device).manual_seed(0)
     anchors = max(1, math.ceil(anchor_ratio * S))
-    slot = torch.full((B, Hkv, S), -1, dtype=torch.int32, device=device)
+    dtype_map = torch.int16 if anchors + 1 <= torch.iinfo(torch.int16).max else torch.int32   # as the store keeps it
+    slot = torch.full((B, Hkv, S), -1, dtype=dtype_map, device=device)
     picked = torch.randperm(S - window, generator=g, device=device)[:anchors]
-    slot[:, :, picked] = torch.arange(anchors, dtype=torch.int32, device=device)
+    slot[:, :, picked] = torch.arange(anchors, dtype=dtype_map, device=device)
     return CodedKV(
         codes_k=torch.randint(0, size, (B, Hkv, S, D // sub), dtype=torch.uint8, device=device, generator=g),
         codes_v=torch.randint(0, size, (B, Hkv, S, D // sub), dtype=torch.uint8, device=device, generator=g),

@@ -206,10 +206,11 @@ def test_decode_finalizes_one_token_per_step_within_budget(llama):
     assert (store._anchor_count >= math.ceil(0.05 * 93)).all()   # at least the prefill's anchors
     parts = store.nbytes()
     assert set(parts) == {"codes", "anchor_map", "anchors", "codebooks", "window"} and all(parts.values())
-    # Held bytes, not capacity: 1 bit is 16 + 16 one-byte codes of 8 dims, the map an int32 per slot, anchor rows
-    # 16 + 16 fp32 values each (1 row, 1 kv head here); capacity and codebooks are in allocated_nbytes.
+    # Held bytes, not capacity: 1 bit is one one-byte code per 8 dims of keys and of values, the map an int16 per
+    # slot (its rows fit), anchor rows 16 + 16 fp32 values each; spare capacity is in allocated_nbytes.
     heads = store._ring_k.shape[1]
-    assert parts["codes"] == 300 * heads * (16 // 8) * 2 and parts["anchor_map"] == 300 * heads * 4
+    assert store._anchor_slot.dtype == torch.int16
+    assert parts["codes"] == 300 * heads * (16 // 8) * 2 and parts["anchor_map"] == 300 * heads * 2
     assert parts["anchors"] == int(store._anchor_count.sum()) * (16 + 16) * 4
     assert store.allocated_nbytes() > sum(parts.values()) - parts["window"]
 

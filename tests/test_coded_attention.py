@@ -329,6 +329,16 @@ def test_a_query_slot_held_on_the_device_gives_the_host_slots_result(num_splits)
         assert rel_err(got, want) <= 1e-6 and (got_lse - want_lse).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_an_int16_anchor_map_gives_the_int32_maps_result(num_splits):
+    """The store keeps its anchor map as int16 while the anchor rows fit: kernel and reference read it as int32."""
+    (q, kv, valid, q_start), kw = make_inputs(Case(93, Lq=2, length=150, exact=9, group=2, anchors=0.3, rope=64))
+    small = dataclasses.replace(kv, anchor_slot=kv.anchor_slot.to(torch.int16))
+    for fn in (attention_over_codes, attention_over_codes_reference):
+        extra = {"num_splits": num_splits}
+        assert torch.equal(fn(q, small, valid, q_start, **kw, **extra), fn(q, kv, valid, q_start, **kw, **extra))
+
+
 def test_centroids_are_read_a_sub_vector_at_a_time_where_rope_pairs_allow():
     from kvpass.kernels.coded_attention.kernel import whole_sub_vectors
 
@@ -414,7 +424,7 @@ def _valid_kv(**change):
 
 BAD_STORES = {
     "codes-dtype": ({"codes_k": torch.zeros(1, 2, 6, 2, dtype=torch.int32)}, r"codes_k must be torch.uint8"),
-    "anchor_slot-dtype": ({"anchor_slot": torch.full((1, 2, 6), -1)}, r"anchor_slot must be torch.int32"),
+    "anchor_slot-dtype": ({"anchor_slot": torch.full((1, 2, 6), -1)}, r"anchor_slot must be torch.int16 / torch.int32"),
     "codebook-int": ({"codebook_v": torch.zeros(2, 2, 4, 4, dtype=torch.int8)}, r"codebook_v must be"),
     "codes-3d": ({"codes_v": torch.zeros(1, 2, 6, dtype=torch.uint8)}, r"codes_v must be a 4-D tensor"),
     "d-not-multiple-of-m": ({"codes_k": torch.zeros(1, 2, 6, 3, dtype=torch.uint8)},

@@ -76,7 +76,8 @@ def _slot_sources(ANCHOR_SLOT, slot_row, sass, offs_n, key_ok, exact_start):
     none) and the disjoint flags coded, anchored, exact, all False where key_ok is False.
     """
     before_exact = key_ok & (offs_n < exact_start)
-    anchor_row = tl.load(ANCHOR_SLOT + slot_row + offs_n.to(tl.int64) * sass, mask=before_exact, other=-1)
+    anchor_row = tl.load(ANCHOR_SLOT + slot_row + offs_n.to(tl.int64) * sass, mask=before_exact,
+                         other=-1).to(tl.int32)
     anchored = anchor_row >= 0
     return anchor_row, before_exact & ~anchored, anchored, key_ok & (offs_n >= exact_start)
 
@@ -197,7 +198,7 @@ def _coded_fwd_kernel(
     VECTOR_K: tl.constexpr, VECTOR_V: tl.constexpr,
 ):
     """One program of attention over a coded store; grid, common parameters and outputs as
-    ``_attn_fwd_kernel`` in dense.py. The store: ANCHOR_SLOT (B, Hkv, S) int32 and exact_start,
+    ``_attn_fwd_kernel`` in dense.py. The store: ANCHOR_SLOT (B, Hkv, S) int16/int32 and exact_start,
     then for keys (K) and values (V) the codes, codebook, anchors and exact tokens of
     :class:`CodedKV` with their strides; SUB_K = D // Mk, SUB_V = Dv // Mv; with ROPE, the
     KeyRotation's inv_freq (rot_half,) fp32, position_offset (B,) int32 and scaling; INTERPRETED:

@@ -31,7 +31,7 @@ _FIELDS = {
     "codes_v": (4, (torch.uint8,)),
     "codebook_k": (4, _FLOAT_DTYPES),
     "codebook_v": (4, _FLOAT_DTYPES),
-    "anchor_slot": (3, (torch.int32,)),
+    "anchor_slot": (3, (torch.int16, torch.int32)),
     "anchor_k": (4, _FLOAT_DTYPES),
     "anchor_v": (4, _FLOAT_DTYPES),
     "exact_k": (4, _FLOAT_DTYPES),
@@ -97,7 +97,8 @@ class CodedKV:
 
     codes_k (B, Hkv, S, Mk), codes_v (B, Hkv, S, Mv): uint8 codes, one per sub-vector;
     codebook_k (Hkv, Mk, Ck, D // Mk), codebook_v (Hkv, Mv, Cv, Dv // Mv): centroids, C <= 256;
-    anchor_slot (B, Hkv, S) int32: -1 for a coded slot, else its row in anchor_k / anchor_v;
+    anchor_slot (B, Hkv, S) int16 or int32: -1 for a coded slot, else its row in anchor_k / anchor_v (int16
+        addresses up to 32,767 anchor rows at half the bytes per slot);
     anchor_k (B, Hkv, A, D), anchor_v (B, Hkv, A, Dv): exact anchor tokens, A >= 1;
     exact_k (B, Hkv, P, D), exact_v (B, Hkv, P, Dv): exact tokens of slots exact_start + i;
     exact_start: python int, exact_start + P <= S;

@@ -185,7 +185,9 @@ class AnTKVStore(LayerStore):
         # unused ones are masked invalid), and the fp32 reference decodes masked slots before masking them.
         self._codes_k = grow(self._codes_k, (B, H, capacity, self._book_k.shape[1]), torch.uint8, fill=0)
         self._codes_v = grow(self._codes_v, (B, H, capacity, self._book_v.shape[1]), torch.uint8, fill=0)
-        self._anchor_slot = grow(self._anchor_slot, (B, H, capacity), torch.int32, fill=-1)
+        # The anchor map is int16 while the anchor rows fit: as int32 it is a quarter of a 0.375-bit store's bytes.
+        slot_dtype = torch.int16 if anchors <= torch.iinfo(torch.int16).max else torch.int32
+        self._anchor_slot = grow(self._anchor_slot, (B, H, capacity), slot_dtype, fill=-1)
         self._anchor_k = grow(self._anchor_k, (B, H, anchors, D), self._ring_k.dtype)
         self._anchor_v = grow(self._anchor_v, (B, H, anchors, self._ring_v.shape[-1]), self._ring_v.dtype)
         self._changed = True
@@ -438,10 +440,10 @@ class AnTKVStore(LayerStore):
     def _keep_anchors(self, chosen, index, k, v, counters) -> torch.Tensor:
         """Write the chosen tokens (chosen (B, H, n)) of k, v into their anchor rows (the others into the spare last
         row: no data-dependent indexing, no host sync) and the counters after the choice, in place (a recorded step
-        reads these tensors). Returns the tokens' anchor_slot entries (B, H, n) int32 (-1: coded)."""
+        reads these tensors). Returns the tokens' anchor_slot entries (B, H, n) (-1: coded)."""
         rows = torch.where(chosen, index, self._anchor_k.shape[2] - 1)
         self._anchor_k.scatter_(2, rows[..., None].expand(*rows.shape, k.shape[-1]), k)
         self._anchor_v.scatter_(2, rows[..., None].expand(*rows.shape, v.shape[-1]), v)
         for held, new in zip(self._counters(), counters):
             held.copy_(new)
-        return torch.where(chosen, index, -1).to(torch.int32)
+        return torch.where(chosen, index, -1).to(self._anchor_slot.dtype)
