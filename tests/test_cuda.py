@@ -101,6 +101,11 @@ def test_antkv_recorded_decode_steps_equal_unrecorded_ones(tmp_path, monkeypatch
     captured, _ = _recorded_and_unrecorded(config, torch.bfloat16)
     engine = kvpass.report(captured)["decode_engine"]
     assert engine["captured"] and engine["records"] == 1 and engine["replays"] == 17, engine
+    ids, mask = _padded_batch()
+    with torch.no_grad():   # a second sequence: the stores are emptied in place, the recording serves it too
+        captured.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    engine = kvpass.report(captured)["decode_engine"]
+    assert engine["records"] == 1 and engine["stale_recordings_dropped"] == 0 and engine["replays"] == 36, engine
 
 
 def test_left_padded_batch_under_capture_equals_each_row_alone():

@@ -200,6 +200,32 @@ def test_antkv_engine_decode_equals_its_uncaptured_steps(tmp_path, monkeypatch, 
     assert all(int(store._anchor_count.sum()) > 0 for store in stores[True].values())
 
 
+def test_antkv_stores_keep_their_buffers_across_sequences_and_nothing_carries_over(tmp_path, monkeypatch):
+    """A new sequence empties the AnTKV stores in place (the addresses a recorded step reads stay): a second
+    generation, padded differently, gives what a fresh model gives, and a new batch size reallocates."""
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path))
+    method = kvpass.AnTKV(bits=2, anchor_ratio=0.2, window=4)
+    used, fresh = FAMILIES["llama"].build(), FAMILIES["llama"].build()
+    for model in (used, fresh):
+        kvpass.compile(model, kvpass.Config(attention=method), inner=INNER, strict=True)
+    backend = backend_of(used)
+    first, _ = _padded(batch=2, length=9, seed=1)
+    ids, mask = _padded(batch=2, length=7, seed=2)
+
+    def addresses():
+        return {layer: (store._ring_k.data_ptr(), store._codes_k.data_ptr(), store._rotation.position_offset.data_ptr())
+                for layer, store in backend.runtime._stores.items()}
+
+    with torch.no_grad():
+        used.generate(first, max_new_tokens=12, do_sample=False)
+        before = addresses()
+        got = used.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        assert addresses() == before
+        assert torch.equal(got, fresh.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False))
+        used.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    assert all(store.batch == 1 for store in backend.runtime._stores.values())
+
+
 def test_kivi_engine_decode_equals_its_uncaptured_semantics_for_a_left_padded_batch():
     """KIVI meets the contract: the engine's decode steps (kvpass::decode_attention over the static KIVI store)
     give the tokens of the unfused kvpass cache path, where HF attends with its own mask over the same store's

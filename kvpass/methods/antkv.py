@@ -84,6 +84,8 @@ class AnTKVStore(LayerStore):
         self._changed = True      # something a recorded decode step reads was (re)allocated since the last reserve
         self._scale = 1.0         # the site's softmax scale, once an attend has told it (unscored tokens ignore it)
         self._ring_k = None       # the buffers come with the first append (their shapes are its tokens')
+        self._padding_told = False    # whether this sequence's first call has told the rows' padding
+        self._ring_recorded = None    # the ring the last reserve saw (a recorded step reads it)
 
     @property
     def length(self) -> int:
@@ -115,27 +117,23 @@ class AnTKVStore(LayerStore):
         store._rope = None if inv_freq is None else (inv_freq, scaling)
         for name in STATE_NAMES:
             setattr(store, "_" + name, state[name])
-        if length == 0:
-            for counter, value in ((store._exact_start, 0), (store._finalized_seen, 0), (store._anchor_count, 0),
-                                   (store._weakest, float("inf"))):
-                counter.fill_(value)
-        store._length, store._finalized = length, int(store._exact_start)
-        store._changed, store._scale = False, 1.0
+        store._changed, store._scale, store._kept_ring, store._ring_recorded = False, 1.0, {}, None
         store._rotation = None
-        if inv_freq is not None and length:
+        if inv_freq is not None:
             from ..kernels.coded_attention import KeyRotation
 
             store._rotation = KeyRotation(inv_freq, scaling, store._position_offset)
+        if length == 0:
+            store.reset()
+        store._length, store._finalized, store._padding_told = length, int(store._exact_start), length > 0
         return store
 
     def write_back(self, state: dict) -> None:
         """Into a program's buffers, what this call made anew: the ring (a prompt grows it, then shrinks it back to
-        window + 1 rows) and the rows' padding (the first call's)."""
+        window + 1 rows)."""
         for name in ("ring_k", "ring_v", "ring_stats"):
             if getattr(self, "_" + name) is not state[name]:
                 state[name].copy_(getattr(self, "_" + name))
-        if self._rotation is not None and self._rotation.position_offset is not state["position_offset"]:
-            state["position_offset"].copy_(self._rotation.position_offset)
 
     # -- storage ---------------------------------------------------------------------------------------
     def _allocate(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -155,12 +153,14 @@ class AnTKVStore(LayerStore):
         self._ring_k = k.new_zeros(B, H, size, D)
         self._ring_v = v.new_zeros(B, H, size, v.shape[-1])
         self._ring_stats = k.new_zeros(_STATS, B, H, size, dtype=torch.float32)
+        self._kept_ring: dict[str, torch.Tensor] = {}   # the decode-sized ring while a prompt's is larger
         self._exact_start = torch.zeros(1, dtype=torch.int64, device=k.device)   # _finalized, for decode steps
         self._anchor_count = torch.zeros(B, H, dtype=torch.int64, device=k.device)
         self._finalized_seen = torch.zeros(B, H, dtype=torch.int64, device=k.device)  # finalized, not padding
         self._weakest = torch.full((B, H), float("inf"), device=k.device)   # lowest score among the anchors so far
         self._codes_k = self._codes_v = self._anchor_slot = self._anchor_k = self._anchor_v = None
         self._rotation = None     # KeyRotation once the first attend has told the rows' padding
+        self._padding_told = False
 
     def _reserve(self, needed: int) -> None:
         """Codes and anchor rows for `needed` slots, grown geometrically (O(log n) copies)."""
@@ -197,17 +197,22 @@ class AnTKVStore(LayerStore):
         return torch.arange(start, stop, device=self._ring_k.device) % self._ring_k.shape[2]
 
     def _resize_ring(self, size: int) -> None:
-        """A ring of `size` rows (>= the exact tokens held) holding the same exact tokens and statistics."""
+        """A ring of `size` rows (>= the exact tokens held) holding the same exact tokens and statistics. The
+        decode-sized ring (window + 1 rows) a prompt outgrows is kept and taken back when the ring shrinks after
+        the prompt's finalization, so the tensors a recorded step reads outlive the prompts of later sequences."""
         held = torch.arange(self._finalized, self._length, device=self._ring_k.device)
         old_rows, new_rows = held % self._ring_k.shape[2], held % size
+        decode_size = self.method.window + 1
         for name, dim in (("_ring_k", 2), ("_ring_v", 2), ("_ring_stats", 3)):
             old = getattr(self, name)
             shape = list(old.shape)
             shape[dim] = size
-            new = old.new_zeros(shape)
+            kept = self._kept_ring.get(name)
+            new = kept if size == decode_size and kept is not None and list(kept.shape) == shape else old.new_zeros(shape)
+            if old.shape[dim] == decode_size:
+                self._kept_ring[name] = old
             new.index_copy_(dim, new_rows, old.index_select(dim, old_rows))
             setattr(self, name, new)
-        self._changed = True
 
     def _window(self):
         """The exact tokens' keys (B, H, P, D) and values (B, H, P, Dv), in slot order (copies), and their rows."""
@@ -227,8 +232,8 @@ class AnTKVStore(LayerStore):
 
     # -- the LayerStore interface ------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self._ring_k is None:
-            self._allocate(k, v)
+        if self._ring_k is None or (self._length == 0 and k.shape[:2] != self._ring_k.shape[:2]):
+            self._allocate(k, v)   # the first sequence, or a new one of another batch size
         elif (k.shape[0], k.shape[1], k.shape[3]) != (self._ring_k.shape[0], self._ring_k.shape[1],
                                                       self._ring_k.shape[3]):
             raise ValueError(f"layer {self.layer}: new keys of shape {tuple(k.shape)} do not fit the stored (batch, "
@@ -248,8 +253,8 @@ class AnTKVStore(LayerStore):
     def attend(self, q, mask, is_causal, spec: AttentionSpec):
         Lq = q.shape[2]
         self._scale = spec.scale
-        if self._rope is not None and self._rotation is None:
-            self._rotation = self._key_rotation(mask, Lq)
+        if self._rope is not None and not self._padding_told:
+            self._tell_padding(mask, Lq)
         window = self.method.window
         # Tokens the earlier queries have already scored `window` times are finalized before this call reads them.
         self._finalize(self._length - Lq - window + 1, spec.scale)
@@ -293,10 +298,11 @@ class AnTKVStore(LayerStore):
                    self._ring_k, self._ring_v, self._ring_stats)
         return sum(t.nbytes for t in buffers if t is not None)
 
-    def _key_rotation(self, mask, Lq: int):
-        """The KeyRotation of this sequence, from its first call (queries at slots 0 .. Lq - 1): a slot is
-        padding when its own query does not see it, and a row's positions start after its (left) padding, as
-        Hugging Face numbers them. No mask (or no call before the first decode step): no padding."""
+    def _tell_padding(self, mask, Lq: int) -> None:
+        """The sequence's KeyRotation, from its first call (queries at slots 0 .. Lq - 1): a slot is padding when
+        its own query does not see it, and a row's positions start after its (left) padding, as Hugging Face
+        numbers them. No mask (or no call before the first decode step): no padding. A store kept from the last
+        sequence writes the padding into the same tensor (a recorded step reads it)."""
         from ..kernels.coded_attention import KeyRotation
 
         B, device = self._ring_k.shape[0], self._ring_k.device
@@ -305,8 +311,13 @@ class AnTKVStore(LayerStore):
         else:
             slots = torch.arange(Lq, device=mask.device)
             padding = (~mask[:, 0, slots, slots]).sum(-1).to(torch.int32).expand(B).contiguous()
-        inv_freq, scaling = self._rope
-        return KeyRotation(inv_freq.to(device, torch.float32), scaling, padding)
+        if self._rotation is not None and self._rotation.position_offset.shape == padding.shape:
+            self._rotation.position_offset.copy_(padding)
+        else:
+            inv_freq, scaling = self._rope
+            self._rotation = KeyRotation(inv_freq.to(device, torch.float32), scaling, padding)
+            self._changed = True
+        self._padding_told = True
 
     # -- captured decode (the decode engine) ------------------------------------------------------------------
     @property
@@ -327,9 +338,8 @@ class AnTKVStore(LayerStore):
         exact. Unscored tokens have no Anchor Score: they are all encoded."""
         if self._length == 0:
             return
-        if self._rope is not None and self._rotation is None:   # no attention call has told the padding: none
-            self._rotation = self._key_rotation(None, 0)
-            self._changed = True
+        if self._rope is not None and not self._padding_told:   # no attention call has told the padding: none
+            self._tell_padding(None, 0)
         self._finalize(self._length - self.method.window + 1, self._scale)
         if self._ring_k.shape[2] > self.method.window + 1:
             self._resize_ring(self.method.window + 1)
@@ -343,7 +353,8 @@ class AnTKVStore(LayerStore):
         exact = length - self._finalized
         if exact > self._ring_k.shape[2]:
             self._resize_ring(max(exact, self.method.window + 1))
-        changed, self._changed = self._changed, False
+        changed = self._changed or self._ring_k is not self._ring_recorded   # (a prompt's ring, another size)
+        self._changed, self._ring_recorded = False, self._ring_k
         return changed
 
     def decode(self, q, k, v, spec: AttentionSpec, slot, valid):
@@ -390,7 +401,15 @@ class AnTKVStore(LayerStore):
             self._length += 1
 
     def reset(self) -> bool:
-        return False   # anchors, counts and padding are the sequence's: a new sequence gets new stores
+        """Empty the store for a new sequence in place: the buffers (what a recorded step reads) stay, the counts
+        restart, and the next sequence's first call tells its padding anew."""
+        if self._ring_k is not None:
+            for counter, value in ((self._exact_start, 0), (self._finalized_seen, 0), (self._anchor_count, 0),
+                                   (self._weakest, float("inf"))):
+                counter.fill_(value)
+        self._length = self._finalized = 0
+        self._padding_told = False
+        return True
 
     # -- finalization ---------------------------------------------------------------------------------------
     def _finalize(self, upto: int, scale: float) -> int:
