@@ -9,7 +9,6 @@ from .attach import resolve_calibrations_with as _resolve_calibrations_with
 from .backend import Backend, KvpassMatchError
 from .config import KIVI, AnTKV, Chess, Config, Dense, DenseFFN, WaveIndex
 from . import portable
-from .portable import export
 from .report import report
 
 __version__ = "0.1.0"
@@ -24,6 +23,15 @@ def _resolve_calibration(model, method, artefact):
 
 
 _resolve_calibrations_with(_resolve_calibration)
+
+
+def export(model, config: Config | None = None, **limits):
+    """`kvpass.portable.export` (max_batch, max_cache_len) with the calibration its attention method needs, resolved
+    as kvpass.compile resolves it: the config's artefact, or the cached automatic one."""
+    config = config or Config()
+    portable.check_method(config)   # before calibrating for a method that would be refused
+    return portable.export(model, config, calibration=_resolve_calibration(model, config.attention,
+                                                                           config.calibration), **limits)
 
 
 def __getattr__(name):

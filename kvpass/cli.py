@@ -491,7 +491,9 @@ def cmd_export(args) -> int:
         path = portable_onnx.export(model, args.out, config)
         written = f"{path}"
     else:
-        program = portable.export(model, config, max_batch=args.max_batch, max_cache_len=args.max_cache_len)
+        from . import export   # the package's: it resolves the calibration AnTKV's program carries
+
+        program = export(model, config, max_batch=args.max_batch, max_cache_len=args.max_cache_len)
         path, meta = portable.save(program, args.out, config=config, model_name=args.model)
         written = f"{path} and {meta}"
     print(f"wrote {written} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")

@@ -215,21 +215,20 @@ def check_method(config: Config, attention: tuple[type, ...] = (Dense, KIVI, AnT
                          "does not run")
 
 
-def export(model, config: Config | None = None, *, max_batch: int = 1,
-           max_cache_len: int = 2048) -> torch.export.ExportedProgram:
+def export(model, config: Config | None = None, *, max_batch: int = 1, max_cache_len: int = 2048,
+           calibration=None) -> torch.export.ExportedProgram:
     """The exported program of `model` (an HF decoder) under `config` (default kvpass.Config(): dense attention)
-    for up to `max_batch` rows and `max_cache_len` tokens per row (prompt and generated). See the module doc for
-    its entry point; `save` writes it, `generate` runs it."""
+    for up to `max_batch` rows and `max_cache_len` tokens per row (prompt and generated). calibration: the loaded
+    calibration of the attention method, for AnTKV (`kvpass.export` resolves it as kvpass.compile does). See the
+    module doc for its entry point; `save` writes it, `generate` runs it."""
     config = config or Config()
     check_method(config)
     for name, value, least in (("max_batch", max_batch, 1), ("max_cache_len", max_cache_len, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name}={value!r} must be an int >= {least}")
-    calibration = None
-    if isinstance(config.attention, AnTKV):
-        from .calibration import resolve
-
-        calibration = resolve(model, config.attention, config.calibration)
+    if isinstance(config.attention, AnTKV) and calibration is None:
+        raise ValueError("AnTKV's program carries its codebooks: export it with kvpass.export(model, config), which "
+                         "resolves the calibration, or pass calibration=")
     program = PortableDecoder(model, max_batch, max_cache_len, config.attention, calibration).eval()
     device = program.valid.device
     # A prompt's example: transformers reads positions while tracing (packed-sequence detection), so they must

@@ -142,6 +142,11 @@ def test_antkv_program_loaded_back_generates_the_compiled_antkv_tokens(tmp_path,
     assert torch.equal(portable.generate(loaded, ids, mask, max_new_tokens=10), got)
 
 
+def test_an_antkv_program_without_its_calibration_is_refused():
+    with pytest.raises(ValueError, match=r"kvpass.export\(model, config\), which resolves the calibration"):
+        portable.export(FAMILIES["llama"].build(), ANTKV_SMALL)
+
+
 def test_the_static_antkv_attention_op_passes_opcheck(tmp_path, monkeypatch):
     import dataclasses
 
