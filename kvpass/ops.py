@@ -19,6 +19,8 @@ The stateless FFN ops (`kvpass::ffn`, `kvpass::sparse_linear`) are in kvpass/ffn
 """
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import Tensor
 
@@ -176,17 +178,13 @@ def static_antkv_attention(q: Tensor, k: Tensor, v: Tensor, codes_k: Tensor, cod
     appended and attended as AnTKVStore.attend does (their scores choose the anchors), with the visibility of
     `static_attention`; the store's length is cache_position[0] (read on the host: the program runs eagerly, one
     call per prompt or token). Returns (B, Hq, L, Dv), contiguous."""
-    import json
-
     batch, count = q.shape[0], q.shape[2]
     buffers = (codes_k, codes_v, anchor_slot, anchor_k, anchor_v, ring_k, ring_v, ring_stats, exact_start,
                finalized_seen, anchor_count, weakest, position_offset)
     state = {name: batch_rows(name, buffer, batch) for name, buffer in zip(ANTKV_STATE_NAMES, buffers)}
-    settings = json.loads(method)
-    settings.pop("method", None)
     length = int(cache_position[0])
-    store = AnTKVStore.over_buffers(AnTKV(**settings), state, (book_k, book_v, whitening, inv_freq, rope_scaling),
-                                    length)
+    constants = (book_k, book_v, whitening, inv_freq, rope_scaling)
+    store = AnTKVStore.over_buffers(AnTKV(**json.loads(method)), state, constants, length)
     store.append(k, v)
     # HF's boolean mask for these queries (True = attend): the valid slots up to each query's own, in the window.
     keys = torch.arange(length + count, device=q.device)

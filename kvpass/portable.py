@@ -29,6 +29,7 @@ ValueError.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from importlib import metadata
@@ -177,8 +178,6 @@ class PortableDecoder(torch.nn.Module):
         """The layer's new tokens written into its store buffers and attended (kvpass::static_attention, or
         kvpass::static_kivi_attention, or kvpass::static_antkv_attention)."""
         if isinstance(self.method, AnTKV):
-            import dataclasses
-
             state = [getattr(self, f"{name}_{layer}") for name in ANTKV_STATE_NAMES]
             constants = [getattr(self, f"{name}_{layer}", None) for name in _ANTKV_CONSTANTS]
             return torch.ops.kvpass.static_antkv_attention(

@@ -261,9 +261,11 @@ def test_the_decode_steps_pure_parts_trace_as_whole_graphs(llama):
             store._ring_k.index_select(2, at), store._ring_v.index_select(2, at), store._ring_stats.index_select(3, at),
             store._rotation.positions_of(slot), store._books, store._rope_args(), store.method, 0.25,
             store._counters(), slot >= store._exact_start)))
-    seen = torch.ones(2, store._ring_k.shape[2], dtype=torch.bool)
-    calls.append((antkv_step.ring_attention, (q[:, :, -1:], store._ring_k, store._ring_v, seen,
-                                              torch.zeros(2, 4, 1, 16), torch.zeros(2, 4, 1), 0.25, 0.0, True)))
+    valid = torch.ones(2, store.capacity, dtype=torch.bool)
+    for window in (0, 3):
+        calls.append((antkv_step.ring_attention, (q[:, :, -1:], store._ring_k, store._ring_v, slot + 4,
+                                                  store._exact_start, valid, torch.zeros(2, 4, 1, 16),
+                                                  torch.zeros(2, 4, 1), 0.25, 0.0, window, True)))
     for fn, inputs in calls:
         traced = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
         torch.testing.assert_close(traced(*inputs), fn(*inputs), rtol=0, atol=0)

@@ -105,6 +105,27 @@ def test_methods_without_the_contract_keep_the_uncaptured_op():
     assert all(record.captured_decode_sites == 0 for record in backend_of(model).records)
 
 
+def _engine_and_uncaptured(monkeypatch, store_class, config, ids, mask, new_tokens: int) -> dict:
+    """Two tiny Llamas compiled with `config`: {True: one whose stores the decode engine drives
+    (kvpass::decode_attention), False: one whose `store_class` claims no captured-decode contract, so the uncaptured
+    op drives it (append, attend)}. Both generate greedily from the padded batch; asserts equal tokens and logits
+    (1e-5)."""
+    models = {}
+    for captured in (False, True):
+        with monkeypatch.context() as patch:
+            if not captured:
+                patch.setattr(store_class, "supports_captured_decode", classmethod(lambda cls, method: False))
+            models[captured] = kvpass.compile(FAMILIES["llama"].build(), config, inner=INNER, strict=True)
+    with torch.no_grad():
+        runs = {captured: model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                         output_logits=True, return_dict_in_generate=True)
+                for captured, model in models.items()}
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for got, want in zip(runs[True].logits, runs[False].logits):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return models
+
+
 def test_wave_engine_decode_equals_its_uncaptured_steps_across_index_runs(tmp_path, monkeypatch):
     """The wave index in device mode meets the contract: the engine's steps (kvpass::decode_attention: the steady
     zone up to the device slot, then the clusters) give the tokens and logits of the same store's uncaptured steps
@@ -115,23 +136,9 @@ def test_wave_engine_decode_equals_its_uncaptured_steps_across_index_runs(tmp_pa
     monkeypatch.setenv("KVPASS_CACHE", str(tmp_path))   # pre-RoPE codes calibrate once, into a private cache
     method = kvpass.WaveIndex(sinks=2, recent=4, segment=64, cluster_size=4, iterations=4, update_every=8,
                               min_context=24, scoring="pre-rope", rope_window=24)
-    models = {}
-    for captured in (False, True):
-        model = FAMILIES["llama"].build()
-        with monkeypatch.context() as patch:
-            if not captured:   # the store as the uncaptured op drives it (no decode engine is installed)
-                from kvpass.methods.wave import WaveStore
+    from kvpass.methods.wave import WaveStore
 
-                patch.setattr(WaveStore, "supports_captured_decode", classmethod(lambda cls, method: False))
-            models[captured] = kvpass.compile(model, kvpass.Config(attention=method), inner=INNER, strict=True)
-    ids, mask = _padded(batch=3, length=20)
-    with torch.no_grad():
-        runs = {captured: model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
-                                         output_logits=True, return_dict_in_generate=True)
-                for captured, model in models.items()}
-    assert torch.equal(runs[True].sequences, runs[False].sequences)
-    for got, want in zip(runs[True].logits, runs[False].logits):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    models = _engine_and_uncaptured(monkeypatch, WaveStore, kvpass.Config(attention=method), *_padded(3, 20), 32)
     reports = {captured: kvpass.report(model) for captured, model in models.items()}
     engine = reports[True]["decode_engine"]
     assert reports[False]["decode_engine"]["captured"] is False
@@ -158,23 +165,8 @@ def test_antkv_engine_decode_equals_its_uncaptured_steps(tmp_path, monkeypatch, 
     monkeypatch.setenv("KVPASS_CACHE", str(tmp_path))   # the codebooks calibrate once, into a private cache
     from kvpass.methods.antkv import AnTKVStore
 
-    method = kvpass.AnTKV(bits=2, anchor_ratio=0.3, window=6, keys=keys)
-    models = {}
-    for captured in (False, True):
-        model = FAMILIES["llama"].build()
-        with monkeypatch.context() as patch:
-            if not captured:   # the store as the uncaptured op drives it (no decode engine is installed)
-                patch.setattr(AnTKVStore, "supports_captured_decode", classmethod(lambda cls, method: False))
-            models[captured] = kvpass.compile(model, kvpass.Config(attention=method, ffn=ffn), inner=INNER,
-                                              strict=True)
-    ids, mask = _padded(batch=3, length=5)
-    with torch.no_grad():
-        runs = {captured: model.generate(ids, attention_mask=mask, max_new_tokens=28, do_sample=False,
-                                         output_logits=True, return_dict_in_generate=True)
-                for captured, model in models.items()}
-    assert torch.equal(runs[True].sequences, runs[False].sequences)
-    for got, want in zip(runs[True].logits, runs[False].logits):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    config = kvpass.Config(attention=kvpass.AnTKV(bits=2, anchor_ratio=0.3, window=6, keys=keys), ffn=ffn)
+    models = _engine_and_uncaptured(monkeypatch, AnTKVStore, config, *_padded(3, 5), 28)
     report = kvpass.report(models[True])
     assert report["decode_engine"]["eager_steps"] == 27
     assert report["attention_calls"]["decode-engine/decode"] == 27 * report["layers"]

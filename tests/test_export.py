@@ -131,7 +131,8 @@ def test_antkv_program_loaded_back_generates_the_compiled_antkv_tokens(tmp_path,
     ids, mask = _padded()
     program = kvpass.export(FAMILIES["llama"].build(), ANTKV_SMALL, max_batch=2, max_cache_len=24)
     targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
-    assert targets.count(torch.ops.kvpass.static_antkv_attention.default) == FAMILIES["llama"].build().config.num_hidden_layers
+    layers = FAMILIES["llama"].build().config.num_hidden_layers
+    assert targets.count(torch.ops.kvpass.static_antkv_attention.default) == layers
     path, meta = portable.save(program, tmp_path / "antkv.pt2", config=ANTKV_SMALL, model_name="llama")
     assert json.loads(meta.read_text())["calibration_digest"]
     monkeypatch.setenv("KVPASS_CACHE", str(tmp_path / "elsewhere"))   # no calibration where the program loads

@@ -35,19 +35,11 @@ def reconstruct(x, book):
     return pq.decode(pq.encode(x, book), book).to(x.dtype)
 
 
-def install(model, books, rotations, keys: str | None, values: bool):
-    """Eager attention whose K (keys = "post" or "pre" RoPE codebooks, or None) and/or V are reconstructed."""
+def install_transform(model, transform):
+    """Eager attention over transform(layer, k, v) -> (k, v) (B, Hkv, L, D|Dv) instead of the layer's k, v."""
 
     def attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
-        layer = module.layer_idx
-        if keys == "pre":
-            positions = torch.arange(k.shape[2])[None]
-            pre = rope_rotate(k, positions, *rotations[layer], inverse=True)
-            k = rope_rotate(reconstruct(pre, books["keys-pre"][layer]), positions, *rotations[layer])
-        elif keys == "post":
-            k = reconstruct(k, books["keys-post"][layer])
-        if values:
-            v = reconstruct(v, books["values"][layer])
+        k, v = transform(module.layer_idx, k, v)
         group = q.shape[1] // k.shape[1]
         out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
                                              attn_mask=mask, scale=scaling)
@@ -56,6 +48,23 @@ def install(model, books, rotations, keys: str | None, values: bool):
     AttentionInterface.register(_PROBE, attention)
     AttentionMaskInterface.register(_PROBE, sdpa_mask)
     model.set_attn_implementation(_PROBE)
+
+
+def install(model, books, rotations, keys: str | None, values: bool):
+    """Eager attention whose K (keys = "post" or "pre" RoPE codebooks, or None) and/or V are reconstructed."""
+
+    def transform(layer, k, v):
+        if keys == "pre":
+            positions = torch.arange(k.shape[2])[None]
+            pre = rope_rotate(k, positions, *rotations[layer], inverse=True)
+            k = rope_rotate(reconstruct(pre, books["keys-pre"][layer]), positions, *rotations[layer])
+        elif keys == "post":
+            k = reconstruct(k, books["keys-post"][layer])
+        if values:
+            v = reconstruct(v, books["values"][layer])
+        return k, v
+
+    install_transform(model, transform)
 
 
 @torch.no_grad()

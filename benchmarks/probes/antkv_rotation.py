@@ -14,9 +14,6 @@ encoded, decoded, rotated back) and keys exact. CPU, about 25 minutes (2 cores).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvpass.calibration import calibration_windows
 from kvpass.calibration.antkv import _codebook, _Collector
@@ -27,7 +24,7 @@ from kvpass.methods import pq
 from kvpass.models import load_model
 
 # A sibling probe: the script's directory is on sys.path when it runs as a script.
-from antkv_error_split import _PROBE, perplexity, reconstruct
+from antkv_error_split import install_transform, perplexity, reconstruct
 
 RATES = {"1bit": (8, 256), "2bit": (4, 256)}
 LAYERS = (2, 15, 28)   # the SQNR table's rows; the mean and the perplexity use every layer
@@ -60,17 +57,11 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor | None, inverse: bool = False
 def install(model, books, rotations):
     """Eager attention whose values are rotated, replaced by their codes' reconstruction and rotated back."""
 
-    def attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
-        r = rotations[module.layer_idx]
-        v = rotate(reconstruct(rotate(v, r), books[module.layer_idx]), r, inverse=True)
-        group = q.shape[1] // k.shape[1]
-        out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                             attn_mask=mask, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
+    def transform(layer, k, v):
+        r = rotations[layer]
+        return k, rotate(reconstruct(rotate(v, r), books[layer]), r, inverse=True)
 
-    AttentionInterface.register(_PROBE, attention)
-    AttentionMaskInterface.register(_PROBE, sdpa_mask)
-    model.set_attn_implementation(_PROBE)
+    install_transform(model, transform)
 
 
 def main() -> None:

@@ -81,7 +81,8 @@ def attention_over_codes_reference(q, kv, valid=None, q_start=None, *, scale, ca
     """fp32 reference of :func:`kvpass.kernels.coded_attention.attention_over_codes`.
 
     q: (B, Hq, Lq, D); kv: CodedKV; valid: (B, S) bool or None (all valid); q_start: int, None
-    (``kv.length - Lq``) or a (1,) int64 tensor (read on the host here); mask: (1|B, 1|Hq, Lq, kv_len) bool or None; other arguments as in
+    (``kv.length - Lq``) or a (1,) int64 tensor (read on the host here); mask: (1|B, 1|Hq, Lq,
+    kv_len) bool or None; other arguments as in
     :func:`kvpass.kernels.attention.reference.attention_over_store_reference` (``num_splits`` is
     accepted and ignored). Returns a contiguous (B, Hq, Lq, Dv) tensor of q's dtype, and with
     return_lse also lse (B, Hq, Lq) fp32: the natural-log logsumexp of the visible scaled,

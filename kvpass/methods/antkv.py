@@ -29,6 +29,7 @@ import torch
 
 from .. import kernels_dispatch
 from ..config import AnTKV
+from ..kernels.coded_attention import CodedKV, KeyRotation, dequantize
 from .antkv_step import finalize_tokens, fused_finalize_tokens, fused_ring_attention
 from .base import AttentionSpec, LayerStore
 
@@ -113,15 +114,13 @@ class AnTKVStore(LayerStore):
         store = cls.__new__(cls)
         LayerStore.__init__(store, method, layer=0)
         book_k, book_v, whitening, inv_freq, scaling = constants
-        store._books, store._book_k, store._book_v = (book_k, book_v, whitening), book_k, book_v
+        store._books = (book_k, book_v, whitening)
         store._rope = None if inv_freq is None else (inv_freq, scaling)
         for name in STATE_NAMES:
             setattr(store, "_" + name, state[name])
         store._changed, store._scale, store._kept_ring, store._ring_recorded = False, 1.0, {}, None
         store._rotation = None
         if inv_freq is not None:
-            from ..kernels.coded_attention import KeyRotation
-
             store._rotation = KeyRotation(inv_freq, scaling, store._position_offset)
         if length == 0:
             store.reset()
@@ -146,8 +145,7 @@ class AnTKVStore(LayerStore):
                 raise ValueError(f"layer {self.layer}: the calibration's {name} codebook {tuple(book.shape)} does not "
                                  f"fit {name} of shape {tuple(x.shape)} (kv heads, head dim); recalibrate this model")
         whitening = None if self._whitening_cpu is None else self._whitening_cpu.to(k.device, torch.float32)
-        self._books = (*books, whitening)      # what encode_tokens takes
-        self._book_k, self._book_v = books
+        self._books = (*books, whitening)      # key codebook, value codebook, key whitening: what encode_tokens takes
         # Zeros, not garbage: a decode step multiplies every ring row's value by its (maybe zero) probability.
         size = max(L, self.method.window + 1)
         self._ring_k = k.new_zeros(B, H, size, D)
@@ -183,8 +181,8 @@ class AnTKVStore(LayerStore):
 
         # Codes start at 0, a real centroid: a decode step classes every slot as coded (the ring's and the
         # unused ones are masked invalid), and the fp32 reference decodes masked slots before masking them.
-        self._codes_k = grow(self._codes_k, (B, H, capacity, self._book_k.shape[1]), torch.uint8, fill=0)
-        self._codes_v = grow(self._codes_v, (B, H, capacity, self._book_v.shape[1]), torch.uint8, fill=0)
+        self._codes_k = grow(self._codes_k, (B, H, capacity, self._books[0].shape[1]), torch.uint8, fill=0)
+        self._codes_v = grow(self._codes_v, (B, H, capacity, self._books[1].shape[1]), torch.uint8, fill=0)
         # The anchor map is int16 while the anchor rows fit: as int32 it is a quarter of a 0.375-bit store's bytes.
         slot_dtype = torch.int16 if anchors <= torch.iinfo(torch.int16).max else torch.int32
         self._anchor_slot = grow(self._anchor_slot, (B, H, capacity), slot_dtype, fill=-1)
@@ -208,7 +206,8 @@ class AnTKVStore(LayerStore):
             shape = list(old.shape)
             shape[dim] = size
             kept = self._kept_ring.get(name)
-            new = kept if size == decode_size and kept is not None and list(kept.shape) == shape else old.new_zeros(shape)
+            reuse = size == decode_size and kept is not None and list(kept.shape) == shape
+            new = kept if reuse else old.new_zeros(shape)
             if old.shape[dim] == decode_size:
                 self._kept_ring[name] = old
             new.index_copy_(dim, new_rows, old.index_select(dim, old_rows))
@@ -221,13 +220,16 @@ class AnTKVStore(LayerStore):
 
     def coded(self):
         """The stored representation as the coded-attention kernels read it (kvpass.kernels.coded_attention)."""
-        from ..kernels.coded_attention import CodedKV
-
         self._reserve(max(self._length, 1))   # the layout wants capacity for every slot, window included
         exact_k, exact_v, _ = self._window()
-        return CodedKV(codes_k=self._codes_k, codes_v=self._codes_v, codebook_k=self._book_k,
-                       codebook_v=self._book_v, anchor_slot=self._anchor_slot, anchor_k=self._anchor_k,
-                       anchor_v=self._anchor_v, exact_k=exact_k, exact_v=exact_v, exact_start=self._finalized,
+        return self._coded_kv(exact_k, exact_v, self._finalized)
+
+    def _coded_kv(self, exact_k, exact_v, exact_start: int) -> CodedKV:
+        """The codes, anchors and codebooks, with exact_k, exact_v (B, H, P, D|Dv) the tokens of slots exact_start
+        on."""
+        return CodedKV(codes_k=self._codes_k, codes_v=self._codes_v, codebook_k=self._books[0],
+                       codebook_v=self._books[1], anchor_slot=self._anchor_slot, anchor_k=self._anchor_k,
+                       anchor_v=self._anchor_v, exact_k=exact_k, exact_v=exact_v, exact_start=exact_start,
                        rotation=self._rotation)
 
     # -- the LayerStore interface ------------------------------------------------------------------------
@@ -273,8 +275,6 @@ class AnTKVStore(LayerStore):
         return out
 
     def materialize(self):
-        from ..kernels.coded_attention import dequantize
-
         k, v = dequantize(self.coded())
         return k.to(self._ring_k.dtype), v.to(self._ring_v.dtype)
 
@@ -303,8 +303,6 @@ class AnTKVStore(LayerStore):
         its own query does not see it, and a row's positions start after its (left) padding, as Hugging Face
         numbers them. No mask (or no call before the first decode step): no padding. A store kept from the last
         sequence writes the padding into the same tensor (a recorded step reads it)."""
-        from ..kernels.coded_attention import KeyRotation
-
         B, device = self._ring_k.shape[0], self._ring_k.device
         if mask is None:
             padding = torch.zeros(B, dtype=torch.int32, device=device)
@@ -363,8 +361,6 @@ class AnTKVStore(LayerStore):
         (the coded kernel, its slots below the device-held finalized count) and over the ring (every row whose
         slot is exact and valid), merged by log-sum-exp; the ring's statistics take the query's column
         statistics."""
-        from ..kernels.coded_attention import CodedKV
-
         ring = self._ring_k.shape[2]
         new = slot % ring
         self._ring_k.index_copy_(2, new, k.to(self._ring_k.dtype))
@@ -376,20 +372,14 @@ class AnTKVStore(LayerStore):
         valid = valid[:, :capacity]
         coded_valid = valid & (torch.arange(capacity, device=valid.device) < self._exact_start)
         # Every slot is classed coded or anchor (exact_start = capacity): the ring's slots are invalid here.
-        kv = CodedKV(codes_k=self._codes_k, codes_v=self._codes_v, codebook_k=self._book_k,
-                     codebook_v=self._book_v, anchor_slot=self._anchor_slot, anchor_k=self._anchor_k,
-                     anchor_v=self._anchor_v, exact_k=self._ring_k[:, :, :0], exact_v=self._ring_v[:, :, :0],
-                     exact_start=capacity, rotation=self._rotation)
+        kv = self._coded_kv(self._ring_k[:, :, :0], self._ring_v[:, :, :0], capacity)
         out_coded, lse_coded = kernels_dispatch.coded_attention(
             q, kv, mask=None, is_causal=True, scale=spec.scale, softcap=spec.softcap, window=spec.window,
             return_lse=True, valid=coded_valid, q_start=slot)
 
-        held = slot - (slot - torch.arange(ring, device=slot.device)) % ring            # (R,) each row's slot
-        seen = (held >= self._exact_start) & valid.index_select(1, held.clamp_min(0))    # (B, R)
-        if spec.window:
-            seen &= held > slot - spec.window
-        out, stats = fused_ring_attention(q, self._ring_k, self._ring_v, seen, out_coded, lse_coded, spec.scale,
-                                          spec.softcap, self.method.score == "bound")
+        out, stats = fused_ring_attention(q, self._ring_k, self._ring_v, slot, self._exact_start, valid, out_coded,
+                                          lse_coded, spec.scale, spec.softcap, spec.window,
+                                          self.method.score == "bound")
         self._ring_stats += stats
         return out
 

@@ -3,8 +3,8 @@ leaving the window, and a decode query's exact attention over the window ring me
 
 The store (kvpass/methods/antkv.py) applies their results in place. They write nothing themselves, so that a
 decode step can run them fused: `fused(fn)` compiles one with Inductor where its tensors are on CUDA (finalizing
-a token and attending the ring are about a hundred small operations per layer, which a recorded step would
-otherwise replay as as many kernel launches); elsewhere it runs as written.
+a token and attending the ring are dozens of small operations per layer, which a recorded step would otherwise
+replay as as many kernel launches); elsewhere it runs as written.
 """
 from __future__ import annotations
 
@@ -80,13 +80,20 @@ def finalize_tokens(k, v, stats, positions, books, rope, method: AnTKV, scale: f
     return codes_k, codes_v, chosen, index, counters
 
 
-def ring_attention(q, ring_k, ring_v, seen, out_coded, lse_coded, scale: float, softcap: float, bound: bool):
+def ring_attention(q, ring_k, ring_v, slot, exact_start, valid, out_coded, lse_coded, scale: float, softcap: float,
+                   window: int, bound: bool):
     """A decode query's attention over the exact ring merged with its attention over the codes.
 
-    q (B, Hq, 1, D); ring_k (B, Hkv, R, D), ring_v (B, Hkv, R, Dv) (finite everywhere); seen (B, R) bool: the
-    rows the query sees; out_coded (B, Hq, 1, Dv) and lse_coded (B, Hq, 1) fp32: the coded part's output and
-    log-sum-exp (-inf: it saw nothing); bound: the Anchor Score needs the output (|v - o|).
+    q (B, Hq, 1, D) at slot ((1,) int64); ring_k (B, Hkv, R, D), ring_v (B, Hkv, R, Dv) (finite everywhere), slot j
+    at row j % R; the query sees the rows whose slot is exact (>= exact_start, (1,) int64), valid (valid (B, >= slot
+    + 1) bool) and within the sliding window (0: none); out_coded (B, Hq, 1, Dv) and lse_coded (B, Hq, 1) fp32: the
+    coded part's output and log-sum-exp (-inf: it saw nothing); bound: the Anchor Score needs the output (|v - o|).
     Returns (output (B, Hq, 1, Dv) in q's dtype, the ring rows' column statistics (4, B, Hkv, R) fp32)."""
+    ring = ring_k.shape[2]
+    held = slot - (slot - torch.arange(ring, device=slot.device)) % ring            # (R,) each row's slot
+    seen = (held >= exact_start) & valid.index_select(1, held.clamp_min(0))         # (B, R)
+    if window:
+        seen = seen & (held > slot - window)
     scores = attention_scores(q, ring_k, scale=scale, softcap=softcap)                 # (B, Hq, 1, R)
     visible = seen[:, None, None, :].expand_as(scores)
     scores = scores.masked_fill(~visible, float("-inf"))
