@@ -181,10 +181,13 @@ def main(argv=None):
                         "as kvpass's attention; the filled context is indexed after the first step")
     parser.add_argument("--antkv", type=float, default=None, metavar="BITS",
                         help="AnTKV at BITS as kvpass's attention (codebooks calibrated on random token ids)")
+    parser.add_argument("--prompt-scoring", choices=kvpass.config.ANTKV_PROMPT_SCORING, default="all",
+                        help="with --antkv: which prompt queries score a prompt token (AnTKV.prompt_scoring)")
     args = parser.parse_args(argv)
     if args.wave and args.antkv is not None:
         parser.error("--wave and --antkv each choose kvpass's attention: give one")
-    attention = (kvpass.WaveIndex() if args.wave else kvpass.AnTKV(bits=args.antkv) if args.antkv is not None
+    attention = (kvpass.WaveIndex() if args.wave
+                 else kvpass.AnTKV(bits=args.antkv, prompt_scoring=args.prompt_scoring) if args.antkv is not None
                  else kvpass.Dense())
     config = kvpass.Config(attention=attention,
                            ffn=None if args.chess is None else kvpass.Chess(sparsity=args.chess,

@@ -21,6 +21,7 @@ from .config import (
     ANCHOR_SCORES,
     ANTKV_KEY_METRICS,
     ANTKV_KEYS,
+    ANTKV_PROMPT_SCORING,
     CHESS_RULES,
     KIVI,
     WAVE_SCORING,
@@ -44,7 +45,7 @@ def _attention_method(args, bits=None):
     bits = {"antkv": 1.0, "kivi": 2}.get(args.attention) if bits is None else bits
     if args.attention == "antkv":
         return AnTKV(bits=bits, anchor_ratio=args.anchor_ratio, window=args.window, score=args.score, keys=args.keys,
-                     value_bits=args.value_bits, key_metric=args.key_metric)
+                     value_bits=args.value_bits, key_metric=args.key_metric, prompt_scoring=args.prompt_scoring)
     if args.attention == "kivi":
         return KIVI(bits=int(bits), group=args.group, residual=args.window)
     if args.attention == "wave":
@@ -80,7 +81,8 @@ def _method_name(config: Config) -> str:
                               + f"-{m.anchor_ratio:g}anchors"      # defaults unnamed
                               + ("" if m.score == "bound" else f"-{m.score}")
                               + ("" if m.keys == "pre-rope" else f"-{m.keys}")
-                              + ("" if m.key_metric == "euclidean" else f"-{m.key_metric}-metric")),
+                              + ("" if m.key_metric == "euclidean" else f"-{m.key_metric}-metric")
+                              + ("" if m.prompt_scoring == "all" else f"-{m.prompt_scoring}-scored")),
             "kivi": lambda: f"kivi-{m.bits}bit",
             "wave": lambda: (f"wave-{m.retrieval:g}r-{m.estimation:g}e"
                              + ("" if m.recent == WaveIndex().recent else f"-{m.recent}recent")
@@ -149,6 +151,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score", choices=ANCHOR_SCORES, default="bound", help="antkv: Anchor Score candidate")
     parser.add_argument("--keys", choices=ANTKV_KEYS, default="pre-rope", help="antkv: key codebooks before or "
                                                                                "after RoPE")
+    parser.add_argument("--prompt-scoring", choices=ANTKV_PROMPT_SCORING, default="all",
+                        help="antkv: a prompt token is scored by all later prompt queries, or by the --window queries "
+                             "from its own slot on (as generated tokens; linear-time prefill)")
     parser.add_argument("--group", type=int, default=32, help="kivi: tokens per key scale")
     wave = WaveIndex()
     parser.add_argument("--retrieval", type=float, default=wave.retrieval, help="wave: share of clusters attended "

@@ -65,6 +65,9 @@ ANTKV_KEY_METRICS = ("euclidean", "query")
 # Where AnTKV's key codebooks live: before RoPE (keys rotated back by their position, RoPE re-applied when read;
 # the better one, docs/antkv.md) or after it (keys as attention sees them).
 ANTKV_KEYS = ("pre-rope", "post-rope")
+# Which of a prompt's queries score a prompt token: every later query of the prompt (the paper's prefill; the score
+# pass costs O(L^2)) or the `window` queries from its own slot on, as a generated token is scored (O(L * window)).
+ANTKV_PROMPT_SCORING = ("all", "window")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +82,8 @@ class AnTKV(AttentionMethod):
         or become anchors); score: the Anchor Score candidate (ANCHOR_SCORES);
     keys: "pre-rope" or "post-rope" key codebooks (ANTKV_KEYS);
     key_metric: "query" or "euclidean" (ANTKV_KEY_METRICS): what the key codebooks minimize and encoding uses;
-        "query" (the expected score error under the calibration queries) won at 1 and 2 bit (docs/antkv.md §6).
+        "query" (the expected score error under the calibration queries) won at 1 and 2 bit (docs/antkv.md §6);
+    prompt_scoring: "all" or "window" (ANTKV_PROMPT_SCORING): which of a prompt's queries score a prompt token.
     """
 
     method: ClassVar[str] = "antkv"
@@ -90,6 +94,7 @@ class AnTKV(AttentionMethod):
     keys: str = "pre-rope"
     value_bits: float | None = None
     key_metric: str = "query"
+    prompt_scoring: str = "all"
 
     def __post_init__(self):
         for name in ("bits", "value_bits"):
@@ -113,6 +118,8 @@ class AnTKV(AttentionMethod):
             raise ValueError(f"keys={self.keys!r}: key codebooks are {' or '.join(map(repr, ANTKV_KEYS))}")
         if self.key_metric not in ANTKV_KEY_METRICS:
             raise ValueError(f"key_metric={self.key_metric!r}: use one of {list(ANTKV_KEY_METRICS)}")
+        if self.prompt_scoring not in ANTKV_PROMPT_SCORING:
+            raise ValueError(f"prompt_scoring={self.prompt_scoring!r}: use one of {list(ANTKV_PROMPT_SCORING)}")
 
     def rate(self, part: str) -> tuple[int, int]:
         """(sub-vector length, codebook size) of the "keys" or the "values"."""

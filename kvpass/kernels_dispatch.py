@@ -41,14 +41,15 @@ def coded_attention(q, kv, *, mask, is_causal, scale, softcap, window, return_ls
               return_lse=return_lse)
 
 
-def anchor_scores(q, k, v, lse, o, *, q_start, key_start, mask, is_causal, scale, softcap, window):
+def anchor_scores(q, k, v, lse, o, *, q_start, key_start, mask, is_causal, scale, softcap, window, span=0):
     """(4, B, Hkv, Lk) fp32 column statistics of the attention of q over the exact keys k, v at slots
-    key_start.. (see kvpass.kernels.anchor_scores)."""
+    key_start.. (see kvpass.kernels.anchor_scores); span > 0: each key scored by the span queries from its slot
+    on only."""
     from .kernels import anchor_scores as family
 
     fn = family.anchor_scores if use_triton(q) else family.anchor_scores_reference
     return fn(q, k, v, lse, o, q_start=q_start, key_start=key_start, scale=scale, causal=is_causal, window=window,
-              softcap=softcap, mask=mask)
+              softcap=softcap, mask=mask, span=span)
 
 
 def kmeans(x, count, clusters, iterations, metric):

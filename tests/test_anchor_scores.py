@@ -48,6 +48,7 @@ class Case:
     group: int = 1                  # query heads per kv head
     pads: tuple = (0, 3, 10)        # left padding (invalid leading slots) per batch row
     window: int = 0
+    span: int = 0                   # > 0: each key scored by the span queries from its slot on
     softcap: float = 0.0
     scale: float | None = None      # None: D ** -0.5
     causal: bool = True
@@ -108,6 +109,7 @@ def make_inputs(c: Case):
     o = attention_over_store_reference(q, k_store, v_store, valid, **kw) if c.with_o else None
     kw["key_start"] = c.keys.start
     kw["mask"] = _to_device(mask)
+    kw["span"] = c.span
     # The scored keys are a view of the store (as a caller would pass them).
     args = (q, k_store[:, :, c.keys], v_store[:, :, c.keys], lse, o, valid)
     return tuple(_to_device(t) for t in args), kw
@@ -173,6 +175,12 @@ CASES = {
     "fp16-prefill-gqa8": Case(15, D=128, Lq=17, kv_len=17, group=8, dtype=F16),
     "bf16-chunk-new-keys-gqa4": Case(16, D=96, Lq=17, kv_len=60, key_start=43, group=4, dtype=BF16),
     "fp32q-over-fp16-store": Case(17, Lq=17, kv_len=60, group=2, store_dtype=F16),
+    # AnTKV's prompts: each key scored by the span queries from its slot on (rows beyond them skipped)
+    "span32-prefill-gqa4": Case(18, D=128, Lq=300, kv_len=300, Hkv=1, group=4, span=32, pads=(37,)),
+    "span7-chunk-new-keys": Case(19, D=80, Lq=17, kv_len=60, key_start=30, group=2, span=7),
+    "span-with-shorter-window": Case(20, Lq=40, kv_len=100, group=2, window=5, span=9, pads=(0, 70, 95)),
+    "span-mask-leftpad-gqa4": Case(22, Lq=33, kv_len=40, group=4, mask=True, causal=False, span=5),
+    "span-longer-than-prompt-bf16": Case(23, D=96, Lq=17, kv_len=17, span=64, dtype=BF16, pads=(0, 3)),
 }
 
 
@@ -190,6 +198,18 @@ def test_mass_sums_to_rows_that_see_something(window):
     rows_seeing = (lse > float("-inf")).view(c.B, c.Hkv, c.group * c.Lq).sum(-1).float()
     assert rows_seeing[0].min() == c.group * c.Lq and rows_seeing[2].max() == 0   # both kinds occur
     assert torch.allclose(out[MASS].sum(-1), rows_seeing, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_span_counts_each_key_over_its_span_queries(mask):
+    """With a span, a valid key at slot j is scored by the queries at slots j .. j + span - 1 of the prompt (each
+    with its group of heads): the pair counts say so exactly, mask or not."""
+    c = Case(24, Lq=50, kv_len=50, group=4, span=11, pads=(0, 6), mask=mask)
+    out, args, _ = check_case(c)
+    slots = torch.arange(c.kv_len)
+    expected = (torch.clamp(c.kv_len - slots, max=c.span) * c.group).float().to(out.device)
+    assert torch.equal(out[PAIRS][0, 0], expected)
+    assert torch.equal(out[PAIRS][1, 0, 6:], expected[6:]) and (out[PAIRS][1, 0, :6] == 0).all()
 
 
 def test_hidden_garbage_cannot_leak():
@@ -226,6 +246,7 @@ BAD_INPUTS = {
     "keys-past-kv_len": ({"key_start": 5}, r"key_start \+ Lk <= kv_len = q_start \+ Lq = 8"),
     "key_start-negative": ({"key_start": -1}, r"key_start must be"),
     "q_start-none": ({"q_start": None}, r"q_start must be a non-negative python int"),
+    "span-negative": ({"span": -1}, r"span must be a python int >= 0"),
     "lse-dtype": ({"lse": torch.zeros(2, 4, 3, dtype=F16)}, r"lse must be a float32 tensor"),
     "lse-shape": ({"lse": torch.zeros(2, 4, 4)}, r"lse must be .* \(B, Hq, Lq\) = \(2, 4, 3\)"),
     "o-shape": ({"o": torch.zeros(2, 4, 3, 32)}, r"o must be None or .* \(2, 4, 3, 64\)"),

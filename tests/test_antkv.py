@@ -147,8 +147,9 @@ def test_codebooks_beat_random_codebooks(llama):
 
 
 # -- the store --------------------------------------------------------------------------------------------------
-def _store(cal, ratio=0.1, window=4, score="bound"):
-    return AnTKVStore(AnTKV(bits=1, anchor_ratio=ratio, window=window, score=score), layer=0, calibration=cal)
+def _store(cal, ratio=0.1, window=4, score="bound", prompt_scoring="all"):
+    method = AnTKV(bits=1, anchor_ratio=ratio, window=window, score=score, prompt_scoring=prompt_scoring)
+    return AnTKVStore(method, layer=0, calibration=cal)
 
 
 def _kv(B=2, H=2, L=37, D=16, seed=0):
@@ -176,7 +177,8 @@ def test_prefill_keeps_window_and_anchor_budget(llama, score):
 
 
 def test_sink_is_an_anchor_by_the_same_rule(llama):
-    """A token every query attends to (an attention sink) is kept exact, with no special case for position 0."""
+    """A token every query attends to (an attention sink) is kept exact, with no special case for position 0
+    (prompt_scoring "all": the later queries that reveal the sink score it)."""
     _, cal = llama
     q, k, v = _kv(B=1, L=64, seed=3)
     u = torch.randn(16, generator=torch.Generator().manual_seed(9))
@@ -189,6 +191,27 @@ def test_sink_is_an_anchor_by_the_same_rule(llama):
         store.append(k, v)
         store.attend(q, None, True, AttentionSpec(scale=0.25))
         assert (store._anchor_slot[:, :, 5] >= 0).all(), score
+
+
+@pytest.mark.parametrize("prompt_scoring", ["all", "window"])
+def test_prompt_tokens_are_scored_by_the_queries_prompt_scoring_names(llama, monkeypatch, prompt_scoring):
+    """A prompt token's statistics, when it is finalized, sum over every later query of the prompt ("all") or over
+    the `window` queries from its own slot on ("window", as a generated token's), each with its GQA group."""
+    from kvpass.methods import antkv as store_module
+
+    seen = []
+    finalize = store_module.finalize_tokens
+    monkeypatch.setattr(store_module, "finalize_tokens", lambda k, v, stats, *rest: seen.append(stats) or finalize(
+        k, v, stats, *rest))
+    _, cal = llama
+    q, k, v = _kv(B=1, L=40, seed=4)
+    store = _store(cal, window=4, prompt_scoring=prompt_scoring)
+    store.append(k, v)
+    store.attend(q, None, True, AttentionSpec(scale=0.25))
+    pairs = torch.cat(seen, dim=-1)[3]                            # (B, H, finalized tokens)
+    slots = torch.arange(pairs.shape[-1])
+    queries = torch.full_like(slots, 4) if prompt_scoring == "window" else 40 - slots
+    assert pairs.shape[-1] == 40 - 4 + 1 and torch.equal(pairs, (2 * queries).float().expand_as(pairs))
 
 
 def test_decode_finalizes_one_token_per_step_within_budget(llama):

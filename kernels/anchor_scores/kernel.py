@@ -13,7 +13,8 @@ Design
   query ``i`` of query head ``kv_head * group + g``, so a K/V tile serves the whole GQA group.
 * **Row skipping.** Without ``mask``, a key block only visits the rows that may see one of its
   keys: causal queries at or after its first key, window queries within ``window`` of its last
-  key. With ``mask`` (which can show any key to any row) it visits all rows.
+  key. With ``mask`` (which can show any key to any row) it visits all rows, unless a ``span``
+  bounds them (AnTKV's prompts: then a block visits ``BLOCK_N + span`` queries, whatever Lq).
 * **fp32 throughout.** Tiles are upcast on load and the score dot uses
   ``input_precision="ieee"`` (no TF32): this runs once per prefill, so accuracy beats speed.
 * **Distances from differences.** ``||v_j - o_i||^2`` is summed from ``(o_i - v_j)^2`` over
@@ -60,18 +61,23 @@ def _launch_config(block_d: int, interpreted: bool):
 
 
 @triton.jit
-def _row_range(pid_n, Lq, Lk, group, q_start, key_start, window,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[r_lo, r_hi): the rows (query-major) that may see a key of block pid_n, when there is no mask."""
+def _row_range(pid_n, Lq, Lk, group, q_start, key_start, window, span,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SPAN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[r_lo, r_hi): the rows (query-major) that may see a key of block pid_n (causal and window only count
+    without a mask; the span always does)."""
     i_lo = 0
     i_hi = Lq
-    if CAUSAL:
-        # Query i sees key slot j only if j <= q_start + i: the block's first key bounds i below.
-        i_lo = tl.maximum(key_start + pid_n * BLOCK_N - q_start, 0)
+    first_key = key_start + pid_n * BLOCK_N
+    last_key = key_start + tl.minimum(pid_n * BLOCK_N + BLOCK_N, Lk) - 1
+    if CAUSAL or HAS_SPAN:
+        # Query i sees (or scores) key slot j only if j <= q_start + i: the block's first key bounds i below.
+        i_lo = tl.maximum(first_key - q_start, 0)
     if HAS_WINDOW:
         # ... and only if j > q_start + i - window: the block's last key bounds i above.
-        last_key = key_start + tl.minimum(pid_n * BLOCK_N + BLOCK_N, Lk) - 1
         i_hi = tl.minimum(last_key + window - q_start, Lq)
+    if HAS_SPAN:
+        i_hi = tl.minimum(i_hi, last_key + span - q_start)
+    i_hi = tl.maximum(i_hi, i_lo)
     return i_lo * group, i_hi * group
 
 
@@ -107,9 +113,9 @@ def _anchor_scores_kernel(
     svalb, svals,
     smb, smh, smi, smj,
     sts, stb, sth, stn,
-    Hkv, group, Lq, Lk, q_start, key_start, window, D, DV,
+    Hkv, group, Lq, Lk, q_start, key_start, window, span, D, DV,
     qk_scale, softcap_log2,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SPAN: tl.constexpr, HAS_VALID: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_O: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):
@@ -145,12 +151,8 @@ def _anchor_scores_kernel(
     sensitivity = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     pairs = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
 
-    if HAS_MASK:
-        r_lo = 0
-        r_hi = Lq * group
-    else:
-        r_lo, r_hi = _row_range(pid_n, Lq, Lk, group, q_start, key_start, window,
-                                CAUSAL, HAS_WINDOW, BLOCK_N)
+    r_lo, r_hi = _row_range(pid_n, Lq, Lk, group, q_start, key_start, window, span,
+                            CAUSAL, HAS_WINDOW, HAS_SPAN, BLOCK_N)
     for start in range(r_lo, r_hi, BLOCK_M):
         # ---- rows r = (query i, head-in-group g) ----------------------------------------------
         rows = start + tl.arange(0, BLOCK_M)
@@ -165,6 +167,9 @@ def _anchor_scores_kernel(
         s = scores(q, k, qk_scale, softcap_log2, HAS_SOFTCAP, True)     # fp32 "ieee" dots
         vis = visible(MASK, b * smb + head * smh + qi * smi, smj, row_ok & (lse_log2 > float("-inf")),
                       key_ok, key_pos, q_start + qi, window, CAUSAL, HAS_WINDOW, HAS_MASK)
+        if HAS_SPAN:   # only the span's queries score a key: key slot <= query slot < key slot + span
+            behind = (q_start + qi)[:, None] - key_pos[None, :]
+            vis = vis & (behind >= 0) & (behind < span)
         # -inf where hidden: rows with lse = -inf would give exp2(+inf) there.
         a = tl.exp2(tl.where(vis, s - lse_log2[:, None], float("-inf")))
         mass += a
@@ -186,7 +191,7 @@ def _anchor_scores_kernel(
 
 
 def anchor_scores(q, k, v, lse, o=None, valid=None, *, q_start, key_start, scale, causal=True,
-                  window=0, softcap=0.0, mask=None):
+                  window=0, softcap=0.0, mask=None, span=0):
     """AnTKV anchor-score column statistics of the keys k, v (Triton).
 
     q: (B, Hq, Lq, D) fp16/bf16/fp32, any strides; the queries sit at store slots
@@ -199,6 +204,9 @@ def anchor_scores(q, k, v, lse, o=None, valid=None, *, q_start, key_start, scale
     valid: None (all valid) or (B, S) bool with S >= kv_len; invalid slots may hold garbage.
     mask: None or (1|B, 1|Hq, Lq, kv_len) bool over all keys; when given it replaces causal and
        window. scale / causal / window / softcap: as in the attention kernel.
+    span: 0, or only the pairs of a key and the span queries from its own slot on count (key slot <= query
+       slot < key slot + span), on top of the visibility; each key block then visits only those rows, so a
+       prompt's statistics cost O(Lk * span), not O(Lk * Lq).
 
     Returns a new contiguous (4, B, Hkv, Lk) float32 tensor: per scored key, sums over its
     visible (query, query head) pairs of [A, A (1 - A), A ||q|| ||v - o||, 1], computed in fp32
@@ -206,7 +214,7 @@ def anchor_scores(q, k, v, lse, o=None, valid=None, *, q_start, key_start, scale
     """
     B, Hq, Hkv, Lq, Lk, D, Dv, _ = check_anchor_inputs(
         q, k, v, lse, o, valid, q_start=q_start, key_start=key_start, scale=scale, window=window,
-        softcap=softcap, mask=mask,
+        softcap=softcap, mask=mask, span=span,
     )
     _check_device("anchor_scores", {"q": q, "k": k, "v": v, "lse": lse, "o": o, "valid": valid, "mask": mask})
     out = torch.empty((NUM_STATS, B, Hkv, Lk), dtype=torch.float32, device=q.device)
@@ -234,10 +242,10 @@ def anchor_scores(q, k, v, lse, o=None, valid=None, *, q_start, key_start, scale
         q, k, v, lse, o, valid_u8, mask_u8, out,
         *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *o_strides, *valid_strides,
         *mask_strides, *out.stride(),
-        Hkv, Hq // Hkv, Lq, Lk, q_start, key_start, window, D, Dv,
+        Hkv, Hq // Hkv, Lq, Lk, q_start, key_start, window, span, D, Dv,
         qk_scale, softcap_log2,
         # A mask replaces causal and window: the kernel then neither applies them nor skips rows.
-        CAUSAL=bool(causal) and mask is None, HAS_WINDOW=window > 0 and mask is None,
+        CAUSAL=bool(causal) and mask is None, HAS_WINDOW=window > 0 and mask is None, HAS_SPAN=span > 0,
         HAS_VALID=valid is not None, HAS_MASK=mask is not None, HAS_SOFTCAP=softcap > 0,
         HAS_O=o is not None,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DC=BLOCK_DC, num_warps=num_warps,

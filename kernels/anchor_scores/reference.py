@@ -38,7 +38,7 @@ def _is_index(x) -> bool:
 
 
 def check_anchor_inputs(q, k, v, lse, o, valid, *, q_start, key_start, scale, window, softcap,
-                        mask):
+                        mask, span=0):
     """Validate the inputs of ``anchor_scores`` (kernel and reference alike).
 
     Returns ``(B, Hq, Hkv, Lq, Lk, D, Dv, kv_len)``. Raises ``ValueError`` naming the offending
@@ -46,6 +46,8 @@ def check_anchor_inputs(q, k, v, lse, o, valid, *, q_start, key_start, scale, wi
     """
     if not _is_index(q_start):
         raise ValueError(f"q_start must be a non-negative python int, got {q_start!r}")
+    if not _is_index(span):
+        raise ValueError(f"span must be a python int >= 0 (0: every visible query scores), got {span!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -92,7 +94,7 @@ def attention_scores(q, k, *, scale, softcap=0.0):
 
 
 def anchor_scores_reference(q, k, v, lse, o=None, valid=None, *, q_start, key_start, scale,
-                            causal=True, window=0, softcap=0.0, mask=None):
+                            causal=True, window=0, softcap=0.0, mask=None, span=0):
     """fp32 anchor-score column statistics (see the module doc), materializing all scores.
 
     q: (B, Hq, Lq, D), queries at store slots q_start .. q_start + Lq - 1 (kv_len = q_start + Lq);
@@ -101,17 +103,21 @@ def anchor_scores_reference(q, k, v, lse, o=None, valid=None, *, q_start, key_st
     the row sees nothing); o: None or (B, Hq, Lq, Dv), each row's attention output;
     valid: None (all valid) or (B, S) bool, S >= kv_len; mask: None or (1|B, 1|Hq, Lq, kv_len) bool
     over all keys (then causal / window are ignored). scale / causal / window / softcap: as in
-    :func:`kvpass.kernels.attention.attention_over_store`.
+    :func:`kvpass.kernels.attention.attention_over_store`. span: 0, or a key counts only the visible
+    pairs of the span queries from its own slot on (key slot <= query slot < key slot + span).
     Returns (4, B, Hkv, Lk) float32.
     """
     B, Hq, Hkv, Lq, Lk, _, _, kv_len = check_anchor_inputs(
         q, k, v, lse, o, valid, q_start=q_start, key_start=key_start, scale=scale, window=window,
-        softcap=softcap, mask=mask,
+        softcap=softcap, mask=mask, span=span,
     )
     if valid is None:
         valid = torch.ones(B, kv_len, dtype=torch.bool, device=q.device)
     vis = visibility_mask(valid, q_start, Lq, Hq, causal=causal, window=window, mask=mask)
     vis = vis[..., key_start:key_start + Lk] & (lse > float("-inf"))[..., None]   # (B, Hq, Lq, Lk)
+    if span:
+        behind = (q_start + torch.arange(Lq, device=q.device))[:, None] - (key_start + torch.arange(Lk, device=q.device))
+        vis = vis & (behind >= 0) & (behind < span)
     s = attention_scores(q, k, scale=scale, softcap=softcap)
     # exp(-inf) = 0 where hidden: there s may be NaN (garbage keys) and s - lse = +inf (rows with lse = -inf).
     a = torch.exp(torch.where(vis, s - lse[..., None], float("-inf")))        # (B, Hq, Lq, Lk), 0 where hidden

@@ -1,11 +1,12 @@
 """AnTKV store: product-quantized K/V codes, plus exact anchor tokens chosen online by their Anchor Score.
 
 Every token enters the store exact (the "window"). Each attention call scores the exact tokens with the
-column statistics of its queries' attention (kvpass.kernels.anchor_scores). A token that `window` queries
-have scored is finalized: encoded against the layer's codebooks, or kept exact as an anchor when its Anchor
-Score is among the highest (budget: `anchor_ratio` of the finalized tokens of its row and KV head; a later
-token must also reach the weakest anchor's score so far). The same rule covers the prompt, generated tokens
-and attention sinks (a sink's score is simply the highest). With pre-RoPE key codebooks (the default) a key
+column statistics of its queries' attention (kvpass.kernels.anchor_scores): all of a prompt's later queries
+score a prompt token, or with prompt_scoring "window" only the `window` queries from its own slot on, as for a
+generated token. A token that `window` queries have scored is finalized: encoded against the layer's codebooks,
+or kept exact as an anchor when its Anchor Score is among the highest (budget: `anchor_ratio` of the
+finalized tokens of its row and KV head; a later token must also reach the weakest anchor's score so far). The
+same rule covers the prompt, generated tokens and attention sinks (a sink's score is simply the highest). With pre-RoPE key codebooks (the default) a key
 is rotated back by its position before it is encoded, and the kernels rotate its reconstruction forward again;
 a row's positions are its slots minus its left padding, read from the first call's mask.
 
@@ -264,8 +265,11 @@ class AnTKVStore(LayerStore):
         kv = self.coded()
         out, lse = kernels_dispatch.coded_attention(q, kv, return_lse=True, **kwargs)
         o = out if self.method.score == "bound" else None
+        # prompt_scoring "window": a prompt token is scored by the `window` queries from its own slot on, as a
+        # generated token is (the span changes nothing in decode), and the score pass costs O(L * window).
+        span = window if self.method.prompt_scoring == "window" else 0
         stats = kernels_dispatch.anchor_scores(q, kv.exact_k, kv.exact_v, lse, o, q_start=self._length - Lq,
-                                               key_start=self._finalized, **kwargs)
+                                               key_start=self._finalized, span=span, **kwargs)
         self._ring_stats.index_add_(3, self._ring_rows(self._finalized, self._length), stats)
         if Lq > 1 and self._finalize(self._length - window + 1, spec.scale):
             # A prompt's queries all scored it in one pass: it attends over its own stored representation.
