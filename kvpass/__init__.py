@@ -34,6 +34,17 @@ def export(model, config: Config | None = None, **limits):
                                                                            config.calibration), **limits)
 
 
+def export_onnx(model, path, config: Config | None = None, **options):
+    """`kvpass.portable_onnx.export` (path; cache_len for AnTKV) with the calibration its attention method needs,
+    resolved as kvpass.compile resolves it. Needs the `export` extra (onnx, onnxscript; onnxruntime to run it)."""
+    from . import portable_onnx
+
+    config = config or Config()
+    portable.check_method(config, attention=(Dense, KIVI, AnTKV), to="kvpass.export_onnx")
+    return portable_onnx.export(model, path, config, calibration=_resolve_calibration(
+        model, config.attention, config.calibration), **options)
+
+
 def __getattr__(name):
     # The HF cache imports transformers: load it on first use, keeping `import kvpass` light.
     if name == "KVCache":
@@ -43,5 +54,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'kvpass' has no attribute {name!r}")
 
 
-__all__ = ["Config", "Dense", "AnTKV", "KIVI", "WaveIndex", "DenseFFN", "Chess", "backend", "Backend", "KvpassMatchError", "compile", "attach", "detach", "export", "portable",
+__all__ = ["Config", "Dense", "AnTKV", "KIVI", "WaveIndex", "DenseFFN", "Chess", "backend", "Backend", "KvpassMatchError", "compile", "attach", "detach", "export", "export_onnx", "portable",
            "report", "reset", "sequence", "KVCache"]

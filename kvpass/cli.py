@@ -493,7 +493,9 @@ def cmd_export(args) -> int:
     onnx = str(args.out).endswith(".onnx")
     start = time.perf_counter()
     if onnx:
-        path = portable_onnx.export(model, args.out, config)
+        from . import export_onnx   # the package's: it resolves the calibration AnTKV's model carries
+
+        path = export_onnx(model, args.out, config, cache_len=args.max_cache_len)
         written = f"{path}"
     else:
         from . import export   # the package's: it resolves the calibration AnTKV's program carries
@@ -510,7 +512,9 @@ def cmd_export(args) -> int:
                                          cache_len=args.max_cache_len)
         else:
             out = portable.generate(torch.export.load(path), prompt, mask, max_new_tokens=args.max_new_tokens)
-        print(f"loaded back ({'onnxruntime' if onnx else 'torch.export.load'}), greedy:",
+        runner = ("onnx's reference evaluator with kvpass's op" if isinstance(config.attention, AnTKV)
+                  else "onnxruntime") if onnx else "torch.export.load"
+        print(f"loaded back ({runner}), greedy:",
               tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True))
     return 0
 

@@ -14,7 +14,8 @@ treat them as opaque calls with known output shapes (`register_fake`).
   op of an exported program (kvpass/portable.py), whose cache is the program's own buffers;
   `kvpass::static_attention_functional` returns the written stores instead (ONNX: the cache in, the cache out);
   `kvpass::static_kivi_attention` is the same over a KIVI store (quantized parts and exact rings), and
-  `kvpass::static_antkv_attention` over an AnTKV store (codes, anchors, the window ring and the anchor counts).
+  `kvpass::static_antkv_attention` over an AnTKV store (codes, anchors, the window ring and the anchor counts),
+  `kvpass::static_antkv_attention_functional` its functional form.
 The stateless FFN ops (`kvpass::ffn`, `kvpass::sparse_linear`) are in kvpass/ffn_ops.py.
 """
 from __future__ import annotations
@@ -200,6 +201,32 @@ def static_antkv_attention(q: Tensor, k: Tensor, v: Tensor, codes_k: Tensor, cod
 @static_antkv_attention.register_fake
 def _(q, k, v, *args):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("kvpass::static_antkv_attention_functional", mutates_args=())
+def static_antkv_attention_functional(
+        q: Tensor, k: Tensor, v: Tensor, codes_k: Tensor, codes_v: Tensor, anchor_slot: Tensor, anchor_k: Tensor,
+        anchor_v: Tensor, ring_k: Tensor, ring_v: Tensor, ring_stats: Tensor, exact_start: Tensor,
+        finalized_seen: Tensor, anchor_count: Tensor, weakest: Tensor, position_offset: Tensor, book_k: Tensor,
+        book_v: Tensor, whitening: Tensor, inv_freq: Tensor, rope_scaling: float, valid: Tensor,
+        cache_position: Tensor, method: str, scale: float, softcap: float,
+        window: int) -> tuple[(Tensor,) * (1 + len(ANTKV_STATE_NAMES))]:
+    """`static_antkv_attention` that returns the written state (new tensors, in ANTKV_STATE_NAMES order) after the
+    output instead of writing the caller's: the form of programs that hold no state (ONNX, kvpass.portable_onnx).
+    whitening and inv_freq: empty tensors where the configuration has none (an ONNX node's inputs are
+    positional, so none is left out)."""
+    state = [t.clone() for t in (codes_k, codes_v, anchor_slot, anchor_k, anchor_v, ring_k, ring_v, ring_stats,
+                                 exact_start, finalized_seen, anchor_count, weakest, position_offset)]
+    out = static_antkv_attention(q, k, v, *state, book_k, book_v, whitening if whitening.numel() else None,
+                                 inv_freq if inv_freq.numel() else None, rope_scaling, valid, cache_position, method,
+                                 scale, softcap, window)
+    return (out, *state)
+
+
+@static_antkv_attention_functional.register_fake
+def _(q, k, v, *args):
+    state = args[:len(ANTKV_STATE_NAMES)]
+    return (q.new_empty(*q.shape[:-1], v.shape[-1]), *(torch.empty_like(t) for t in state))
 
 
 @torch.library.custom_op("kvpass::static_attention_functional", mutates_args=())

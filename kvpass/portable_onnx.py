@@ -13,40 +13,69 @@ store writes its own (kvpass.methods.kivi.write_tokens, in tensor operations). O
 (B, V), then `valid` and the stores with the new tokens written, to pass to the next call. The model's metadata
 `kvpass.attention` names the method (`generate` reads it).
 
-kvpass's attention op becomes the standard `Attention` operator (over the dequantized store for KIVI). The other
-methods' state and kernels have no ONNX form yet (AnTKV, the wave index and CHESS).
+kvpass's attention op becomes the standard `Attention` operator (over the dequantized store for KIVI). AnTKV
+(`export(..., calibration=)`; kvpass.export_onnx resolves it) becomes one node per layer in the `kvpass` domain,
+`kvpass.StaticAnTKVAttention` (its anchor choice and coded attention have no standard form): its inputs are the
+layer's q, k, v, its state (kvpass.methods.antkv.STATE_NAMES, for a cache of `cache_len` slots fixed at export),
+the codebooks (initializers), key whitening and RoPE frequencies (empty where the configuration has none), valid
+and cache_position; attributes rope_scaling, method (AnTKV's configuration as JSON), scale, softcap, window; its
+outputs the attention output and the written state. onnxruntime has no kernel for it: `generate` runs such a
+model in onnx's reference evaluator with kvpass.onnx_domain.KVPASS_OPS, which executes the node with kvpass's own
+op, so it needs kvpass installed. The wave index and CHESS have no ONNX form yet.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .config import KIVI, Config, Dense
+from .config import KIVI, AnTKV, Config, Dense
 from .methods import kivi
+from .methods.antkv import STATE_NAMES as ANTKV_STATE_NAMES
+from .methods.antkv import AnTKVStore, batch_dim
 from .portable import attention_implementation, check_method, serving, store_buffers, store_shapes
 
 __all__ = ["export", "generate", "OnnxDecoder"]
 
 OPSET = 23   # the first opset with the Attention operator (GQA, boolean masks, scale, softcap)
+_ANTKV_CONSTANTS = ("book_k", "book_v", "whitening", "inv_freq")
 
 
 class OnnxDecoder(torch.nn.Module):
     """What the ONNX exporter traces: forward(input_ids, attention_mask, position_ids, cache_position, valid,
-    *stores) -> (logits, valid, *stores), the stores ordered layer by layer, each its `parts` (see the module doc)."""
+    *stores) -> (logits, valid, *stores), the stores ordered layer by layer, each its `parts` (see the module doc).
+    AnTKV's constants (codebooks, whitening, RoPE frequencies) are buffers `<name>_<layer>`: the ONNX model's
+    initializers."""
 
-    def __init__(self, model, method: Dense | KIVI | None = None):
+    def __init__(self, model, method: Dense | KIVI | AnTKV | None = None, calibration=None, cache_len: int = 0):
         super().__init__()
         self.model, self.method = model, method or Dense()
         self.parts = _parts(self.method)
+        self.rope_scaling = 1.0
+        if isinstance(self.method, AnTKV):
+            device = next(model.parameters()).device
+            for layer, (heads, key_dim, value_dim, dtype) in store_shapes(model).items():
+                _, (*constants, self.rope_scaling) = AnTKVStore.program_state(
+                    self.method, calibration, layer, 1, cache_len, key_dim, value_dim, heads, dtype, device)
+                for name, tensor in zip(_ANTKV_CONSTANTS, constants):
+                    self.register_buffer(f"{name}_{layer}", torch.zeros(0, device=device) if tensor is None else tensor)
 
     def attend(self, layer: int, query, key, value, scale: float, softcap: float, window: int) -> Tensor:
         """The layer's new tokens written into (new copies of) its store and attended
-        (kvpass::static_attention_functional, over the dequantized store for KIVI)."""
+        (kvpass::static_attention_functional, over the dequantized store for KIVI;
+        kvpass::static_antkv_attention_functional for AnTKV)."""
         at = slice(len(self.parts) * layer, len(self.parts) * (layer + 1))
-        if isinstance(self.method, KIVI):
+        if isinstance(self.method, AnTKV):
+            constants = [getattr(self, f"{name}_{layer}") for name in _ANTKV_CONSTANTS]
+            out, *store = torch.ops.kvpass.static_antkv_attention_functional(
+                query, key, value, *self.written[at], *constants, self.rope_scaling, self.valid, self.cache_position,
+                json.dumps(dataclasses.asdict(self.method)), scale, softcap, window)
+        elif isinstance(self.method, KIVI):
             store = kivi.write_tokens(self.method, self.written[at], key, value, self.cache_position[0])
             end = self.cache_position[-1:] + 1
             keys, values = kivi.dequantized_view(self.method, store, *kivi.quantized_after(self.method, end), end)
@@ -101,89 +130,152 @@ def _attention_in_onnx(q, k, v, k_store, v_store, valid, cache_position, scale: 
     return out, k_all, v_all
 
 
-def _slot_dims(method: Dense | KIVI, slots, groups) -> dict[str, object]:
-    """Each store part, in the order the program takes them (kvpass.portable.store_buffers), with its dynamic slot
-    dimension (dim 2): the cache's slots, or its key groups; None: static (the KIVI rings)."""
+def _dynamic_dims(method: Dense | KIVI | AnTKV, part: str, batch, slots, groups) -> dict[int, object]:
+    """The dynamic dimensions of one layer's store part {dim: Dim}: its rows over the batch, and for Dense and KIVI
+    its slots (dim 2: the cache's slots, or its key groups; the KIVI rings have none). AnTKV's slots are fixed at
+    export (its anchor rows are sized by them)."""
+    if isinstance(method, AnTKV):
+        at = batch_dim(part)
+        return {} if at is None else {at: batch}
     if isinstance(method, KIVI):
-        return dict(zip(kivi.BUFFER_NAMES, (slots, groups, groups, slots, slots, slots, None, None)))
-    return {"keys": slots, "values": slots}
+        slot = dict(zip(kivi.BUFFER_NAMES, (slots, groups, groups, slots, slots, slots, None, None)))[part]
+    else:
+        slot = slots
+    return {0: batch} if slot is None else {0: batch, 2: slot}
 
 
-def _parts(method: Dense | KIVI) -> list[str]:
+def _parts(method: Dense | KIVI | AnTKV) -> list[str]:
     """The names of one layer's store parts, in the order the program takes them."""
-    return list(_slot_dims(method, None, None))
+    if isinstance(method, AnTKV):
+        return list(ANTKV_STATE_NAMES)
+    return list(kivi.BUFFER_NAMES) if isinstance(method, KIVI) else ["keys", "values"]
 
 
-def export(model, path, config: Config | None = None) -> Path:
-    """Write `model` (an HF decoder, dense or KIVI kvpass attention) as an ONNX model to `path`; see the module
-    doc."""
+def export(model, path, config: Config | None = None, *, calibration=None, cache_len: int = 2048) -> Path:
+    """Write `model` (an HF decoder; dense, KIVI or AnTKV kvpass attention) as an ONNX model to `path`; see the
+    module doc. AnTKV: calibration, its loaded calibration (kvpass.export_onnx resolves it as kvpass.compile does);
+    cache_len, the slots per row its state holds (prompt and generated tokens)."""
     config = config or Config()
-    check_method(config, attention=(Dense, KIVI), to="kvpass.portable_onnx.export",
-                 why="AnTKV's anchor choice runs in kvpass's op, which onnxruntime lacks; the wave index's clustering")
+    check_method(config, attention=(Dense, KIVI, AnTKV), to="kvpass.portable_onnx.export",
+                 why="the wave index's clustering")
     method = config.attention
-    module = OnnxDecoder(model, method).eval()
+    if isinstance(method, AnTKV):
+        if calibration is None:
+            raise ValueError("AnTKV's ONNX model carries its codebooks: export it with kvpass.export_onnx(model, path, "
+                             "config), which resolves the calibration, or pass calibration=")
+        if isinstance(cache_len, bool) or not isinstance(cache_len, int) or cache_len < 2:
+            raise ValueError(f"cache_len={cache_len!r} must be an int >= 2 (AnTKV's slots per row)")
+    module = OnnxDecoder(model, method, calibration, cache_len).eval()
     shapes = store_shapes(model)
     device = next(model.parameters()).device
-    batch, tokens = 2, 2                 # example sizes; they and the cache's are dynamic in the program
+    batch, tokens = 2, 2                 # example sizes; they and the cache's (but AnTKV's) are dynamic
     groups = torch.export.Dim("groups", min=1)
-    if isinstance(method, KIVI):        # the cache's slots: whole key groups, at least r + g
+    if isinstance(method, AnTKV):
+        cache = slots = cache_len
+    elif isinstance(method, KIVI):      # the cache's slots: whole key groups, at least r + g
         cache = kivi.capacity_for(method, 2 * tokens)
         slots = method.group * groups
     else:
         cache, slots = 4, torch.export.Dim("cache", min=1)
-    stores = [buffer for heads, key_dim, value_dim, dtype in shapes.values()
-              for buffer in store_buffers(method, batch, heads, cache, key_dim, value_dim, dtype, device).values()]
+    stores = []
+    for layer, (heads, key_dim, value_dim, dtype) in shapes.items():
+        if isinstance(method, AnTKV):
+            state, _ = AnTKVStore.program_state(method, calibration, layer, batch, cache, key_dim, value_dim, heads,
+                                                dtype, device)
+            stores += [state[name] for name in module.parts]
+        else:
+            stores += store_buffers(method, batch, heads, cache, key_dim, value_dim, dtype, device).values()
     positions = torch.arange(tokens, device=device)
     args = (torch.ones(batch, tokens, dtype=torch.long, device=device), torch.ones(batch, tokens, dtype=torch.long,
             device=device), positions.repeat(batch, 1), positions,
             torch.zeros(batch, cache, dtype=torch.bool, device=device), *stores)
     b, t = torch.export.Dim("batch", min=1), torch.export.Dim("tokens", min=1)
-    dims = _slot_dims(method, slots, groups)
-    part_dims = [{0: b} if dims[part] is None else {0: b, 2: dims[part]} for _ in shapes for part in module.parts]
-    dynamic = ({0: b, 1: t}, {0: b, 1: t}, {0: b, 1: t}, {0: t}, {0: b, 1: slots}, tuple(part_dims))
+    part_dims = [_dynamic_dims(method, part, b, slots, groups) for _ in shapes for part in module.parts]
+    valid_dims = {0: b} if isinstance(method, AnTKV) else {0: b, 1: slots}
+    dynamic = ({0: b, 1: t}, {0: b, 1: t}, {0: b, 1: t}, {0: t}, valid_dims, tuple(part_dims))
     names = [f"{part}_{layer}" for layer in shapes for part in module.parts]
+    translations = {torch.ops.kvpass.static_attention_functional.default: _attention_in_onnx}
+    if isinstance(method, AnTKV):
+        from .onnx_domain import antkv_attention   # onnxscript at import: the export extra
+
+        translations[torch.ops.kvpass.static_antkv_attention_functional.default] = antkv_attention
     with attention_implementation(model), torch.no_grad():
         program = torch.onnx.export(
             module, args, dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, verbose=False,
             input_names=["input_ids", "attention_mask", "position_ids", "cache_position", "valid", *names],
             output_names=["logits", "valid_out", *(f"{name}_out" for name in names)],
-            custom_translation_table={torch.ops.kvpass.static_attention_functional.default: _attention_in_onnx})
+            custom_translation_table=translations)
     program.model.metadata_props["kvpass.attention"] = json.dumps(config.to_dict()["attention"])
     path = Path(path)
     program.save(path)
     return path
 
 
-def generate(model_path, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int,
-             cache_len: int) -> Tensor:
-    """Greedy decoding of an exported ONNX model in onnxruntime (CPU): input_ids (B, L) with left padding marked 0
-    in attention_mask, a cache of cache_len slots per row (KIVI: rounded up to whole key groups); returns
-    (B, L + max_new_tokens) ids."""
-    import numpy as np
+def _session(model_path):
+    """(run(feeds) -> outputs, [(name, shape, numpy dtype)] of the inputs, metadata) of the ONNX model: onnxruntime,
+    or onnx's reference evaluator with kvpass.onnx_domain.KVPASS_OPS where the model holds kvpass-domain nodes
+    (onnxruntime has no kernel for them). Shapes: ints, and the exporter's names for the dynamic dimensions."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    meta = {prop.key: prop.value for prop in proto.metadata_props}
+    if any(node.domain not in ("", "ai.onnx") for node in proto.graph.node):   # kvpass.onnx_domain's nodes
+        from onnx.reference import ReferenceEvaluator
+
+        from .onnx_domain import KVPASS_OPS
+
+        evaluator = ReferenceEvaluator(onnx.load(str(model_path)), new_ops=KVPASS_OPS)
+        inputs = [(spec.name, [d.dim_param or d.dim_value for d in spec.type.tensor_type.shape.dim],
+                   onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type)) for spec in proto.graph.input]
+        return (lambda feeds: evaluator.run(None, feeds)), inputs, meta
     import onnxruntime
 
+    session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_, "tensor(int64)": np.int64}
+    inputs = [(spec.name, spec.shape, kinds[spec.type]) for spec in session.get_inputs()]
+    return (lambda feeds: session.run(None, feeds)), inputs, meta
+
+
+def _size(dim: int | str, sizes: dict[str, int]) -> int:
+    """A dimension of an input's shape: an int, or the exporter's name of a dynamic one, a product of named
+    dimensions and ints ("4*groups": KIVI's slots, whole key groups)."""
+    if isinstance(dim, int):
+        return dim
+    return math.prod(int(factor) if factor.isdigit() else sizes[factor] for factor in dim.split("*"))
+
+
+def generate(model_path, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int,
+             cache_len: int) -> Tensor:
+    """Greedy decoding of an exported ONNX model on the CPU (onnxruntime; onnx's reference evaluator with kvpass's
+    op for AnTKV): input_ids (B, L) with left padding marked 0 in attention_mask, a cache of cache_len slots per row
+    (KIVI: rounded up to whole key groups; AnTKV: at most the slots fixed at export, which it then holds); returns
+    (B, L + max_new_tokens) ids."""
     batch, length = input_ids.shape
     if length + max_new_tokens - 1 > cache_len:
         raise ValueError(f"cache_len={cache_len} holds fewer than the {length} + {max_new_tokens} tokens asked for")
-    session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    method = Config.from_dict({"version": Config.VERSION, "ffn": None, "calibration": None, "attention": json.loads(
-        session.get_modelmeta().custom_metadata_map["kvpass.attention"])}).attention
-    slots = kivi.capacity_for(method, cache_len) if isinstance(method, KIVI) else cache_len
-    groups = slots // method.group if isinstance(method, KIVI) else None
-    kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-             "tensor(uint8)": np.uint8}
-    state = {"valid": np.zeros((batch, slots), dtype=bool)}
-    for spec in session.get_inputs()[5:]:
-        rows = _slot_dims(method, slots, groups)[spec.name.rsplit("_", 1)[0]] or spec.shape[2]
-        state[spec.name] = np.zeros((batch, spec.shape[1], rows, spec.shape[3]), dtype=kinds[spec.type])
+    run, inputs, meta = _session(model_path)
+    method = Config.from_dict({"version": Config.VERSION, "ffn": None, "calibration": None,
+                               "attention": json.loads(meta["kvpass.attention"])}).attention
+    if isinstance(method, AnTKV):
+        fixed = dict((name, shape) for name, shape, _ in inputs)["valid"][1]
+        if cache_len > fixed:
+            raise ValueError(f"cache_len={cache_len} exceeds the {fixed} slots this AnTKV model was exported with; "
+                             f"export it with cache_len >= {cache_len}")
+        slots = fixed
+    else:
+        slots = kivi.capacity_for(method, cache_len) if isinstance(method, KIVI) else cache_len
+    sizes = {"batch": batch, "cache": slots, "groups": slots // method.group if isinstance(method, KIVI) else None}
+    # A new sequence starts from zeros (AnTKV's op resets its counts when cache_position starts at 0).
+    state = {name: np.zeros([_size(d, sizes) for d in shape], dtype=dtype) for name, shape, dtype in inputs[4:]}
     ids = input_ids.numpy()
     mask = np.ones_like(ids) if attention_mask is None else attention_mask.numpy().astype(np.int64)
     positions = np.maximum(mask.cumsum(-1) - 1, 0)
     at = np.arange(length, dtype=np.int64)
     new = []
     for _ in range(max_new_tokens):
-        logits, *written = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                                              "cache_position": at, **state})
+        logits, *written = run({"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                "cache_position": at, **state})
         state = dict(zip(state, written))
         new.append(logits.argmax(-1))
         ids, mask = new[-1][:, None], np.ones((batch, 1), dtype=np.int64)

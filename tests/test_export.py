@@ -255,9 +255,33 @@ def test_onnx_model_in_onnxruntime_generates_the_compiled_models_tokens(name, co
     assert torch.equal(got, _compiled_tokens(name, ids, mask, 10, config))   # KIVI's differ from dense's (.pt2 test)
 
 
+def test_antkv_onnx_model_runs_its_kvpass_nodes_and_generates_the_compiled_antkv_tokens(tmp_path, monkeypatch):
+    """AnTKV becomes one kvpass-domain node per layer (everything else standard), its state the model's inputs and
+    outputs and its codebooks initializers; onnx's reference evaluator with kvpass's op generates the kvpass-compiled
+    AnTKV model's tokens for a padded batch, with no calibration artefact where it runs."""
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    from kvpass import portable_onnx
+
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path / "cache"))
+    ids, mask = _padded()
+    path = kvpass.export_onnx(FAMILIES["llama"].build(), tmp_path / "antkv.onnx", ANTKV_SMALL, cache_len=24)
+    nodes = onnx.load(path).graph.node
+    layers = FAMILIES["llama"].build().config.num_hidden_layers
+    assert [node.op_type for node in nodes if node.domain == "kvpass"] == ["StaticAnTKVAttention"] * layers
+    assert all(node.domain in ("", "ai.onnx", "kvpass") for node in nodes)
+    want = _compiled_tokens("llama", ids, mask, 10, ANTKV_SMALL)
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path / "elsewhere"))
+    assert torch.equal(portable_onnx.generate(path, ids, mask, max_new_tokens=10, cache_len=20), want)
+    with pytest.raises(ValueError, match=r"cache_len=30 exceeds the 24 slots this AnTKV model was exported with"):
+        portable_onnx.generate(path, ids, mask, max_new_tokens=10, cache_len=30)
+
+
 def test_onnx_export_refuses_what_it_cannot_carry(tmp_path):
     from kvpass import portable_onnx
 
-    for attention in (kvpass.WaveIndex(), kvpass.AnTKV()):
-        with pytest.raises(ValueError, match=r"attention=Dense\(\) or KIVI\(\)"):
-            portable_onnx.export(FAMILIES["llama"].build(), tmp_path / "x.onnx", kvpass.Config(attention=attention))
+    with pytest.raises(ValueError, match=r"attention=Dense\(\) or KIVI\(\) or AnTKV\(\)"):
+        portable_onnx.export(FAMILIES["llama"].build(), tmp_path / "x.onnx", kvpass.Config(attention=kvpass.WaveIndex()))
+    with pytest.raises(ValueError, match=r"kvpass.export_onnx\(model, path, config\), which resolves the calibration"):
+        portable_onnx.export(FAMILIES["llama"].build(), tmp_path / "x.onnx", ANTKV_SMALL)

@@ -53,9 +53,14 @@ STATE_NAMES = ("codes_k", "codes_v", "anchor_slot", "anchor_k", "anchor_v", "rin
 _BATCH_DIM = {"ring_stats": 1, "exact_start": None}   # the others: dim 0
 
 
+def batch_dim(name: str) -> int | None:
+    """The dimension of state buffer `name` that runs over the batch's rows (None: shared by all rows)."""
+    return _BATCH_DIM.get(name, 0)
+
+
 def batch_rows(name: str, buffer: torch.Tensor, batch: int) -> torch.Tensor:
     """The view of a program's state buffer `name` that holds its first `batch` rows."""
-    dim = _BATCH_DIM.get(name, 0)
+    dim = batch_dim(name)
     return buffer if dim is None else buffer.narrow(dim, 0, batch)
 
 
