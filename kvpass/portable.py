@@ -144,7 +144,7 @@ def store_buffers(method: Dense | KIVI, batch: int, heads: int, slots: int, key_
             for name, dim in (("keys", key_dim), ("values", value_dim))}
 
 
-_ANTKV_CONSTANTS = ("book_k", "book_v", "whitening", "inv_freq")   # AnTKV's program constants, beside its state
+ANTKV_CONSTANTS = ("book_k", "book_v", "whitening", "inv_freq")   # AnTKV's program constants, beside its state
 
 
 class PortableDecoder(torch.nn.Module):
@@ -165,7 +165,7 @@ class PortableDecoder(torch.nn.Module):
                 buffers, constants = AnTKVStore.program_state(self.method, calibration, layer, max_batch,
                                                               max_cache_len, key_dim, value_dim, heads, dtype, device)
                 *tensors, self.rope_scaling = constants
-                buffers.update((name, t) for name, t in zip(_ANTKV_CONSTANTS, tensors) if t is not None)
+                buffers.update((name, t) for name, t in zip(ANTKV_CONSTANTS, tensors) if t is not None)
             else:
                 buffers = store_buffers(self.method, max_batch, heads, max_cache_len, key_dim, value_dim, dtype,
                                         device)
@@ -179,7 +179,7 @@ class PortableDecoder(torch.nn.Module):
         kvpass::static_kivi_attention, or kvpass::static_antkv_attention)."""
         if isinstance(self.method, AnTKV):
             state = [getattr(self, f"{name}_{layer}") for name in ANTKV_STATE_NAMES]
-            constants = [getattr(self, f"{name}_{layer}", None) for name in _ANTKV_CONSTANTS]
+            constants = [getattr(self, f"{name}_{layer}", None) for name in ANTKV_CONSTANTS]
             return torch.ops.kvpass.static_antkv_attention(
                 query, key, value, *state, *constants, self.rope_scaling, self.valid, self.cache_position,
                 json.dumps(dataclasses.asdict(self.method)), scale, softcap, window)
@@ -287,7 +287,7 @@ def _constants_digest(program: torch.export.ExportedProgram) -> str | None:
 
     digest, found = hashlib.sha256(), False
     for name, buffer in program.named_buffers():
-        if name.rsplit("_", 1)[0] in _ANTKV_CONSTANTS:
+        if name.rsplit("_", 1)[0] in ANTKV_CONSTANTS:
             digest.update(name.encode())
             digest.update(buffer.detach().float().cpu().numpy().tobytes())
             found = True

@@ -38,12 +38,11 @@ from .config import KIVI, AnTKV, Config, Dense
 from .methods import kivi
 from .methods.antkv import STATE_NAMES as ANTKV_STATE_NAMES
 from .methods.antkv import AnTKVStore, batch_dim
-from .portable import attention_implementation, check_method, serving, store_buffers, store_shapes
+from .portable import ANTKV_CONSTANTS, attention_implementation, check_method, serving, store_buffers, store_shapes
 
 __all__ = ["export", "generate", "OnnxDecoder"]
 
 OPSET = 23   # the first opset with the Attention operator (GQA, boolean masks, scale, softcap)
-_ANTKV_CONSTANTS = ("book_k", "book_v", "whitening", "inv_freq")
 
 
 class OnnxDecoder(torch.nn.Module):
@@ -52,18 +51,16 @@ class OnnxDecoder(torch.nn.Module):
     AnTKV's constants (codebooks, whitening, RoPE frequencies) are buffers `<name>_<layer>`: the ONNX model's
     initializers."""
 
-    def __init__(self, model, method: Dense | KIVI | AnTKV | None = None, calibration=None, cache_len: int = 0):
+    def __init__(self, model, method: Dense | KIVI | AnTKV | None = None, constants: dict | None = None):
+        """constants: AnTKV's, {layer: (book_k, book_v, whitening or None, inv_freq or None, rope scaling)}
+        (AnTKVStore.program_state)."""
         super().__init__()
         self.model, self.method = model, method or Dense()
         self.parts = _parts(self.method)
         self.rope_scaling = 1.0
-        if isinstance(self.method, AnTKV):
-            device = next(model.parameters()).device
-            for layer, (heads, key_dim, value_dim, dtype) in store_shapes(model).items():
-                _, (*constants, self.rope_scaling) = AnTKVStore.program_state(
-                    self.method, calibration, layer, 1, cache_len, key_dim, value_dim, heads, dtype, device)
-                for name, tensor in zip(_ANTKV_CONSTANTS, constants):
-                    self.register_buffer(f"{name}_{layer}", torch.zeros(0, device=device) if tensor is None else tensor)
+        for layer, (*tensors, self.rope_scaling) in (constants or {}).items():
+            for name, tensor in zip(ANTKV_CONSTANTS, tensors):   # an ONNX node's inputs are positional: none left out
+                self.register_buffer(f"{name}_{layer}", tensors[0].new_zeros(0) if tensor is None else tensor)
 
     def attend(self, layer: int, query, key, value, scale: float, softcap: float, window: int) -> Tensor:
         """The layer's new tokens written into (new copies of) its store and attended
@@ -71,7 +68,7 @@ class OnnxDecoder(torch.nn.Module):
         kvpass::static_antkv_attention_functional for AnTKV)."""
         at = slice(len(self.parts) * layer, len(self.parts) * (layer + 1))
         if isinstance(self.method, AnTKV):
-            constants = [getattr(self, f"{name}_{layer}") for name in _ANTKV_CONSTANTS]
+            constants = [getattr(self, f"{name}_{layer}") for name in ANTKV_CONSTANTS]
             out, *store = torch.ops.kvpass.static_antkv_attention_functional(
                 query, key, value, *self.written[at], *constants, self.rope_scaling, self.valid, self.cache_position,
                 json.dumps(dataclasses.asdict(self.method)), scale, softcap, window)
@@ -165,7 +162,6 @@ def export(model, path, config: Config | None = None, *, calibration=None, cache
                              "config), which resolves the calibration, or pass calibration=")
         if isinstance(cache_len, bool) or not isinstance(cache_len, int) or cache_len < 2:
             raise ValueError(f"cache_len={cache_len!r} must be an int >= 2 (AnTKV's slots per row)")
-    module = OnnxDecoder(model, method, calibration, cache_len).eval()
     shapes = store_shapes(model)
     device = next(model.parameters()).device
     batch, tokens = 2, 2                 # example sizes; they and the cache's (but AnTKV's) are dynamic
@@ -177,14 +173,15 @@ def export(model, path, config: Config | None = None, *, calibration=None, cache
         slots = method.group * groups
     else:
         cache, slots = 4, torch.export.Dim("cache", min=1)
-    stores = []
+    stores, constants = [], {}
     for layer, (heads, key_dim, value_dim, dtype) in shapes.items():
         if isinstance(method, AnTKV):
-            state, _ = AnTKVStore.program_state(method, calibration, layer, batch, cache, key_dim, value_dim, heads,
-                                                dtype, device)
-            stores += [state[name] for name in module.parts]
+            state, constants[layer] = AnTKVStore.program_state(method, calibration, layer, batch, cache, key_dim,
+                                                               value_dim, heads, dtype, device)
+            stores += [state[name] for name in ANTKV_STATE_NAMES]
         else:
             stores += store_buffers(method, batch, heads, cache, key_dim, value_dim, dtype, device).values()
+    module = OnnxDecoder(model, method, constants).eval()
     positions = torch.arange(tokens, device=device)
     args = (torch.ones(batch, tokens, dtype=torch.long, device=device), torch.ones(batch, tokens, dtype=torch.long,
             device=device), positions.repeat(batch, 1), positions,
@@ -219,21 +216,18 @@ def _session(model_path):
 
     proto = onnx.load(str(model_path), load_external_data=False)
     meta = {prop.key: prop.value for prop in proto.metadata_props}
+    inputs = [(spec.name, [d.dim_param or d.dim_value for d in spec.type.tensor_type.shape.dim],
+               onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type)) for spec in proto.graph.input]
     if any(node.domain not in ("", "ai.onnx") for node in proto.graph.node):   # kvpass.onnx_domain's nodes
         from onnx.reference import ReferenceEvaluator
 
         from .onnx_domain import KVPASS_OPS
 
         evaluator = ReferenceEvaluator(onnx.load(str(model_path)), new_ops=KVPASS_OPS)
-        inputs = [(spec.name, [d.dim_param or d.dim_value for d in spec.type.tensor_type.shape.dim],
-                   onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type)) for spec in proto.graph.input]
         return (lambda feeds: evaluator.run(None, feeds)), inputs, meta
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-             "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_, "tensor(int64)": np.int64}
-    inputs = [(spec.name, spec.shape, kinds[spec.type]) for spec in session.get_inputs()]
     return (lambda feeds: session.run(None, feeds)), inputs, meta
 
 

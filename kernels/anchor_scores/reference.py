@@ -116,7 +116,8 @@ def anchor_scores_reference(q, k, v, lse, o=None, valid=None, *, q_start, key_st
     vis = visibility_mask(valid, q_start, Lq, Hq, causal=causal, window=window, mask=mask)
     vis = vis[..., key_start:key_start + Lk] & (lse > float("-inf"))[..., None]   # (B, Hq, Lq, Lk)
     if span:
-        behind = (q_start + torch.arange(Lq, device=q.device))[:, None] - (key_start + torch.arange(Lk, device=q.device))
+        query_slot = q_start + torch.arange(Lq, device=q.device)
+        behind = query_slot[:, None] - (key_start + torch.arange(Lk, device=q.device))   # (Lq, Lk)
         vis = vis & (behind >= 0) & (behind < span)
     s = attention_scores(q, k, scale=scale, softcap=softcap)
     # exp(-inf) = 0 where hidden: there s may be NaN (garbage keys) and s - lse = +inf (rows with lse = -inf).
